@@ -1,0 +1,1 @@
+"""dedt: data-efficient diffusion training (pruning then reweighting)."""

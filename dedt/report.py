@@ -1,0 +1,75 @@
+"""Tables and plots as files: the run summary (full vs pruned vs pruned+reweighted) and weights."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dedt.store import atomic_path
+
+MODEL_LABELS = {"reference": "full data", "train:uniform": "pruned", "train": "pruned+reweighted"}
+SELECTION_STAGES = ("encode", "score", "select")
+
+
+def plot_weights(weights: np.ndarray, alphas: np.ndarray, path: Path) -> None:
+    """Two panels: the DRO trajectory per group and the final weights against uniform."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.5))
+    for g in range(alphas.shape[1]):
+        left.plot(alphas[:, g], label=str(g), lw=1)
+    left.set(xlabel="proxy step", ylabel="alpha", title="DRO trajectory")
+    left.legend(fontsize=6, ncol=2)
+    right.bar(np.arange(len(weights)), weights)
+    right.axhline(1 / len(weights), color="k", ls="--", lw=1, label="uniform")
+    right.set(xlabel="group", ylabel="weight", title="averaged weights")
+    right.legend()
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100, metadata={"Software": None})
+    plt.close(fig)
+
+
+def summary_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per trained model: images used, wall-clock, FD overall/worst/best, speed-up.
+
+    Speed-up = full-data training time / (subset training + selection (encode, score, select)
+    + proxy time): the one-off cost of pruning and reweighting is charged to the subset runs.
+    """
+    selection = sum(results[k].seconds for k in SELECTION_STAGES if k in results)
+    proxy = results["reweight"].seconds if "reweight" in results else 0.0
+    full = results["reference"].seconds if "reference" in results else None
+    rows = []
+    for key, label in MODEL_LABELS.items():
+        if f"evaluate:{key}" not in results:
+            continue
+        train, ev = results[key].summary, results[f"evaluate:{key}"].summary
+        cost = train["seconds"] + (0.0 if key == "reference" else selection) + (proxy if key == "train" else 0.0)
+        per_class = ev["fd_per_class"]
+        worst, best = max(per_class, key=per_class.get), min(per_class, key=per_class.get)
+        rows.append({
+            "model": label, "images": train["n_images"], "kimg": round(train["nimg"] / 1000, 1),
+            "train_s": round(train["seconds"], 1), "cost_s": round(cost, 1), "fd": ev["fd"],
+            "worst_class": f"{worst} ({per_class[worst]:.2f})", "best_class": f"{best} ({per_class[best]:.2f})",
+            "speedup": round(full / cost, 2) if full else None,
+        })
+    return rows
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return "(no rows)"
+    cols = list(rows[0])
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join("" if r[c] is None else str(r[c]) for c in cols) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def stage_table(results: dict[str, Any]) -> list[dict[str, Any]]:
+    return [{"stage": key, "fingerprint": r.fingerprint, "status": "cached" if r.cached else "computed",
+             "seconds": r.seconds} for key, r in results.items()]

@@ -1,0 +1,170 @@
+"""Content-addressed stage store: fingerprints, atomic writes, completion markers.
+
+Layout: ``<root>/<stage>/<fingerprint>/`` holds a stage's artifacts, its resolved config
+(``config.json``) and, written last, the completion marker ``_COMPLETE`` (JSON with the
+artifact checksums). A folder without the marker is work in progress: it may hold partial
+state (shards, checkpoints) that the stage resumes from, and nothing downstream reads it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from dedt.errors import DedtError
+
+MARKER = "_COMPLETE"
+
+
+def default_root() -> Path:
+    """The store root: ``$DEDT_HOME`` or ``./.dedt``."""
+    return Path(os.environ.get("DEDT_HOME", ".dedt")).resolve()
+
+
+def canonical_json(obj: Any) -> str:
+    """JSON with sorted keys and no whitespace, so equal configs hash equally."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def fingerprint(stage: str, version: str, config: Mapping[str, Any], inputs: Mapping[str, str]) -> str:
+    """hash(stage, code version, canonical config, input fingerprints): 16 hex chars."""
+    payload = canonical_json({"stage": stage, "version": version, "config": config, "inputs": inputs})
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class StageDir:
+    """One stage's folder in the store, named by its fingerprint."""
+
+    root: Path
+    stage: str
+    fingerprint: str
+
+    @property
+    def path(self) -> Path:
+        return self.root / self.stage / self.fingerprint
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+    def is_complete(self) -> bool:
+        """True when the marker exists and every recorded artifact still has its checksum."""
+        marker = self.path / MARKER
+        if not marker.exists():
+            return False
+        try:
+            recorded = json.loads(marker.read_text())["files"]
+        except (ValueError, KeyError):
+            return False
+        return all(
+            (self.path / name).exists() and file_sha256(self.path / name) == digest
+            for name, digest in recorded.items()
+        )
+
+    def mark_complete(self, files: list[str], config: Mapping[str, Any]) -> None:
+        """Record checksums of ``files`` and the resolved config; the marker goes last."""
+        atomic_write_text(self.path / "config.json", json.dumps(config, indent=2, sort_keys=True, default=str))
+        digests = {name: file_sha256(self.path / name) for name in files}
+        atomic_write_text(self.path / MARKER, json.dumps({"files": digests}, indent=2, sort_keys=True))
+
+    def invalidate(self) -> None:
+        """Drop the marker so the stage recomputes (a corrupted artifact was found)."""
+        (self.path / MARKER).unlink(missing_ok=True)
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """Exclusive file lock: two processes never write one stage at once; the second waits."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        with open(self.path / ".lock", "w") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yield a temp path beside ``path``; on success fsync and rename it into place.
+
+    A reader never sees a partial file: either the old content or the complete new one.
+    """
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+    except OSError as exc:
+        raise DedtError(f"cannot write to {path.parent}: {exc.strerror}; check the store ($DEDT_HOME) is writable") from exc
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        with open(tmp_path, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp_path, path)
+    except OSError as exc:
+        tmp_path.unlink(missing_ok=True)
+        raise DedtError(f"writing {path} failed: {exc.strerror}; free disk space or fix permissions, then re-run") from exc
+    except BaseException:
+        tmp_path.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def write_parquet(table: pa.Table, path: Path, metadata: Mapping[str, Any] | None = None) -> None:
+    """Write ``table`` atomically; ``metadata`` is stored as JSON under the key ``dedt``."""
+    if metadata is not None:
+        existing = dict(table.schema.metadata or {})
+        existing[b"dedt"] = canonical_json(metadata).encode()
+        table = table.replace_schema_metadata(existing)
+    with atomic_path(path) as tmp:
+        # Fixed writer settings keep the bytes identical across runs (determinism invariant).
+        pq.write_table(table, tmp, compression="zstd", write_statistics=False)
+
+
+def read_parquet(path: Path, required: tuple[str, ...] = ()) -> pa.Table:
+    """Read a Parquet artifact, checking it is readable and has the ``required`` columns."""
+    try:
+        table = pq.read_table(path)
+    except FileNotFoundError as exc:
+        raise DedtError(f"artifact {path} is missing; re-run the stage that writes it") from exc
+    except (OSError, pa.ArrowException) as exc:
+        raise DedtError(f"artifact {path} is corrupted ({exc}); delete its stage folder and re-run") from exc
+    missing = [c for c in required if c not in table.column_names]
+    if missing:
+        raise DedtError(f"artifact {path} lacks columns {missing}; it was written by another stage or version")
+    return table
+
+
+def parquet_metadata(table: pa.Table) -> dict[str, Any]:
+    """The ``dedt`` metadata stored by :func:`write_parquet` (empty when absent)."""
+    raw = (table.schema.metadata or {}).get(b"dedt")
+    return json.loads(raw) if raw else {}

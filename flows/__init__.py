@@ -1,0 +1,1 @@
+"""Prefect flows that compose dedt's stage tasks, and the ``dedt`` command line."""

@@ -1,0 +1,47 @@
+"""Shared fixtures: offline environment, a per-test store, a tiny pipelines file, Prefect harness."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+
+# Minimal budgets: every stage real, the whole pipeline in well under a minute on 2 cores.
+TINY = {
+    "seed": 0,
+    "dataset": {"source": "digits"},
+    "encode": {"encoder": "pixels"},
+    "score": {"method": "gaussian"},
+    "select": {"keep_frac": 0.3},
+    "reweight": {"method": "doremi", "reference_kimg": 1.0, "proxy_kimg": 0.5},
+    "train": {"preset": "digits-tiny", "budget_kimg": 0.5, "batch_size": 64, "checkpoint_every_kimg": 0.25},
+    "sample": {"steps": 2, "per_class": 8},
+    "evaluate": {"classifier_epochs": 1},
+}
+
+
+@pytest.fixture()
+def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    root = tmp_path / "store"
+    monkeypatch.setenv("DEDT_HOME", str(root))
+    return root
+
+
+@pytest.fixture()
+def pipelines_file(tmp_path: Path) -> Path:
+    path = tmp_path / "pipelines.yaml"
+    path.write_text(yaml.safe_dump({"pipelines": {"tiny": TINY}}))
+    return path
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
