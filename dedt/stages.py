@@ -40,9 +40,9 @@ def run_encode(cfg: PipelineConfig, inputs: dict[str, StageDir], out: StageDir) 
     ids, images, _ = load_split(inputs["data"].file(MANIFEST))
     enc = cfg.encode
     encoder = get_encoder(enc.encoder, weights=enc.weights, device=enc.device, seed=cfg.seed, dim=enc.dim)
-    encode_to_parquet(images, len(images), ids, encoder, out.file(EMBEDDINGS), out.path / "shards",
-                      batch_size=enc.batch_size, shard_size=enc.shard_size, progress=False)
-    return {"n": len(ids), "dim": encoder.dim, "encoder": enc.encoder, "preprocessing": encoder.preprocessing}
+    meta = encode_to_parquet(images, len(images), ids, encoder, out.file(EMBEDDINGS), out.path / "shards",
+                             batch_size=enc.batch_size, shard_size=enc.shard_size, progress=False)
+    return {"n": len(ids), **meta}
 
 
 def run_score(cfg: PipelineConfig, inputs: dict[str, StageDir], out: StageDir) -> dict[str, Any]:

@@ -25,7 +25,7 @@ def pipeline_flow(name: str, pipelines_file: str = "pipelines.yaml", overrides: 
     for key, node in plan(cfg, store).items():
         was_complete = node.out.is_complete()
         stage_task = STAGE_TASKS[node.stage].with_options(refresh_cache=not was_complete,
-                                                          result_storage=str(store / "_prefect_results"))
+                                                          result_storage=store / "_prefect_results")
         result = NodeResult(**stage_task(cfg, key, str(store)))
         result.cached = was_complete
         results[key] = result

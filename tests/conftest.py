@@ -10,6 +10,7 @@ import yaml
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 
 # Minimal budgets: every stage real, the whole pipeline in well under a minute on 2 cores.
 TINY = {

@@ -28,7 +28,9 @@ import numpy as np
 
 from dedt.errors import DedtError
 
-__all__ = ["ENCODERS", "Encoder", "EncoderEntry", "get_encoder", "known_encoders", "split_name", "validate_encoder_name"]
+__all__ = [
+    "ENCODERS", "Encoder", "EncoderEntry", "get_encoder", "known_encoders", "split_name", "validate_encoder_name"
+]
 
 
 @runtime_checkable
@@ -74,7 +76,10 @@ ENCODERS: dict[str, EncoderEntry] = {
     "resnet18": EncoderEntry("dedt.encoders.torch_models:resnet18", "torchvision ResNet-18 pooled features (512)"),
     "resnet50": EncoderEntry("dedt.encoders.torch_models:resnet50", "torchvision ResNet-50 pooled features (2048)"),
     "dinov2": EncoderEntry(
-        "dedt.encoders.torch_models:dinov2", "DINOv2 ViT/14 CLS features (local checkpoint)", "<size>", arg_required=True
+        "dedt.encoders.torch_models:dinov2",
+        "DINOv2 ViT/14 CLS features; size = small, base, large, giant (local checkpoint or weights=random)",
+        "<size>",
+        arg_required=True,
     ),
 }
 
@@ -152,10 +157,12 @@ def validate_encoder_name(name: str, *, weights: str | None = None) -> None:
     if arg and family in ARG_CHECKS:
         ARG_CHECKS[family](arg)
     if weights not in (None, "random") and not Path(weights).expanduser().is_file():
-        raise DedtError(f"encoder {name}: weights file {weights} does not exist; put the checkpoint there or fix the path")
+        raise DedtError(f"encoder {name}: weights file {weights} does not exist; put the checkpoint there or fix it")
 
 
-def get_encoder(name: str, *, weights: str | None = None, device: str = "auto", seed: int = 0, dim: int = 256) -> Encoder:
+def get_encoder(
+    name: str, *, weights: str | None = None, device: str = "auto", seed: int = 0, dim: int = 256
+) -> Encoder:
     """Build the encoder ``name`` (see the module docstring for the names).
 
     Args:
