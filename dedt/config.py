@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from dedt.diffusion.options import SampleOptions, TrainOptions
 from dedt.errors import DedtError
@@ -75,6 +75,15 @@ class ReweightConfig(Section):
     smoothing: float = Field(1e-3, ge=0.0, lt=1.0, description="mix with uniform each step (DoReMi default 1e-3)")
     reference_kimg: float = Field(64.0, gt=0.0, description="reference DM budget on the full data, kimg")
     proxy_kimg: float = Field(32.0, gt=0.0, description="proxy DM budget on the subset, kimg")
+    reference_path: str | None = Field(
+        None, description="local diffusers UNet folder to use as reference instead of training one")
+    groups: Literal["class", "kmeans"] = Field(
+        "class", description="DRO groups: classes, or k-means clusters of the embeddings (unlabelled data)")
+    clusters: int = Field(10, ge=2, description="k of k-means when groups=kmeans")
+    t_min_frac: float = Field(0.0, ge=0.0, lt=1.0, description="excess counted only for t >= t_min_frac * T")
+    t_max_frac: float = Field(1.0, gt=0.0, le=1.0, description="excess counted only for t < t_max_frac * T")
+    proxy_data: Literal["subset", "full"] = Field("subset", description="where the proxy trains")
+    rounds: int = Field(1, ge=1, description="iterated DRO: each round re-trains the reference with the last weights")
     reference_path: str | None = Field(None, description="local diffusers checkpoint folder to use as reference")
 
 
@@ -102,6 +111,15 @@ class PipelineConfig(Section):
     sample: SampleOptions = SampleOptions()
     evaluate: EvaluateConfig = EvaluateConfig()
     deployment: DeploymentConfig = DeploymentConfig()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> PipelineConfig:
+        rw = self.reweight
+        if rw.t_min_frac >= rw.t_max_frac:
+            raise ValueError(f"reweight.t_min_frac {rw.t_min_frac} must be below reweight.t_max_frac {rw.t_max_frac}")
+        if rw.groups == "kmeans" and self.train.conditional:
+            raise ValueError("reweight.groups=kmeans reweights clusters, not classes: set train.conditional=false")
+        return self
 
 
 def load_pipelines(path: Path) -> dict[str, dict[str, Any]]:

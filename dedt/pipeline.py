@@ -55,6 +55,14 @@ def _train_config(cfg: PipelineConfig, budget_kimg: float | None = None) -> dict
     return {"train": options, "seed": cfg.seed}
 
 
+def _checkpoint_identity(path: str) -> dict[str, Any]:
+    """A local checkpoint folder's identity: its files' names, sizes and mtimes (cheap to hash)."""
+    root = Path(path).expanduser()
+    files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else []
+    return {"path": str(root.resolve()), "files": [(str(p.relative_to(root)), p.stat().st_size,
+                                                     int(p.stat().st_mtime)) for p in files]}
+
+
 def nodes(cfg: PipelineConfig) -> list[Node]:
     """The pipeline's stages in dependency order (before fingerprints are attached)."""
     data = Node("data", "data", {"dataset": cfg.dataset.model_dump(), "seed": cfg.seed}, {}, stages.run_data)
@@ -63,8 +71,12 @@ def nodes(cfg: PipelineConfig) -> list[Node]:
     score = Node("score", "score", {"score": cfg.score.model_dump(), "seed": cfg.seed},
                  {"data": "data", "encode": "encode"}, stages.run_score)
     select = Node("select", "select", {"select": cfg.select.model_dump()}, {"score": "score"}, stages.run_select)
-    reference = Node("reference", "train", _train_config(cfg, cfg.reweight.reference_kimg) | {"subset": "full"},
-                     {"data": "data"}, stages.run_train)
+    if cfg.reweight.reference_path:
+        reference = Node("reference", "reference", {"reference": _checkpoint_identity(cfg.reweight.reference_path)},
+                         {"data": "data"}, stages.run_reference_checkpoint)
+    else:
+        reference = Node("reference", "train", _train_config(cfg, cfg.reweight.reference_kimg) | {"subset": "full"},
+                         {"data": "data"}, stages.run_train)
     baseline = Node("train:uniform", "train", _train_config(cfg) | {"subset": "selected", "weights": "uniform"},
                     {"data": "data", "select": "select"}, stages.run_train)
     classifier = Node("classifier", "classifier", {"evaluate": {"classifier_epochs": cfg.evaluate.classifier_epochs},
@@ -72,16 +84,19 @@ def nodes(cfg: PipelineConfig) -> list[Node]:
     graph = [data, encode, score, select, classifier]
     models = {"train:uniform": baseline}
     if cfg.reweight.method == "doremi":
-        reweight = Node("reweight", "reweight",
-                        {"reweight": cfg.reweight.model_dump(exclude={"reference_kimg"})} | _train_config(cfg),
-                        {"data": "data", "select": "select", "reference": "reference"}, stages.run_reweight)
+        rw_inputs = {"data": "data", "reference": "reference"}
+        rw_inputs |= {"select": "select"} if cfg.reweight.proxy_data == "subset" else {}
+        rw_inputs |= {"encode": "encode"} if cfg.reweight.groups == "kmeans" else {}
+        # Iterated rounds re-train the reference with the full-data budget inside this stage.
+        reweight = Node("reweight", "reweight", {"reweight": cfg.reweight.model_dump(exclude={"reference_path"})}
+                        | _train_config(cfg), rw_inputs, stages.run_reweight)
         weighted = Node("train", "train", _train_config(cfg) | {"subset": "selected", "weights": "reweight"},
                         {"data": "data", "select": "select", "reweight": "reweight"}, stages.run_train)
         graph += [reference, reweight]
         models = {"train": weighted, **({"train:uniform": baseline} if cfg.evaluate.baselines else {})}
     elif cfg.evaluate.baselines:
         graph.append(reference)
-    if cfg.evaluate.baselines:
+    if cfg.evaluate.baselines and not cfg.reweight.reference_path:
         models = {"reference": reference, **models}
     graph += [m for k, m in models.items() if k != "reference"]
     for key, model in models.items():

@@ -50,7 +50,7 @@ def summary_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
             continue
         train, ev = results[key].summary, results[f"evaluate:{key}"].summary
         cost = train["seconds"] + (0.0 if key == "reference" else selection) + (proxy if key == "train" else 0.0)
-        per_class = ev["fd_per_class"]
+        per_class = {c: v for c, v in ev["fd_per_class"].items() if v == v}  # drop NaN (too few samples)
         worst, best = max(per_class, key=per_class.get), min(per_class, key=per_class.get)
         rows.append({
             "model": label, "images": train["n_images"], "kimg": round(train["nimg"] / 1000, 1),

@@ -21,6 +21,7 @@ from dedt.store import StageDir, read_parquet, write_parquet
 
 MANIFEST, EMBEDDINGS, SCORES, SUBSET = "manifest.parquet", "embeddings.parquet", "scores.parquet", "subset.parquet"
 WEIGHTS, TRAJECTORY, METRICS, SAMPLES = "weights.parquet", "trajectory.parquet", "metrics.parquet", "samples.parquet"
+GROUPS = "groups.parquet"
 
 
 def run_data(cfg: PipelineConfig, inputs: dict[str, StageDir], out: StageDir) -> dict[str, Any]:
@@ -81,7 +82,7 @@ def _train_labels(data: StageDir) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return load_split(data.file(MANIFEST))
 
 
-def _subset_arrays(inputs: dict[str, StageDir]) -> tuple[np.ndarray, np.ndarray, int]:
+def _subset_arrays(inputs: dict[str, StageDir]) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
     """Images and labels of the kept subset (or the whole train split without a select input)."""
     ids, images, labels = _train_labels(inputs["data"])
     num_classes = len(class_names(inputs["data"].file(MANIFEST)))
@@ -90,8 +91,8 @@ def _subset_arrays(inputs: dict[str, StageDir]) -> tuple[np.ndarray, np.ndarray,
         mask = np.isin(ids, kept)
         if mask.sum() != len(kept):
             raise DedtError(f"{inputs['select'].file(SUBSET)} names samples missing from the manifest; re-run select")
-        images, labels = images[mask], labels[mask]
-    return images, labels, num_classes
+        ids, images, labels = ids[mask], images[mask], labels[mask]
+    return ids, images, labels, num_classes
 
 
 def read_weights(reweight: StageDir) -> np.ndarray:
@@ -101,41 +102,92 @@ def read_weights(reweight: StageDir) -> np.ndarray:
     return weights
 
 
+def _groups_of(inputs: dict[str, StageDir], labels: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Sampling groups of these samples: the reweight stage's clusters when it made some, else labels."""
+    if "reweight" not in inputs or not inputs["reweight"].file(GROUPS).exists():
+        return labels
+    table = read_parquet(inputs["reweight"].file(GROUPS), ("sample_id", "group"))
+    lookup = dict(zip(table.column("sample_id").to_pylist(), table.column("group").to_pylist()))
+    return np.asarray([lookup[i] for i in ids], np.int64)
+
+
 def run_train(cfg: PipelineConfig, inputs: dict[str, StageDir], out: StageDir) -> dict[str, Any]:
     """Train a DM; a reference (no select input) trains on the full train split."""
     from dedt.diffusion.train import train
 
-    images, labels, num_classes = _subset_arrays(inputs)
+    ids, images, labels, num_classes = _subset_arrays(inputs)
     options = cfg.train
     if "select" not in inputs:
         options = options.model_copy(update={"budget_kimg": cfg.reweight.reference_kimg})
     weights = read_weights(inputs["reweight"]) if "reweight" in inputs else None
-    result = train(images, labels, options, out.path, num_classes=num_classes, class_weights=weights,
+    groups = _groups_of(inputs, labels, ids)
+    num_groups = num_classes if groups is labels else len(weights)
+    result = train(images, groups, options, out.path, num_classes=num_groups, class_weights=weights,
                    seed=cfg.seed, progress=False)
     return {"n_images": len(images), **result}
 
 
-def run_reweight(cfg: PipelineConfig, inputs: dict[str, StageDir], out: StageDir) -> dict[str, Any]:
-    from dedt.diffusion.train import load_model
-    from dedt.reweight import train_proxy
+def run_reference_checkpoint(cfg: PipelineConfig, inputs: dict[str, StageDir], out: StageDir) -> dict[str, Any]:
+    """Check a local diffusers reference fits the data; the reweight stage loads it from its path."""
+    from dedt.reweight import load_reference
 
-    images, labels, num_classes = _subset_arrays(inputs)
-    reference = load_model(inputs["reference"].path, ema=True)
+    shape = json.loads(inputs["data"].file("summary.json").read_text())["shape"]
+    load_reference(cfg.reweight.reference_path, in_channels=shape[2], resolution=shape[0])
+    return {"reference_path": cfg.reweight.reference_path}
+
+
+def run_reweight(cfg: PipelineConfig, inputs: dict[str, StageDir], out: StageDir) -> dict[str, Any]:
+    """Group DRO (PAPER.md section 4), optionally iterated: each round's reference is re-trained
+    on the same data with the previous round's weights."""
+    from dedt.diffusion.train import load_model, train
+    from dedt.reweight import kmeans_groups, load_reference, train_proxy
+
+    ids, images, labels, num_classes = _subset_arrays(inputs)
     rw = cfg.reweight
-    result = train_proxy(images, labels, labels, reference, cfg.train, num_classes=num_classes,
-                         budget_kimg=rw.proxy_kimg, eta=rw.eta, smoothing=rw.smoothing, seed=cfg.seed)
-    k = len(result.weights)
-    counts = np.bincount(labels, minlength=k)
-    write_parquet(pa.table({"group": np.arange(k, dtype=np.int32), "weight": result.weights,
+    groups = labels
+    if rw.groups == "kmeans":
+        from dedt.encoders.streaming import read_embeddings
+
+        emb_ids, embeddings, _ = read_embeddings(inputs["encode"].file(EMBEDDINGS))
+        groups = kmeans_groups(embeddings[np.isin(emb_ids, ids)], rw.clusters, seed=cfg.seed)
+        write_parquet(pa.table({"sample_id": ids, "group": groups}), out.file(GROUPS))
+    k = int(groups.max()) + 1
+    if rw.reference_path:
+        reference = load_reference(rw.reference_path, in_channels=images.shape[1], resolution=images.shape[2])
+    else:
+        reference = load_model(inputs["reference"].path, ema=True)
+    rounds, weights, seconds = [], None, 0.0
+    for r in range(rw.rounds):
+        if r > 0:
+            ref_options = cfg.train.model_copy(update={"budget_kimg": rw.reference_kimg})
+            ref_dir = out.path / f"round{r}-reference"
+            seconds += train(images, groups, ref_options, ref_dir, num_classes=k, class_weights=weights,
+                             seed=cfg.seed + r, progress=False)["seconds"]
+            reference = load_model(ref_dir, ema=True)
+        result = train_proxy(images, labels, groups, reference, cfg.train, num_classes=num_classes,
+                             budget_kimg=rw.proxy_kimg, eta=rw.eta, smoothing=rw.smoothing, seed=cfg.seed + r,
+                             t_range=(rw.t_min_frac, rw.t_max_frac))
+        weights, seconds = result.weights, seconds + result.seconds
+        rounds.append(result)
+    counts = np.bincount(groups, minlength=k)
+    write_parquet(pa.table({"group": np.arange(k, dtype=np.int32), "weight": weights,
                             "samples_in_subset": counts.astype(np.int64)}), out.file(WEIGHTS), {"eta": rw.eta})
-    steps = np.repeat(np.arange(len(result.alphas), dtype=np.int64), k)
-    write_parquet(pa.table({"step": steps, "group": np.tile(np.arange(k, dtype=np.int32), len(result.alphas)),
-                            "alpha": result.alphas.ravel(), "excess": result.excess.ravel()}), out.file(TRAJECTORY))
+    steps = np.concatenate([np.repeat(np.arange(len(res.alphas), dtype=np.int64), k) for res in rounds])
+    write_parquet(pa.table({
+        "round": np.concatenate([np.full(res.alphas.size, r, np.int32) for r, res in enumerate(rounds)]),
+        "step": steps, "group": np.tile(np.arange(k, dtype=np.int32), len(steps) // k),
+        "alpha": np.concatenate([res.alphas.ravel() for res in rounds]),
+        "excess": np.concatenate([res.excess.ravel() for res in rounds])}), out.file(TRAJECTORY))
     from dedt.report import plot_weights
 
-    plot_weights(result.weights, result.alphas, out.file("weights.png"))
-    return {"weights": [round(float(w), 4) for w in result.weights], "proxy_images_per_s": round(result.images_per_s, 1),
-            "proxy_seconds": round(result.seconds, 2), "warning": result.warning}
+    plot_weights(weights, rounds[-1].alphas, out.file("weights.png"))
+    warning = rounds[-1].warning
+    if warning:
+        import warnings
+
+        warnings.warn(warning, stacklevel=1)
+    return {"weights": [round(float(w), 4) for w in weights], "proxy_images_per_s": round(rounds[-1].images_per_s, 1),
+            "proxy_seconds": round(seconds, 2), "warning": warning, "groups": rw.groups}
 
 
 def run_classifier(cfg: PipelineConfig, inputs: dict[str, StageDir], out: StageDir) -> dict[str, Any]:
@@ -165,6 +217,7 @@ def run_evaluate(cfg: PipelineConfig, inputs: dict[str, StageDir], out: StageDir
     from dedt.diffusion.train import load_model
     from dedt.metrics import frechet_distance, gaussian_stats
     from dedt.metrics.classifier import features, load_classifier
+    from dedt.metrics.classifier import predict as classifier_predict
 
     manifest = inputs["data"].file(MANIFEST)
     _, real, real_labels = load_split(manifest, "train")
@@ -173,18 +226,23 @@ def run_evaluate(cfg: PipelineConfig, inputs: dict[str, StageDir], out: StageDir
     preset = json.loads(inputs["model"].file("config.json").read_text())["train"]["preset"]
     s = cfg.sample
     fake_labels = np.repeat(np.arange(len(names), dtype=np.int64), s.per_class)
-    fake = sample(model, build_scheduler(preset), fake_labels if cfg.train.conditional else None,
+    conditional = model.config.num_class_embeds is not None
+    fake = sample(model, build_scheduler(preset), fake_labels if conditional else None,
                   num=len(fake_labels), method=s.method, steps=s.steps, seed=cfg.seed, batch_size=s.batch_size,
                   progress=False)
+    classifier = load_classifier(inputs["classifier"].file("classifier.safetensors"))
+    if not conditional:  # unconditional samples are bucketed into classes by the classifier
+        fake_labels = classifier_predict(classifier, fake)
     save_grid(fake[np.concatenate([np.flatnonzero(fake_labels == c)[:8] for c in range(len(names))])],
               out.file("grid.png"), nrow=8)
-    classifier = load_classifier(inputs["classifier"].file("classifier.safetensors"))
     f_real, f_fake = features(classifier, real), features(classifier, fake)
     rows = [("fd", "classifier", "all", frechet_distance(*gaussian_stats(f_fake), *gaussian_stats(f_real)),
              len(f_real), len(f_fake))]
     for c, name in enumerate(names):
         r, f = f_real[real_labels == c], f_fake[fake_labels == c]
-        rows.append(("fd", "classifier", name, frechet_distance(*gaussian_stats(f), *gaussian_stats(r)), len(r), len(f)))
+        # Too few bucketed samples for a covariance: reported as NaN rather than a made-up value.
+        value = frechet_distance(*gaussian_stats(f), *gaussian_stats(r)) if min(len(f), len(r)) > 1 else float("nan")
+        rows.append(("fd", "classifier", name, value, len(r), len(f)))
     metric, space, cls, value, n_real, n_fake = zip(*rows)
     write_parquet(pa.table({"metric": list(metric), "feature_space": list(space), "class": list(cls),
                             "value": np.asarray(value, np.float64), "n_real": np.asarray(n_real, np.int64),

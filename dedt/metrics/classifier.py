@@ -47,11 +47,15 @@ def train_classifier(images: np.ndarray, labels: np.ndarray, num_classes: int, *
 
 
 def accuracy(model, images: np.ndarray, labels: np.ndarray) -> float:  # noqa: ANN001
+    return float((predict(model, images) == labels).mean())
+
+
+def predict(model, images: np.ndarray) -> np.ndarray:  # noqa: ANN001
+    """int64 (N,) predicted classes; buckets unconditional samples for per-class metrics."""
     import torch
 
     with torch.no_grad():
-        pred = torch.cat([model(b).argmax(1) for b in torch.from_numpy(images).split(512)])
-    return float((pred.numpy() == labels).mean())
+        return torch.cat([model(b).argmax(1) for b in torch.from_numpy(images).split(512)]).numpy().astype(np.int64)
 
 
 def features(model, images: np.ndarray, batch_size: int = 512) -> np.ndarray:  # noqa: ANN001
