@@ -1,0 +1,90 @@
+"""Typed options of the train and sample stages: every field has its default, unit and range.
+
+Budgets and intervals are counted in images seen (``*_kimg`` = thousands of images), as in EDM2
+(Karras et al. 2024): pruning changes what an epoch is, images seen does not.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from dedt.diffusion.presets import PRESETS
+
+
+class TrainOptions(BaseModel):
+    """Options of one diffusion training run (model preset, budget, optimiser, EMA, precision)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    preset: str = Field("digits-tiny", description="model preset, a key of dedt.diffusion.presets.PRESETS")
+    budget_kimg: float = Field(64.0, gt=0, description="training length in thousands of images seen")
+    batch_size: int = Field(128, ge=1, description="global batch size (all processes together)")
+    lr: float = Field(1e-3, gt=0, description="peak learning rate (Ho et al. use 2e-4 for cifar10-ddpm)")
+    warmup_kimg: float = Field(
+        2.0, ge=0, description="linear learning-rate warm-up from 0, in kimg; 0 disables (Ho et al.: 5000 steps)"
+    )
+    grad_clip: float = Field(1.0, ge=0, description="clip the global gradient norm to this; 0 disables (Ho et al.: 1)")
+    weight_decay: float = Field(0.0, ge=0, description="weight decay: L2 for adam, decoupled for adamw")
+    optimizer: Literal["adam", "adamw"] = Field("adam", description="optimiser (betas 0.9, 0.999; eps 1e-8)")
+    ema_halflife_kimg: float = Field(
+        2.0, gt=0, description="EMA half-life in kimg: the weight of an update halves after this many images (EDM2)"
+    )
+    ema_decay: float | None = Field(
+        None,
+        ge=0,
+        lt=1,
+        description="fixed per-step EMA decay instead of the half-life (Ho et al.: 0.9999); None uses the half-life",
+    )
+    checkpoint_every_kimg: float = Field(16.0, gt=0, description="write a resumable checkpoint every this many kimg")
+    keep_checkpoints: int = Field(2, ge=1, description="how many of the newest checkpoints to keep")
+    log_every_kimg: float = Field(4.0, gt=0, description="append a line to log.jsonl every this many kimg")
+    weighting: Literal["sampling", "loss"] = Field(
+        "sampling",
+        description="how class weights act: 'sampling' draws class g with probability w_g (DoReMi); "
+        "'loss' samples uniformly and scales each sample's loss by k * w_y",
+    )
+    conditional: bool = Field(True, description="class-conditional model (class embedding); False = unconditional")
+    hflip: bool = Field(False, description="random horizontal flips (Ho et al. on CIFAR-10; wrong for digits)")
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="autocast dtype of the forward pass; weights, optimiser and EMA stay fp32. fp16 needs CUDA"
+    )
+    channels_last: bool = Field(
+        False, description="NHWC memory layout: faster convolutions on tensor-core GPUs, often slower on CPU"
+    )
+    compile: bool = Field(
+        False, description="torch.compile the model: fuses the many small ops of a UNet; costs a minute at start"
+    )
+    tf32: bool = Field(
+        False,
+        description="TF32 matmuls and convolutions on CUDA: ~7x the fp32 peak at a 10-bit mantissa; no effect on CPU",
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="'auto' = CUDA when available, else CPU")
+
+    @field_validator("preset")
+    @classmethod
+    def _known_preset(cls, value: str) -> str:
+        if value not in PRESETS:
+            raise ValueError(f"unknown preset {value!r}; known presets: {', '.join(sorted(PRESETS))}")
+        return value
+
+    @model_validator(mode="after")
+    def _one_ema_rule(self) -> TrainOptions:
+        if self.ema_decay is not None and "ema_halflife_kimg" in self.model_fields_set:
+            raise ValueError("set either ema_decay or ema_halflife_kimg, not both")
+        return self
+
+
+class SampleOptions(BaseModel):
+    """Options of the sample stage (always from the EMA weights)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    method: Literal["ddim", "ddpm"] = Field(
+        "ddim",
+        description="'ddim' (Song et al. 2021, eta 0: deterministic given the start noise) or 'ddpm' (ancestral)",
+    )
+    steps: int = Field(20, ge=1, le=1000, description="denoising steps, spread over the T = 1000 training steps")
+    per_class: int = Field(100, ge=1, description="samples per class (or in all, for an unconditional model)")
+    batch_size: int = Field(256, ge=1, description="samples per forward pass; does not change the samples")
