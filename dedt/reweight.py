@@ -109,7 +109,9 @@ class ProxyTrainer:
         self.scheduler = build_scheduler(options.preset)
         self.reference = reference.eval().requires_grad_(False)
         self.reference_conditional = getattr(reference.config, "num_class_embeds", None) is not None
-        self.optimizer = torch.optim.Adam(self.proxy.parameters(), lr=options.lr)
+        from dedt.diffusion.train import _make_optimizer
+
+        self.optimizer = _make_optimizer(self.proxy, options)  # the same optimiser as final training
         self.x, self.y = torch.from_numpy(images), torch.from_numpy(labels)
         self.g = torch.from_numpy(groups.astype(np.int64))
         T = self.scheduler.config.num_train_timesteps
