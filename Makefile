@@ -28,6 +28,33 @@ bench: $(STAMP)
 	$(PY) bench/knn.py --sizes 10000
 	$(PY) bench/fid.py
 	$(PY) bench/train_step.py
+	$(PY) bench/dro.py
+	$(PY) bench/encode.py
+	$(PY) bench/evaluate.py
+	$(PY) bench/orchestration.py
 
 clean-store:
 	rm -rf .dedt
+
+# Orchestration. `make server` starts a local Prefect server (127.0.0.1:4200, state in
+# .prefect-server) with a process worker; `dedt server stop` ends both. `make ui-check` runs the
+# demo as a deployment on a temporary server and checks the UI in headless Chromium (Debian's
+# package, installed here when missing); UI_CHECK_ARGS picks another pipeline, e.g.
+# UI_CHECK_ARGS="--pipelines my.yaml --pipeline tiny". Screenshots go to build/ui-check/.
+.PHONY: server ui-check
+
+server: $(STAMP)
+	$(VENV)/bin/dedt server start
+
+ui-check: $(STAMP)
+	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y --no-install-recommends chromium)
+	$(PY) -m flows.ui_check $(UI_CHECK_ARGS)
+
+# Long fault-injection run: DEDT_SOAK_KILLS kill -9 points (default 200) at seeded random
+# instrumented points of every stage, plus DEDT_SOAK_KILLS/10 kills at random delays, each run
+# resumed and compared byte for byte with an uninterrupted run; then the bad-input and security tests.
+.PHONY: soak
+DEDT_SOAK_KILLS ?= 200
+
+soak: $(STAMP)
+	DEDT_SOAK_KILLS=$(DEDT_SOAK_KILLS) $(PY) -m pytest -q -s tests/test_faults.py tests/test_bad_input.py tests/test_security.py

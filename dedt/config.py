@@ -90,6 +90,23 @@ class ReweightConfig(Section):
 class EvaluateConfig(Section):
     classifier_epochs: int = Field(8, ge=1, description="epochs of the feature-space CNN")
     baselines: bool = Field(True, description="also train the pruned-uniform model for the comparison table")
+    feature_spaces: list[str] = Field(
+        default_factory=lambda: ["classifier"], min_length=1,
+        description="classifier | inception | clip:<model>[:<pretrained>] | dinov2:<size>[:<file>]; "
+                    "the first gives the summary's FD")
+    prdc_k: int = Field(5, ge=1, description="k of the precision/recall/density/coverage radii (Naeem et al.: 5)")
+    kid: bool = Field(True, description="also compute KID (100 subsets of up to 1,000)")
+
+    @field_validator("feature_spaces")
+    @classmethod
+    def _known_feature_spaces(cls, names: list[str]) -> list[str]:
+        from dedt.metrics.registry import validate_feature_space
+
+        if len(set(names)) != len(names):
+            raise ValueError(f"feature space listed twice in {names}")
+        for name in names:
+            validate_feature_space(name)  # a missing weights file fails here, before any stage runs
+        return names
 
 
 class DeploymentConfig(Section):
@@ -130,11 +147,21 @@ def load_pipelines(path: Path) -> dict[str, dict[str, Any]]:
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
-        raise DedtError(f"{path} is not valid YAML: {exc}") from exc
+        raise DedtError(_yaml_error(path, exc)) from exc
     pipelines = data.get("pipelines") if isinstance(data, dict) else None
     if not isinstance(pipelines, dict):
         raise DedtError(f"{path} has no 'pipelines:' mapping of name -> config")
     return pipelines
+
+
+def _yaml_error(path: Path, exc: yaml.YAMLError) -> str:
+    """One line: file:line:column and the problem (PyYAML's own text spans several lines)."""
+    mark = getattr(exc, "problem_mark", None)
+    where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    if "python/" in problem:  # safe_load refuses tags that would build Python objects
+        return f"{where}: tag refused ({problem}); pipelines files hold plain YAML values only, remove the tag"
+    return f"{where} is not valid YAML: {problem}; fix the syntax there"
 
 
 def apply_override(raw: dict[str, Any], assignment: str) -> dict[str, Any]:
@@ -151,7 +178,12 @@ def apply_override(raw: dict[str, Any], assignment: str) -> dict[str, Any]:
             raise DedtError(f"--set {key}: {part!r} is not a section")
         node[part] = dict(child)
         node = node[part]
-    node[parts[-1]] = yaml.safe_load(value) if value.strip() else None
+    try:
+        node[parts[-1]] = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError as exc:
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise DedtError(f"--set {key}: the value {value!r} is not a plain YAML value ({problem}); "
+                        "quote it or fix it, e.g. --set select.keep_frac=0.2") from None
     return out
 
 

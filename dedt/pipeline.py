@@ -9,22 +9,29 @@ the same calls as tasks.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import time
+import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from dedt import stages
 from dedt.config import PipelineConfig
-from dedt.store import StageDir, atomic_write_text, fingerprint
+from dedt.errors import DedtError
+from dedt.store import CorruptArtifactWarning, StageDir, atomic_write_text, fingerprint
+
+# Errors that mean the store cannot take the stage's files: reported as such, not as a crash.
+_STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM}
 
 StageFn = Callable[[PipelineConfig, dict[str, StageDir], StageDir], dict[str, Any]]
 
 # Bump a stage's version when its code changes what it writes: its fingerprint changes with it.
 VERSIONS = {"data": "1", "encode": "1", "score": "1", "select": "1", "reference": "1", "reweight": "1",
-            "train": "1", "classifier": "1", "evaluate": "1"}
+            "train": "1", "classifier": "1", "evaluate": "2", "latents": "1"}
 
 
 @dataclass(frozen=True)
@@ -48,8 +55,9 @@ class NodeResult:
 
 
 def _train_config(cfg: PipelineConfig, budget_kimg: float | None = None) -> dict[str, Any]:
-    """The train options that change the weights (not where they run)."""
-    options = cfg.train.model_dump(exclude={"device"})
+    """The train options that change the weights (not where they run). The VAE enters through the
+    latents stage's fingerprint (its files), not its path: pixel pipelines keep their fingerprints."""
+    options = cfg.train.model_dump(exclude={"device", "vae_path"})
     if budget_kimg is not None:
         options["budget_kimg"] = budget_kimg
     return {"train": options, "seed": cfg.seed}
@@ -99,10 +107,22 @@ def nodes(cfg: PipelineConfig) -> list[Node]:
     if cfg.evaluate.baselines and not cfg.reweight.reference_path:
         models = {"reference": reference, **models}
     graph += [m for k, m in models.items() if k != "reference"]
+    metrics = cfg.evaluate.model_dump(include={"feature_spaces", "prdc_k", "kid"})
     for key, model in models.items():
+        # A model trained on the kept subset is measured against it too: what pruning cost.
+        subset = {"select": "select"} if "select" in model.inputs else {}
         graph.append(Node(f"evaluate:{key}", "evaluate", {"sample": cfg.sample.model_dump(exclude={"batch_size"}),
-                                                          "seed": cfg.seed},
-                          {"data": "data", "classifier": "classifier", "model": model.key}, stages.run_evaluate))
+                                                          "evaluate": metrics, "seed": cfg.seed},
+                          {"data": "data", "classifier": "classifier", "model": model.key} | subset,
+                          stages.run_evaluate))
+    if cfg.train.vae_path:  # latent diffusion: every model (reference, proxy, final) trains on the VAE latents
+        from dedt.diffusion.latents import vae_identity
+
+        latents = Node("latents", "latents", {"vae": vae_identity(cfg.train.vae_path)}, {"data": "data"},
+                       stages.run_latents)
+        on_latents = (stages.run_train, stages.run_reweight, stages.run_reference_checkpoint)
+        graph = [graph[0], latents] + [replace(n, inputs=n.inputs | {"latents": "latents"}) if n.run in on_latents
+                                       else n for n in graph[1:]]
     return graph
 
 
@@ -122,11 +142,32 @@ def run_node(cfg: PipelineConfig, planned: dict[str, Node], key: str) -> NodeRes
     node = planned[key]
     out = node.out
     inputs = {role: planned[k].out for role, k in node.inputs.items()}
-    with out.lock():
+    with out.lock(), contextlib.ExitStack() as reading:
         cached = out.is_complete()
         if not cached:
+            for role, stage_dir in inputs.items():
+                # A reader's lock: an input being (re)computed by another process is waited for.
+                reading.enter_context(stage_dir.lock(shared=True))
+                if not stage_dir.is_complete():
+                    damaged = ", ".join(map(str, stage_dir.damaged())) or "no completion marker"
+                    raise DedtError(f"{key}: input {role} in {stage_dir.path} is not finished or is damaged "
+                                    f"({damaged}); run the whole pipeline so that {node.inputs[role]} is computed "
+                                    "again first")
+            damaged = out.damaged()
+            if damaged:
+                warnings.warn(f"{key}: {', '.join(map(str, damaged))} failed its SHA-256 check (corrupted or "
+                              "changed since the stage finished); computing the stage again",
+                              CorruptArtifactWarning, stacklevel=2)
+            out.invalidate()  # a stale marker must never vouch for files being rewritten
+            out.remove_temp_files()  # what a killed writer left
             start = time.perf_counter()
-            summary = node.run(cfg, inputs, out)
+            try:
+                summary = node.run(cfg, inputs, out)
+            except OSError as exc:
+                if exc.errno not in _STORAGE_ERRNOS:
+                    raise
+                raise DedtError(f"{key}: cannot write in {out.path}: {exc.strerror} ({exc.filename}); free disk "
+                                "space or fix permissions, then re-run: finished work is kept") from exc
             summary["seconds"] = round(time.perf_counter() - start, 3)
             atomic_write_text(out.file("summary.json"), json.dumps(summary, indent=2, sort_keys=True))
             files = sorted(p.name for p in out.path.iterdir() if p.is_file() and not p.name.startswith((".", "_"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,38 @@ def plot_weights(weights: np.ndarray, alphas: np.ndarray, path: Path) -> None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100, metadata={"Software": None})
     plt.close(fig)
+
+
+def plot_class_bars(series: Mapping[str, Mapping[str, float]], path: Path, *, title: str = "per-class FD",
+                    ylabel: str = "Fréchet distance") -> None:
+    """Grouped bars: one group per class, one bar per series (NaN = too few samples, left empty)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    classes = list(dict.fromkeys(c for values in series.values() for c in values))
+    width = 0.8 / max(len(series), 1)
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.6 * len(classes) + 2), 3.5))
+    for i, (label, values) in enumerate(series.items()):
+        heights = [values.get(c, float("nan")) for c in classes]
+        ax.bar(np.arange(len(classes)) + (i - (len(series) - 1) / 2) * width, heights, width, label=label)
+    ax.set_xticks(np.arange(len(classes)), classes)
+    ax.set(xlabel="class", ylabel=ylabel, title=title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100, metadata={"Software": None})
+    plt.close(fig)
+
+
+def plot_class_fd(before: Mapping[str, float], after: Mapping[str, float], path: Path) -> None:
+    """The paper's Figure 2 analogue: per-class FD of the pruned model before and after reweighting.
+
+    ``before``/``after`` are evaluate summaries' ``fd_per_class`` (class name -> FD).
+    """
+    plot_class_bars({"before reweighting": before, "after reweighting": after}, path,
+                    title="per-class FD before / after reweighting")
 
 
 def summary_rows(results: dict[str, Any]) -> list[dict[str, Any]]:

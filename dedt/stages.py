@@ -83,8 +83,13 @@ def _train_labels(data: StageDir) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def _subset_arrays(inputs: dict[str, StageDir]) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
-    """Images and labels of the kept subset (or the whole train split without a select input)."""
+    """Images and labels of the kept subset (or the whole train split without a select input); with a
+    latents input (latent diffusion) the images are the VAE latents of those samples."""
     ids, images, labels = _train_labels(inputs["data"])
+    if "latents" in inputs:
+        from dedt.diffusion.latents import read_latents
+
+        images = read_latents(inputs["latents"].path, ids)
     num_classes = len(class_names(inputs["data"].file(MANIFEST)))
     if "select" in inputs:
         kept = read_parquet(inputs["select"].file(SUBSET), ("sample_id",)).column("sample_id").to_numpy()
@@ -127,11 +132,30 @@ def run_train(cfg: PipelineConfig, inputs: dict[str, StageDir], out: StageDir) -
     return {"n_images": len(images), **result}
 
 
+def run_latents(cfg: PipelineConfig, inputs: dict[str, StageDir], out: StageDir) -> dict[str, Any]:
+    """Latent diffusion: encode the train split once with the VAE of ``train.vae_path`` (posterior mean,
+    scaled); writes latents.npy (float32 (N, c, h, w)) and latent_ids.npy (int64 sample ids)."""
+    from dedt.diffusion.latents import encode_latents, latent_scale, load_vae, write_latents
+    from dedt.diffusion.train import resolve_device
+
+    ids, images, _ = _train_labels(inputs["data"])
+    device = resolve_device(cfg.train.device)
+    vae = load_vae(cfg.train.vae_path, device=device)
+    latents = encode_latents(images, vae, cfg.encode.batch_size, device=device)
+    write_latents(out.path, ids, latents)
+    scale, shift = latent_scale(vae)
+    return {"n": len(ids), "shape": list(latents.shape[1:]), "scaling_factor": scale, "shift_factor": shift,
+            "vae_path": cfg.train.vae_path, "mean": round(float(latents.mean()), 4), "std": round(float(latents.std()), 4)}
+
+
 def run_reference_checkpoint(cfg: PipelineConfig, inputs: dict[str, StageDir], out: StageDir) -> dict[str, Any]:
     """Check a local diffusers reference fits the data; the reweight stage loads it from its path."""
     from dedt.reweight import load_reference
 
     shape = json.loads(inputs["data"].file("summary.json").read_text())["shape"]
+    if "latents" in inputs:  # a latent-space UNet: (c, h, w) of the latents as (h, w, c)
+        c, h, w = json.loads(inputs["latents"].file("summary.json").read_text())["shape"]
+        shape = [h, w, c]
     load_reference(cfg.reweight.reference_path, in_channels=shape[2], resolution=shape[0])
     return {"reference_path": cfg.reweight.reference_path}
 
@@ -210,46 +234,62 @@ def run_classifier(cfg: PipelineConfig, inputs: dict[str, StageDir], out: StageD
 
 
 def run_evaluate(cfg: PipelineConfig, inputs: dict[str, StageDir], out: StageDir) -> dict[str, Any]:
-    """Sample per class from the EMA model, then FD to the full real train split, overall and per class."""
+    """Sample per class from the EMA model, then every metric of ``dedt.evaluate`` in each feature space,
+    against the full real train split and, for a model trained on the kept subset (a select input), that subset.
+
+    Writes metrics.parquet, samples.parquet, grid.png, class_fd.png and report.md; the reference
+    statistics go to the shared ``refstats`` cache of the store.
+    """
+    from dedt import evaluate
     from dedt.data.manifest import encode_png
     from dedt.diffusion.presets import build_scheduler
     from dedt.diffusion.sample import sample, save_grid
-    from dedt.diffusion.train import load_model
-    from dedt.metrics import frechet_distance, gaussian_stats
-    from dedt.metrics.classifier import features, load_classifier
+    from dedt.diffusion.train import load_model, resolve_device
+    from dedt.metrics.classifier import load_classifier
     from dedt.metrics.classifier import predict as classifier_predict
+    from dedt.metrics.registry import feature_space, to_uint8
+    from dedt.report import MODEL_LABELS, plot_class_bars
+    from dedt.store import atomic_write_text
 
     manifest = inputs["data"].file(MANIFEST)
-    _, real, real_labels = load_split(manifest, "train")
     names = class_names(manifest)
-    model = load_model(inputs["model"].path, ema=True)
-    preset = json.loads(inputs["model"].file("config.json").read_text())["train"]["preset"]
-    s = cfg.sample
+    counts = json.loads(inputs["data"].file("summary.json").read_text())
+    subset_ids = (read_parquet(inputs["select"].file(SUBSET), ("sample_id",)).column("sample_id").to_numpy()
+                  if "select" in inputs else None)
+    ev, s = cfg.evaluate, cfg.sample
     fake_labels = np.repeat(np.arange(len(names), dtype=np.int64), s.per_class)
+    evaluate.check_sample_counts(len(fake_labels), {"real train images": counts["n_train"]} | (
+        {"images in the kept subset": len(subset_ids)} if subset_ids is not None else {}), ev.prdc_k)
+    classifier_file = inputs["classifier"].file("classifier.safetensors")
+    spaces = [feature_space(name, classifier=classifier_file) for name in ev.feature_spaces]
+    model_config = json.loads(inputs["model"].file("config.json").read_text())
+    model = load_model(inputs["model"].path, ema=True)
     conditional = model.config.num_class_embeds is not None
-    fake = sample(model, build_scheduler(preset), fake_labels if conditional else None,
-                  num=len(fake_labels), method=s.method, steps=s.steps, seed=cfg.seed, batch_size=s.batch_size,
-                  progress=False)
-    classifier = load_classifier(inputs["classifier"].file("classifier.safetensors"))
+    latent = cfg.train.latent  # latent diffusion: unclipped latents, decoded to images before any metric
+    fake = sample(model, build_scheduler(model_config["train"]["preset"], latent=latent),
+                  fake_labels if conditional else None, num=len(fake_labels), method=s.method, steps=s.steps,
+                  seed=cfg.seed, batch_size=s.batch_size, device=resolve_device(cfg.train.device), progress=False)
+    if latent:
+        from dedt.diffusion.latents import decode_latents
+
+        fake = decode_latents(fake, cfg.train.vae_path, s.batch_size, device=resolve_device(cfg.train.device))
     if not conditional:  # unconditional samples are bucketed into classes by the classifier
-        fake_labels = classifier_predict(classifier, fake)
+        fake_labels = classifier_predict(load_classifier(classifier_file), fake)
     save_grid(fake[np.concatenate([np.flatnonzero(fake_labels == c)[:8] for c in range(len(names))])],
               out.file("grid.png"), nrow=8)
-    f_real, f_fake = features(classifier, real), features(classifier, fake)
-    rows = [("fd", "classifier", "all", frechet_distance(*gaussian_stats(f_fake), *gaussian_stats(f_real)),
-             len(f_real), len(f_fake))]
-    for c, name in enumerate(names):
-        r, f = f_real[real_labels == c], f_fake[fake_labels == c]
-        # Too few bucketed samples for a covariance: reported as NaN rather than a made-up value.
-        value = frechet_distance(*gaussian_stats(f), *gaussian_stats(r)) if min(len(f), len(r)) > 1 else float("nan")
-        rows.append(("fd", "classifier", name, value, len(r), len(f)))
-    metric, space, cls, value, n_real, n_fake = zip(*rows)
-    write_parquet(pa.table({"metric": list(metric), "feature_space": list(space), "class": list(cls),
-                            "value": np.asarray(value, np.float64), "n_real": np.asarray(n_real, np.int64),
-                            "n_fake": np.asarray(n_fake, np.int64), "seed": np.full(len(rows), cfg.seed, np.int64)}),
-                  out.file(METRICS))
-    pixels = np.clip(np.rint((fake + 1) * 127.5), 0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
+    source = evaluate.RealSource(out.root, inputs["data"].fingerprint, lambda split: load_split(manifest, split),
+                                 subset_ids, counts["n_holdout"])
+    rows = evaluate.evaluate_samples(fake, fake_labels, spaces, source, names, prdc_k=ev.prdc_k, with_kid=ev.kid,
+                                     seed=cfg.seed)
+    evaluate.write_metrics(rows, cfg.seed, out.file(METRICS))
     write_parquet(pa.table({"sample_id": np.arange(len(fake), dtype=np.int64), "label": fake_labels.astype(np.int32),
-                            "image": pa.array([encode_png(p) for p in pixels], pa.binary())}), out.file(SAMPLES))
-    per_class = {name: round(float(v), 4) for name, v in zip(cls[1:], value[1:])}
-    return {"fd": round(float(value[0]), 4), "fd_per_class": per_class, "n_fake": len(fake)}
+                            "image": pa.array([encode_png(p) for p in to_uint8(fake)], pa.binary())}),
+                  out.file(SAMPLES))
+    references = ("full", "subset") if subset_ids is not None else ("full",)
+    plot_class_bars({f"vs {ref}": evaluate.per_class_fd(rows, ev.feature_spaces[0], ref) for ref in references},
+                    out.file("class_fd.png"), title=f"per-class FD, {ev.feature_spaces[0]} features")
+    model_key = model_config.get("key", inputs["model"].fingerprint)
+    title = f"{cfg.name}, {MODEL_LABELS.get(model_key, model_key)} model"
+    atomic_write_text(out.file("report.md"), evaluate.report_markdown(
+        rows, title=title, seed=cfg.seed, images={"samples": "grid.png", "per-class FD": "class_fd.png"}))
+    return {**evaluate.summary(rows, ev.feature_spaces), "n_fake": len(fake)}

@@ -27,6 +27,10 @@ from dedt.errors import DedtError
 MARKER = "_COMPLETE"
 
 
+class CorruptArtifactWarning(UserWarning):
+    """A finished stage's artifact failed its checksum: the stage is computed again."""
+
+
 def default_root() -> Path:
     """The store root: ``$DEDT_HOME`` or ``./.dedt``."""
     return Path(os.environ.get("DEDT_HOME", ".dedt")).resolve()
@@ -60,17 +64,27 @@ class StageDir:
 
     def is_complete(self) -> bool:
         """True when the marker exists and every recorded artifact still has its checksum."""
+        return (self.path / MARKER).exists() and not self.damaged()
+
+    def damaged(self) -> list[Path]:
+        """Artifacts whose SHA-256 no longer matches the marker (or that are gone), the marker itself
+        when unreadable; empty when there is no marker (work in progress, not damage)."""
         marker = self.path / MARKER
         if not marker.exists():
-            return False
+            return []
         try:
             recorded = json.loads(marker.read_text())["files"]
-        except (ValueError, KeyError):
-            return False
-        return all(
-            (self.path / name).exists() and file_sha256(self.path / name) == digest
-            for name, digest in recorded.items()
-        )
+        except (ValueError, KeyError, TypeError, OSError):
+            return [marker]
+        bad = []
+        for name, digest in recorded.items():
+            path = self.path / name
+            try:
+                if file_sha256(path) != digest:
+                    bad.append(path)
+            except OSError:  # missing, or not a readable file
+                bad.append(path)
+        return bad
 
     def mark_complete(self, files: list[str], config: Mapping[str, Any]) -> None:
         """Record checksums of ``files`` and the resolved config; the marker goes last."""
@@ -83,15 +97,29 @@ class StageDir:
         (self.path / MARKER).unlink(missing_ok=True)
 
     @contextlib.contextmanager
-    def lock(self) -> Iterator[None]:
-        """Exclusive file lock: two processes never write one stage at once; the second waits."""
-        self.path.mkdir(parents=True, exist_ok=True)
-        with open(self.path / ".lock", "w") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
+    def lock(self, shared: bool = False) -> Iterator[None]:
+        """Exclusive file lock: two processes never write one stage at once; the second waits.
+
+        ``shared=True`` is a reader's lock: any number of readers, but never while a writer holds it.
+        """
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            handle = open(self.path / ".lock", "a")  # noqa: SIM115 - closed below
+        except OSError as exc:
+            raise DedtError(f"cannot create the stage folder {self.path}: {exc.strerror}; check the store "
+                            f"($DEDT_HOME={self.root}) is a writable folder and that no file stands in its place") from exc
+        with handle:
+            fcntl.flock(handle, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
             try:
                 yield
             finally:
                 fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def remove_temp_files(self) -> None:
+        """Delete the temp files (``.<name>.*.tmp``) a killed writer left; call only under ``lock()``."""
+        for tmp in self.path.rglob(".*.tmp"):
+            if tmp.is_file():
+                tmp.unlink(missing_ok=True)
 
 
 def file_sha256(path: Path) -> str:
@@ -121,12 +149,51 @@ def atomic_path(path: Path) -> Iterator[Path]:
         with open(tmp_path, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp_path, path)
+        _fsync_dir(path.parent)  # the rename itself survives a power cut
     except OSError as exc:
         tmp_path.unlink(missing_ok=True)
-        raise DedtError(f"writing {path} failed: {exc.strerror}; free disk space or fix permissions, then re-run") from exc
+        raise DedtError(f"writing {path} failed: {exc.strerror or exc}; free disk space or fix permissions, "
+                        "then re-run") from exc
+    except DedtError:
+        tmp_path.unlink(missing_ok=True)
+        raise
+    except Exception as exc:
+        # Writers that wrap the OS error (safetensors: SafetensorError, torch.save: RuntimeError):
+        # if the folder cannot take more bytes now, that was the cause: say so, not a traceback.
+        reason = _unwritable(tmp_path)
+        tmp_path.unlink(missing_ok=True)
+        if reason:
+            raise DedtError(f"writing {path} failed: {reason}; free disk space or fix permissions, "
+                            "then re-run") from exc
+        raise
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # some filesystems don't open folders: the rename is still atomic
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _unwritable(tmp_path: Path, probe: int = 1 << 20) -> str | None:
+    """Why ``tmp_path`` cannot grow by ``probe`` bytes (disk full, file size limit, read-only), or None."""
+    try:
+        with open(tmp_path, "ab") as handle:
+            handle.write(bytes(probe))
+            handle.flush()
+            os.fsync(handle.fileno())
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    return None
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -1,1 +1,2 @@
-"""Prefect flows that compose dedt's stage tasks, and the ``dedt`` command line."""
+"""Prefect flows over dedt's stage tasks (pipeline, sweep, one dispatched stage), the deployments
+made from pipelines.yaml, a local server with its workers, and the ``dedt`` command line."""

@@ -1,4 +1,5 @@
-"""The ``dedt`` command line: run named pipelines from pipelines.yaml through Prefect."""
+"""The ``dedt`` command line: run pipelines and sweeps from pipelines.yaml through Prefect, deploy
+them to a Prefect server, and start/stop a local server with its workers."""
 
 from __future__ import annotations
 
@@ -18,10 +19,16 @@ EPILOG = """examples:
   dedt run digits-demo --dry-run             print the resolved config and stage fingerprints
   dedt run digits-demo --set select.keep_frac=0.2 --set dataset.source=mnist5k
   dedt list                                  list the pipelines in pipelines.yaml
+  dedt sweep digits-sweep                    run a grid of pipelines; shared stages run once
+  dedt server start                          local Prefect server (127.0.0.1:4200) + a process worker
+  dedt deploy                                every pipeline and sweep becomes a deployment
+  prefect deployment run 'dedt-pipeline/digits-demo' --watch
 
 environment:
-  DEDT_HOME        store root for all artifacts (default ./.dedt)
-  PREFECT_API_URL  a Prefect server to report to (default: Prefect's embedded local server)
+  DEDT_HOME         store root for all artifacts (default ./.dedt)
+  DEDT_SERVER_HOME  state of `dedt server` (default $DEDT_HOME/../.prefect-server)
+  PREFECT_API_URL   a Prefect server to report to (default: the `dedt server` when it runs,
+                    else Prefect's embedded local server)
 exit codes: 0 ok, 1 internal error, 2 bad input (config, data, artifact)"""
 
 
@@ -45,6 +52,28 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--json", action="store_true", help="print the result as JSON instead of tables")
     ls = sub.add_parser("list", help="list the pipelines in a pipelines file")
     ls.add_argument("--pipelines", type=Path, default=Path("pipelines.yaml"), metavar="FILE")
+    sweep = sub.add_parser("sweep", help="run a sweep (a grid of pipelines) through Prefect",
+                           description="Run sweep NAME from the 'sweeps:' mapping: every grid point's pipeline, each "
+                                       "distinct stage once, up to max_concurrency at a time; then one comparison "
+                                       "table (Parquet in the store) and plots.")
+    sweep.add_argument("name", help="sweep name in the pipelines file")
+    sweep.add_argument("--pipelines", type=Path, default=Path("pipelines.yaml"), metavar="FILE")
+    sweep.add_argument("--dry-run", action="store_true", help="list the grid points and stages to run; run nothing")
+    deploy = sub.add_parser("deploy", help="create or update a deployment per pipeline and sweep",
+                            description="Every pipeline becomes 'dedt-pipeline/NAME', every sweep 'dedt-sweep/NAME', "
+                                        "every deployment.gpu_pool 'dedt-stage/POOL', with the pools, tags and cron "
+                                        "schedules of the YAML. Idempotent: run it again after editing the YAML.")
+    deploy.add_argument("--pipelines", type=Path, default=Path("pipelines.yaml"), metavar="FILE")
+    deploy.add_argument("--dry-run", action="store_true", help="print the deployments; create nothing")
+    server = sub.add_parser("server", help="start, stop or check a local Prefect server and its workers",
+                            description="A Prefect server on 127.0.0.1 with SQLite in $DEDT_SERVER_HOME, and one "
+                                        "process worker per pool; the workers run flows with this DEDT_HOME.")
+    server.add_argument("action", choices=["start", "stop", "status"])
+    server.add_argument("--port", type=int, default=4200, help="server port on 127.0.0.1 (default 4200)")
+    server.add_argument("--pool", dest="pools", action="append", metavar="POOL",
+                        help="start a process worker for POOL (repeatable; default: dedt-default)")
+    server.add_argument("--query-seconds", type=float, default=2.0, metavar="S",
+                        help="how often workers poll for runs (PREFECT_WORKER_QUERY_SECONDS; Prefect's default 10)")
     return parser
 
 
@@ -85,6 +114,74 @@ def _run(args: argparse.Namespace) -> None:
     print(f"\nwall-clock {time.perf_counter() - start:.1f}s")
 
 
+def _use_local_server() -> None:
+    """Report to the running `dedt server` unless PREFECT_API_URL names another server."""
+    from flows.server import running_api_url
+
+    url = None if os.environ.get("PREFECT_API_URL") else running_api_url()
+    if url:
+        os.environ["PREFECT_API_URL"] = url
+
+
+def _sweep(args: argparse.Namespace) -> None:
+    from dedt.pipeline import plan
+    from dedt.store import default_root
+    from dedt.sweep import expand, unique_nodes
+
+    points = expand(args.name, args.pipelines)  # bad input fails here, before Prefect starts
+    if args.dry_run:
+        plans = [plan(p.cfg, default_root()) for p in points]
+        nodes = unique_nodes(plans)
+        todo = sum(not plans[n.point][n.key].out.is_complete() for n in nodes)
+        print("\n".join(f"  {p.label}" for p in points))
+        print(f"{len(points)} points, {len(nodes)} distinct stages, {todo} to run (store {default_root()})")
+        return
+    from flows.sweep import sweep_flow
+
+    start = time.perf_counter()
+    result = sweep_flow(args.name, str(args.pipelines))
+    print(f"\n{len(result['points'])} points, {result['stages']} distinct stages, {result['computed']} computed\n")
+    print(result["table_markdown"])
+    print(f"\ncomparison: {result['comparison']}\nwall-clock {time.perf_counter() - start:.1f}s")
+
+
+def _deploy(args: argparse.Namespace) -> None:
+    from flows.deploy import apply, deployment_specs
+
+    specs = deployment_specs(args.pipelines)  # validates every pipeline and sweep first
+    if not args.dry_run:
+        if not os.environ.get("PREFECT_API_URL"):
+            raise DedtError("no Prefect server to deploy to: `dedt server start`, or set PREFECT_API_URL")
+        apply(specs)
+    for spec in specs:
+        schedule = f"  cron '{spec.cron}'" if spec.cron else ""
+        print(f"{spec.full_name:<36} pool {spec.work_pool:<14} tags {','.join(spec.tags)}{schedule}")
+    if not args.dry_run:
+        print(f"\n{len(specs)} deployments applied to {os.environ['PREFECT_API_URL']}")
+
+
+def _server(args: argparse.Namespace) -> None:
+    from flows import server
+
+    if args.action == "start":
+        info = server.start(args.port, args.pools or [server.DEFAULT_POOL], args.query_seconds)
+        print(f"Prefect server  {info['ui_url']}  (state {info['state']}, store {info['store']})")
+        print("workers         " + ", ".join(k.removeprefix("worker:") for k in info["pids"] if k != "server"))
+        print(f"\nexport PREFECT_API_URL={info['api_url']}   # for `prefect` commands in this shell")
+    elif args.action == "stop":
+        stopped = server.stop()
+        print("stopped: " + ", ".join(stopped) if stopped else "no dedt server was running")
+    else:
+        info = server.status()
+        if info is None:
+            print(f"no dedt server (state folder {server.state_dir()})")
+            return
+        print(f"Prefect server  {info['ui_url']}  {'healthy' if info['healthy'] else 'NOT answering'}")
+        for name, alive in info["alive"].items():
+            print(f"  {name:<24} pid {info['pids'][name]:<8} {'running' if alive else 'stopped'}")
+        print(f"state {info['state']}  store {info['store']}\nexport PREFECT_API_URL={info['api_url']}")
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -97,10 +194,13 @@ def main(argv: list[str] | None = None) -> int:
 
             for name in load_pipelines(args.pipelines):
                 print(name)
-        elif args.dry_run:
+        elif args.command == "server":
+            _server(args)
+        elif args.command == "run" and args.dry_run:
             _dry_run(args)
         else:
-            _run(args)
+            _use_local_server()
+            {"run": _run, "sweep": _sweep, "deploy": _deploy}[args.command](args)
     except DedtError as exc:
         if args.debug:
             raise

@@ -12,21 +12,23 @@ from dedt.pipeline import NodeResult, plan
 from dedt.report import markdown_table, stage_table, summary_rows
 from dedt.store import default_root
 from tasks.artifacts import publish_run_artifacts
-from tasks.stages import STAGE_TASKS
+from tasks.stages import stage_task
 
 
 @flow(name="dedt-pipeline", log_prints=True)
 def pipeline_flow(name: str, pipelines_file: str = "pipelines.yaml", overrides: list[str] | None = None,
                   root: str | None = None) -> dict[str, Any]:
-    """Run pipeline ``name`` from ``pipelines_file``; every stage is skipped when already in the store."""
+    """Run pipeline ``name`` from ``pipelines_file``; every stage is skipped when already in the store.
+
+    With ``deployment.gpu_pool`` set, train and evaluate run as ``dedt-stage`` flow runs on that
+    pool; ``root`` (default ``$DEDT_HOME``) must then be the same path on the GPU worker.
+    """
     cfg = resolve(name, Path(pipelines_file), overrides or [])
     store = Path(root) if root else default_root()
     results: dict[str, NodeResult] = {}
     for key, node in plan(cfg, store).items():
         was_complete = node.out.is_complete()
-        stage_task = STAGE_TASKS[node.stage].with_options(refresh_cache=not was_complete,
-                                                          result_storage=store / "_prefect_results")
-        result = NodeResult(**stage_task(cfg, key, str(store)))
+        result = NodeResult(**stage_task(node, cfg, store)(cfg, key, str(store)))
         result.cached = was_complete
         results[key] = result
         print(f"{key:<22} {'cached' if was_complete else 'computed':<9} {result.seconds:8.1f}s  {result.path}")

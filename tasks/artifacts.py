@@ -1,40 +1,128 @@
-"""What a user looks at in the Prefect UI: kept per class, class weights, metrics, a summary."""
+"""What a user looks at in the Prefect UI: kept per class, class weights and the DRO trajectory,
+training curves, metrics, sample grids, a Markdown summary of a run, and a sweep's comparison.
+
+Images travel as ``data:`` URIs: they render in the UI without a file server. Keys are the
+pipeline's (or sweep's) slug plus what the artifact is, so the UI's artifact page keeps the
+history of each across runs.
+"""
 
 from __future__ import annotations
 
 import base64
+import io
+import json
+import re
 from pathlib import Path
 from typing import Any
 
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.artifacts import create_image_artifact, create_markdown_artifact, create_table_artifact
 
 from dedt.config import PipelineConfig
 from dedt.pipeline import NodeResult
-from dedt.report import markdown_table
+from dedt.report import MODEL_LABELS, markdown_table
 
 
-def _png_markdown(path: Path, title: str) -> str:
-    """Embed a PNG as a data URI: it renders in the UI without serving files."""
-    if not path.exists():
-        return ""
-    data = base64.b64encode(path.read_bytes()).decode()
-    return f"\n\n**{title}**\n\n![{title}](data:image/png;base64,{data})"
+def slug(name: str) -> str:
+    """An artifact key: lowercase letters, digits and dashes only (Prefect's rule)."""
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def data_uri(png: Path | bytes) -> str:
+    data = png if isinstance(png, bytes) else Path(png).read_bytes()
+    return "data:image/png;base64," + base64.b64encode(data).decode()
+
+
+def enlarged_png(path: Path, min_width: int = 320) -> bytes:
+    """A sample grid scaled up by a whole factor (nearest neighbour): 8x8 digits are specks otherwise."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        factor = max(1, -(-min_width // image.width))
+        buffer = io.BytesIO()
+        image.resize((image.width * factor, image.height * factor), Image.Resampling.NEAREST).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _png_markdown(png: Path | bytes, title: str) -> str:
+    return f"\n\n**{title}**\n\n![{title}]({data_uri(png)})"
+
+
+def training_curves_png(logs: dict[str, Path]) -> bytes:
+    """Loss against kimg for each model's ``log.jsonl`` (one line per log interval), as PNG bytes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for label, log in logs.items():
+        lines = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+        ax.plot([r["kimg"] for r in lines], [r["loss"] for r in lines], marker=".", label=label)
+    ax.set(xlabel="kimg (thousands of images seen)", ylabel="loss", title="training curves")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def _parquet_links(results: dict[str, NodeResult]) -> str:
+    """One line per stage: its folder and a ``file://`` link to each Parquet file in it."""
+    lines = []
+    for key, r in results.items():
+        files = sorted(Path(r.path).glob("*.parquet"))
+        links = ", ".join(f"[{f.name}]({f.as_uri()})" for f in files) or "(checkpoint files)"
+        lines.append(f"- **{key}** `{r.path}`: {links}")
+    return "\n".join(lines)
 
 
 def publish_run_artifacts(cfg: PipelineConfig, results: dict[str, NodeResult], rows: list[dict[str, Any]]) -> None:
-    slug = cfg.name.lower().replace("_", "-")
+    """Every artifact of one pipeline run, keyed ``<pipeline>-<what>``; ``rows`` is the summary table."""
+    s = slug(cfg.name)
     if "select" in results:
         kept = results["select"].summary["kept_per_class"]
-        create_table_artifact(key=f"{slug}-kept-per-class", table=[{"class": c, "kept": n} for c, n in kept.items()],
+        create_table_artifact(key=f"{s}-kept-per-class", table=[{"class": c, "kept": n} for c, n in kept.items()],
                               description="Samples kept per class")
-    if "reweight" in results:
+    weights_png = Path(results["reweight"].path) / "weights.png" if "reweight" in results else None
+    if weights_png:
         weights = results["reweight"].summary["weights"]
-        create_table_artifact(key=f"{slug}-class-weights", table=[{"group": g, "weight": w} for g, w in enumerate(weights)],
+        create_table_artifact(key=f"{s}-class-weights", table=[{"group": g, "weight": w} for g, w in enumerate(weights)],
                               description="Group-DRO class weights")
-    files = "\n".join(f"- `{key}`: `{r.path}`" for key, r in results.items())
-    images = "".join(_png_markdown(Path(results[k].path) / "grid.png", f"samples: {k}")
-                     for k in results if k.startswith("evaluate:"))
-    if "reweight" in results:
-        images += _png_markdown(Path(results["reweight"].path) / "weights.png", "class weights")
-    create_markdown_artifact(key=f"{slug}-summary", description=f"dedt summary of {cfg.name}",
-                             markdown=f"# dedt: {cfg.name}\n\n{markdown_table(rows)}\n\n## Artifacts\n{files}{images}")
+        create_image_artifact(image_url=data_uri(weights_png), key=f"{s}-dro-trajectory",
+                              description="DRO trajectory of the class weights (left) and the averaged weights (right)")
+    logs = {MODEL_LABELS.get(k, k): Path(r.path) / "log.jsonl" for k, r in results.items()
+            if Path(r.path).parent.name == "train" and (Path(r.path) / "log.jsonl").exists()}
+    curve = training_curves_png(logs) if logs else None
+    if curve:
+        create_image_artifact(image_url=data_uri(curve), key=f"{s}-training-curve", description="Loss vs kimg per model")
+    models = {k.removeprefix("evaluate:"): r for k, r in results.items() if k.startswith("evaluate:")}
+    grids = {k: enlarged_png(Path(r.path) / "grid.png") for k, r in models.items()}
+    if models:
+        create_table_artifact(key=f"{s}-metrics", description="Fréchet distance in the classifier's feature space",
+                              table=[{"model": MODEL_LABELS.get(k, k), "all": r.summary["fd"], **r.summary["fd_per_class"]}
+                                     for k, r in models.items()])
+    for k, png in grids.items():
+        create_image_artifact(image_url=data_uri(png), key=f"{s}-samples-{slug(k)}",
+                              description=f"Samples of {MODEL_LABELS.get(k, k)} (8 per class)")
+    images = "".join(_png_markdown(png, f"samples: {MODEL_LABELS.get(k, k)}") for k, png in grids.items())
+    images += _png_markdown(weights_png, "class weights") if weights_png else ""
+    images += _png_markdown(curve, "training curves") if curve else ""
+    create_markdown_artifact(key=f"{s}-summary", description=f"dedt summary of {cfg.name}",
+                             markdown=f"# dedt: {cfg.name}\n\n{markdown_table(rows)}\n\n"
+                                      f"## Artifacts (Parquet files in the store)\n{_parquet_links(results)}{images}")
+
+
+def publish_sweep_artifacts(name: str, folder: Path, rows: list[dict[str, Any]]) -> None:
+    """The sweep's comparison table, its two plots, and a summary linking the Parquet file."""
+    s = slug(name)
+    create_table_artifact(key=f"{s}-comparison", table=rows, description=f"Sweep {name}: one row per point and model")
+    for png in ("fd_vs_keep_frac.png", "speedup_vs_fd.png"):
+        create_image_artifact(image_url=data_uri(folder / png), key=f"{s}-{slug(png.removesuffix('.png'))}",
+                              description=f"Sweep {name}: {png.removesuffix('.png').replace('_', ' ')}")
+    table = folder / "comparison.parquet"
+    create_markdown_artifact(key=f"{s}-summary", description=f"dedt sweep {name}",
+                             markdown=f"# dedt sweep: {name}\n\n{markdown_table(rows)}\n\n"
+                                      f"Table: [{table.name}]({table.as_uri()}) (`{table}`)"
+                                      + _png_markdown(folder / "fd_vs_keep_frac.png", "FD vs keep_frac")
+                                      + _png_markdown(folder / "speedup_vs_fd.png", "speed-up vs FD"))

@@ -2,7 +2,11 @@
 
 The cache key is the stage fingerprint (not Prefect's default policy, which includes the run
 id), with results persisted as JSON under the store, so a cache hit carries across runs,
-processes and workers. The flow refreshes the cache whenever the store lacks the artifact.
+processes and workers. ``stage_task`` refreshes the cache whenever the store lacks the artifact.
+
+When a pipeline names ``deployment.gpu_pool``, its train and evaluate stages are *dispatched*:
+the task starts a ``dedt-stage`` flow run on that pool's worker (``run_deployment``) and, once it
+completes, reads the result from the store both sides share (the same path on both machines).
 """
 
 from __future__ import annotations
@@ -11,11 +15,21 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from prefect import task
+from prefect import Task, task
 from prefect.context import TaskRunContext
 
 from dedt.config import PipelineConfig
-from dedt.pipeline import VERSIONS, plan, run_node
+from dedt.errors import DedtError
+from dedt.pipeline import VERSIONS, Node, plan, run_node
+
+GPU_STAGES = ("train", "evaluate")  # store folder names: train also holds the reference model
+STAGE_FLOW = "dedt-stage"
+DISPATCH_POLL_S = 1.0  # the parent waits on a dispatched stage; 1 s adds at most 1 s per stage
+
+
+def gpu_tag(pool: str) -> str:
+    """The task tag that a concurrency limit of 1 holds to: one train/evaluate at a time per GPU pool."""
+    return f"dedt-gpu-{pool}"
 
 
 def stage_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
@@ -27,9 +41,37 @@ def _run(cfg: PipelineConfig, key: str, root: str) -> dict[str, Any]:
     return asdict(run_node(cfg, plan(cfg, Path(root)), key))
 
 
-def _stage_task(stage: str):  # noqa: ANN202
-    return task(_run, name=stage, task_run_name="{key}", cache_key_fn=stage_cache_key,
+def _dispatch(cfg: PipelineConfig, key: str, root: str) -> dict[str, Any]:
+    """Run ``key`` as a ``dedt-stage`` flow run on the GPU pool's worker, then read its result."""
+    from prefect.deployments import run_deployment
+    from prefect.exceptions import ObjectNotFound
+
+    pool = cfg.deployment.gpu_pool
+    if not plan(cfg, Path(root))[key].out.is_complete():
+        try:
+            run = run_deployment(f"{STAGE_FLOW}/{pool}", flow_run_name=f"{cfg.name}:{key}",
+                                 parameters={"config": cfg.model_dump(mode="json"), "key": key, "root": root,
+                                             "concurrency_tag": gpu_tag(pool)},
+                                 poll_interval=DISPATCH_POLL_S)
+        except ObjectNotFound:
+            raise DedtError(f"no deployment {STAGE_FLOW}/{pool} for deployment.gpu_pool={pool!r}: run `dedt deploy`") from None
+        if run.state is None or not run.state.is_completed():
+            raise RuntimeError(f"{key} on pool {pool!r} ended {run.state.name if run.state else 'without a state'}; "
+                               f"see flow run {run.name} ({run.id})")
+    return _run(cfg, key, root)
+
+
+def _stage_task(stage: str, fn: Any) -> Task[..., dict[str, Any]]:
+    return task(fn, name=stage, task_run_name="{key}", cache_key_fn=stage_cache_key,
                 persist_result=True, result_serializer="json", retries=0)
 
 
-STAGE_TASKS = {stage: _stage_task(stage) for stage in VERSIONS}
+STAGE_TASKS = {stage: _stage_task(stage, _run) for stage in VERSIONS}
+DISPATCH_TASKS = {stage: _stage_task(stage, _dispatch) for stage in GPU_STAGES}
+
+
+def stage_task(node: Node, cfg: PipelineConfig, store: Path) -> Task[..., dict[str, Any]]:
+    """The task that computes ``node``: dispatched to the GPU pool for train/evaluate when one is named."""
+    dispatch = cfg.deployment.gpu_pool is not None and node.stage in GPU_STAGES
+    base = DISPATCH_TASKS[node.stage] if dispatch else STAGE_TASKS[node.stage]
+    return base.with_options(refresh_cache=not node.out.is_complete(), result_storage=store / "_prefect_results")

@@ -7,6 +7,7 @@ a local path. Bad input stops here, before any work, with the file and the fix i
 from __future__ import annotations
 
 import pickle
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -137,6 +138,8 @@ def _cifar10(path: str | None) -> RawDataset:
 
 def _npz(path: str | None) -> RawDataset:
     file = _require_path(path, "npz")
+    if not zipfile.is_zipfile(file):  # np.load would read a lone .npy, or offer to unpickle
+        raise DedtError(f"{file} is not an .npz archive; save the arrays with numpy.savez(path, images=..., labels=...)")
     try:
         with np.load(file, allow_pickle=False) as arrays:
             if "images" not in arrays or "labels" not in arrays:

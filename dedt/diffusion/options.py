@@ -61,6 +61,27 @@ class TrainOptions(BaseModel):
         description="TF32 matmuls and convolutions on CUDA: ~7x the fp32 peak at a 10-bit mantissa; no effect on CPU",
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="'auto' = CUDA when available, else CPU")
+    vae_path: str | None = Field(
+        None,
+        description="latent diffusion (Rombach et al. 2022): a local diffusers AutoencoderKL folder (or a pipeline "
+        "folder with vae/); the data is encoded once (the latents stage), the UNet trains on the scaled latents "
+        "(no [-1, 1] input check, no x0 clipping or output clamp while sampling) and samples are decoded before "
+        "evaluation. None = pixel space",
+    )
+
+    @field_validator("vae_path")
+    @classmethod
+    def _vae_folder_exists(cls, value: str | None) -> str | None:
+        if value is not None:
+            from dedt.diffusion.latents import check_vae_folder
+
+            check_vae_folder(value)  # a missing VAE fails while the config is validated, before any stage runs
+        return value
+
+    @property
+    def latent(self) -> bool:
+        """True when training on VAE latents (``vae_path`` set) rather than pixels in [-1, 1]."""
+        return self.vae_path is not None
 
     @field_validator("preset")
     @classmethod

@@ -114,8 +114,13 @@ def build_model(preset: str, *, in_channels: int, resolution: int, num_classes: 
     )
 
 
-def build_scheduler(preset: str) -> DDPMScheduler:
-    """The training noise schedule of ``preset`` (Ho et al.: linear betas, epsilon prediction)."""
+def build_scheduler(preset: str, *, latent: bool = False) -> DDPMScheduler:
+    """The training noise schedule of ``preset`` (Ho et al.: linear betas, epsilon prediction).
+
+    ``latent=True`` (VAE latents, ``TrainOptions.vae_path``) turns off the x0 clipping to [-1, 1]:
+    scaled latents are not bounded to that range (Stable Diffusion's reach about +-4), and clipping
+    them would distort every sample; latent pipelines (LDM, diffusers' Stable Diffusion) don't clip.
+    """
     from diffusers import DDPMScheduler
 
     spec = get_preset(preset)
@@ -125,8 +130,8 @@ def build_scheduler(preset: str) -> DDPMScheduler:
         beta_end=spec.beta_end,
         beta_schedule="linear",
         prediction_type="epsilon",
-        # Ho et al. clip the predicted x0 to the data range [-1, 1] while sampling.
-        clip_sample=True,
+        # Ho et al. clip the predicted x0 to the data range [-1, 1] while sampling (pixels only).
+        clip_sample=not latent,
     )
 
 

@@ -58,8 +58,10 @@ def sample(
             one, with ``num`` = M.
         method: "ddim" (Song et al. 2021, eta = 0: deterministic given the start noise) or "ddpm"
             (Ho et al. 2020 ancestral sampling, posterior variance beta-tilde).
-    Returns: float32 (M, C, H, W) in [-1, 1]. ``model`` is moved to ``device``; its train/eval
-    mode is restored afterwards.
+    Returns: float32 (M, C, H, W), clamped to [-1, 1] when the schedule clips x0 (pixel space,
+    ``clip_sample=True``); a latent schedule (``build_scheduler(..., latent=True)``) returns the
+    latents unclamped, for ``dedt.diffusion.latents.decode_latents``. ``model`` is moved to
+    ``device``; its train/eval mode is restored afterwards.
     Sample i draws its start noise (and DDPM's per-step noise) from its own CPU generator seeded
     from (seed, i), so results don't depend on batch_size or device, up to float rounding.
     """
@@ -82,6 +84,7 @@ def sample(
     if batch_size < 1:
         raise DedtError(f"sampling batch_size must be >= 1, got {batch_size}")
     sampler = make_sampling_scheduler(scheduler, method, steps)
+    clamp = bool(sampler.config.clip_sample)  # pixels live in [-1, 1]; latents are unbounded
     device = torch.device(device)
     channels, size = model.config.in_channels, model.config.sample_size
     was_training = model.training
@@ -98,7 +101,7 @@ def sample(
                 for t in sampler.timesteps:
                     eps = model(x, t.to(device), class_labels=y).sample
                     x = sampler.step(eps, t, x, generator=generators).prev_sample
-                out.append(x.clamp(-1, 1).float().cpu().numpy())
+                out.append((x.clamp(-1, 1) if clamp else x).float().cpu().numpy())
                 bar.update(stop - start)
     finally:
         model.train(was_training)

@@ -21,6 +21,7 @@ import math
 import os
 import shutil
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +40,7 @@ from dedt.diffusion.options import TrainOptions
 from dedt.diffusion.presets import build_model, build_scheduler, count_parameters
 from dedt.diffusion.sampler import BatchSampler, check_class_weights
 from dedt.errors import DedtError
-from dedt.store import atomic_path, atomic_write_text
+from dedt.store import atomic_path, atomic_write_text, file_sha256
 
 # Options that may change between a run and its resumption: they don't change what is computed.
 RESUMABLE_CHANGES = frozenset({"budget_kimg", "checkpoint_every_kimg", "keep_checkpoints", "log_every_kimg"})
@@ -148,7 +149,7 @@ class Trainer:
         self.model.train()
         self.ema = EMA(self.model)
         self.ema_beta = ema_beta(options.batch_size, halflife_kimg=options.ema_halflife_kimg, decay=options.ema_decay)
-        self.scheduler = build_scheduler(options.preset)
+        self.scheduler = build_scheduler(options.preset, latent=options.latent)
         self.optimizer = _make_optimizer(self.model, options)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=options.precision == "fp16")
         torch.manual_seed(_derive_seed(seed, "dropout", world.rank))
@@ -286,7 +287,10 @@ def check_inputs(
     if n == 0 or height != width:
         raise DedtError(f"training images must be a non-empty batch of square images, got shape {images.shape}")
     lo, hi = float(images.min()), float(images.max())
-    if not (-1.0 - 1e-4 <= lo and hi <= 1.0 + 1e-4):
+    if options.latent:  # VAE latents: unbounded, but a NaN or inf would poison every step
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            raise DedtError("training latents hold NaN or inf values; re-run the latents stage or check the VAE")
+    elif not (-1.0 - 1e-4 <= lo and hi <= 1.0 + 1e-4):
         raise DedtError(f"training images must be scaled to [-1, 1], got values in [{lo:.4g}, {hi:.4g}]")
     labels = np.asarray(labels)
     if labels.shape != (n,) or not np.issubdtype(labels.dtype, np.integer):
@@ -317,7 +321,8 @@ def train(
     """Train a diffusion model until ``options.budget_kimg`` thousand images have been seen.
 
     Args:
-        images: float32 (N, C, H, W) in [-1, 1], square.
+        images: float32 (N, C, H, W) in [-1, 1], square; or scaled VAE latents when
+            ``options.vae_path`` is set (``dedt.diffusion.latents.encode_latents``), any finite values.
         labels: int (N,) in [0, num_classes).
         class_weights: (num_classes,) probabilities. With ``weighting="sampling"`` class g is drawn
             with probability w_g (uniform within the class); with ``"loss"`` batches are uniform and
@@ -553,9 +558,33 @@ def _checkpoint_name(nimg: int) -> str:
 
 
 def _latest_checkpoint(checkpoints: Path) -> Path | None:
-    """The complete checkpoint with the most images seen (state.json is written last)."""
+    """The complete checkpoint with the most images seen (state.json is written last) whose files
+    still have the SHA-256 recorded in its state.json: a damaged one is reported and skipped, so the
+    run resumes from the one before (or from scratch) rather than from corrupted weights."""
     found = [p for p in checkpoints.glob("ckpt-*") if p.is_dir() and (p / "state.json").exists()]
-    return max(found, key=lambda p: float(p.name.removeprefix("ckpt-")), default=None)
+    for path in sorted(found, key=lambda p: float(p.name.removeprefix("ckpt-")), reverse=True):
+        damaged = _damaged_checkpoint_files(path)
+        if not damaged:
+            return path
+        warnings.warn(f"checkpoint {path} is damaged ({', '.join(damaged)} failed the SHA-256 check); "
+                      "resuming from an earlier checkpoint", stacklevel=2)
+    return None
+
+
+def _damaged_checkpoint_files(path: Path) -> list[str]:
+    """Names of the checkpoint's files whose SHA-256 differs from state.json's (none recorded: trusted)."""
+    try:
+        recorded = json.loads((path / "state.json").read_text()).get("sha256", {})
+    except (OSError, ValueError):
+        return ["state.json"]
+    bad = []
+    for name, digest in recorded.items():
+        try:
+            if file_sha256(path / name) != digest:
+                bad.append(name)
+        except OSError:
+            bad.append(name)
+    return bad
 
 
 def _remove_partial_checkpoints(checkpoints: Path) -> None:
@@ -581,7 +610,9 @@ def _write_checkpoint(
     """Write ckpt-<kimg>/ into a temp folder, rename it into place, then drop the oldest beyond ``keep``."""
     final = checkpoints / _checkpoint_name(trainer.nimg)
     if final.exists():
-        return
+        if (final / "state.json").exists() and not _damaged_checkpoint_files(final):
+            return
+        shutil.rmtree(final)  # damaged (skipped on resume): write it again
     partial = checkpoints / f".tmp-{final.name}"
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
@@ -591,7 +622,9 @@ def _write_checkpoint(
         save_file(_state_dict(trainer.ema.module), str(tmp))
     with atomic_path(partial / "training_state.pt") as tmp:
         torch.save(training_state, tmp)
-    state = {"step": trainer.step_count, "nimg": trainer.nimg, "seconds": seconds, "loss": loss, "identity": identity}
+    state = {"step": trainer.step_count, "nimg": trainer.nimg, "seconds": seconds, "loss": loss, "identity": identity,
+             "sha256": {name: file_sha256(partial / name)
+                        for name in ("model.safetensors", "ema.safetensors", "training_state.pt")}}
     atomic_write_text(partial / "state.json", json.dumps(state, indent=2, sort_keys=True))
     os.replace(partial, final)
     complete = sorted(
@@ -635,6 +668,7 @@ def _write_final(
         "in_channels": channels,
         "resolution": resolution,
         "num_classes": num_classes if options.conditional else None,
+        "vae_path": options.vae_path,  # samples are VAE latents to decode when set
         "unet": {k: v for k, v in trainer.model.config.items() if not k.startswith("_")},
         "scheduler": {k: v for k, v in trainer.scheduler.config.items() if not k.startswith("_")},
     }

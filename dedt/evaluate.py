@@ -1,0 +1,340 @@
+"""The evaluate stage's logic: cached reference statistics, metric rows, the Markdown report.
+
+For one model's samples, in every feature space (``dedt.metrics.registry``):
+
+- against the FULL real train split and, for a model trained on a pruned subset, against the KEPT
+  SUBSET: Fréchet distance overall and per class, KID, precision / recall / density / coverage.
+  The two references side by side are what pruning cost the model: recall and coverage it keeps
+  on the data it saw but loses on the data that was pruned away;
+- the kept subset itself against the full split (``kept_data_*``): what pruning cost the data,
+  the ceiling of a model trained on it;
+- the memorization check: nearest-neighbour distances from the samples to the images the model
+  trained on vs to held-out reals (``nn_*``);
+- the real-data floor (``fd_real_floor``): FD of held-out reals to the train split, the value a
+  perfect model would reach with that many samples.
+
+Reference statistics (features, mean, covariance of a split in a feature space) are the expensive
+part (Inception: ~0.12 s per image on two CPU cores) and identical for every model evaluated on
+the same data, so they are cached in ``<store>/refstats/<fingerprint>/``, keyed by the data
+stage's fingerprint, the split and the feature space's identity (its weights), and written like a
+stage: under a lock, atomically, completion marker last. The kept subset's statistics are rows of
+the train split's features, so pruning choices never recompute features.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from dedt.errors import DedtError
+from dedt.metrics import frechet_distance, gaussian_stats
+from dedt.metrics.fidelity import kid, nn_distance_stats, prdc
+from dedt.metrics.frechet import MIN_SAMPLES
+from dedt.metrics.registry import FeatureSpace
+from dedt.store import StageDir, atomic_path, fingerprint, write_parquet
+
+REFSTATS_STAGE = "refstats"
+REFSTATS_VERSION = "1"  # bump when what a refstats folder holds changes
+ARRAYS = ("sample_ids", "labels", "features")  # always written; "mu" and "sigma" when n >= MIN_SAMPLES
+SPLITS = ("train", "holdout")
+OVERALL_METRICS = ("fd", "kid", "precision", "recall", "density", "coverage")
+
+SplitLoader = Callable[[str], tuple[np.ndarray, np.ndarray, np.ndarray]]  # split -> (ids, images, labels)
+
+
+@dataclass(frozen=True)
+class Reals:
+    """Real images of one split (or subset) in one feature space."""
+
+    ids: np.ndarray  # int64 (n,)
+    labels: np.ndarray  # int64 (n,)
+    features: np.ndarray  # float32 (n, d)
+    mu: np.ndarray | None  # float64 (d,); None when n < MIN_SAMPLES
+    sigma: np.ndarray | None  # float64 (d, d)
+    source: str  # the cache folder it came from, for error messages
+
+    def take(self, ids: np.ndarray, what: str) -> Reals:
+        """The rows with these sample ids, with their own Gaussian (``what`` names them in errors)."""
+        mask = np.isin(self.ids, ids)
+        if mask.sum() != len(np.unique(ids)):
+            raise DedtError(f"{what} names {len(np.unique(ids)) - int(mask.sum())} samples that are not in the "
+                            f"train split of the manifest; re-run the select stage")
+        features = self.features[mask]
+        mu, sigma = _gaussian(features)
+        return Reals(self.ids[mask], self.labels[mask], features, mu, sigma, f"{self.source} ({what})")
+
+
+@dataclass(frozen=True)
+class RealSource:
+    """Where an evaluation's real images come from."""
+
+    root: Path  # the store root: reference statistics live in <root>/refstats/
+    data_fingerprint: str  # the data stage's: same fingerprint, same images
+    load_split: SplitLoader  # reads a split of the manifest (only on a cache miss)
+    subset_ids: np.ndarray | None  # the kept subset a pruned model trained on; None = the full train split
+    n_holdout: int  # held-out reals in the manifest
+
+
+@dataclass(frozen=True)
+class Row:
+    """One line of metrics.parquet."""
+
+    metric: str
+    feature_space: str
+    reference: str  # "full" | "subset"
+    cls: str  # class name or "all"
+    value: float
+    n_real: int
+    n_fake: int
+
+
+def refstats_dir(root: Path, data_fingerprint: str, split: str, space: FeatureSpace) -> StageDir:
+    """The cache folder of one (data, split, feature space)."""
+    config = {"feature_space": space.name, "identity": space.identity, "split": split}
+    return StageDir(Path(root), REFSTATS_STAGE, fingerprint(REFSTATS_STAGE, REFSTATS_VERSION, config,
+                                                              {"data": data_fingerprint}))
+
+
+def reference_reals(source: RealSource, split: str, space: FeatureSpace) -> Reals:
+    """Features and Gaussian of a manifest split in ``space``: from the cache, else computed once and cached.
+
+    Two evaluations racing on one folder take turns (file lock); the second finds it complete.
+    A folder whose marker is missing or whose files fail their checksums is recomputed.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    out = refstats_dir(source.root, source.data_fingerprint, split, space)
+    with out.lock():
+        if not out.is_complete():
+            _compute_refstats(out, source.load_split(split), space, split, source.data_fingerprint)
+    arrays = {name: np.load(out.file(f"{name}.npy")) for name in (*ARRAYS, "mu", "sigma")
+              if out.file(f"{name}.npy").exists()}
+    return Reals(arrays["sample_ids"], arrays["labels"], arrays["features"], arrays.get("mu"), arrays.get("sigma"),
+                 str(out.path))
+
+
+def _compute_refstats(out: StageDir, split_data: tuple[np.ndarray, np.ndarray, np.ndarray], space: FeatureSpace,
+                      split: str, data_fingerprint: str) -> None:
+    ids, images, labels = split_data
+    features = space.extract(images)
+    arrays = {"sample_ids": ids.astype(np.int64), "labels": labels.astype(np.int64), "features": features}
+    mu, sigma = _gaussian(features)
+    if mu is not None:
+        arrays |= {"mu": mu, "sigma": sigma}
+    for name, array in arrays.items():
+        with atomic_path(out.file(f"{name}.npy")) as tmp, open(tmp, "wb") as handle:
+            np.save(handle, array, allow_pickle=False)
+    out.mark_complete([f"{name}.npy" for name in arrays], {
+        "stage": REFSTATS_STAGE, "feature_space": space.name, "identity": space.identity, "split": split,
+        "inputs": {"data": data_fingerprint}, "n": len(ids), "dim": int(features.shape[1])})
+
+
+def _gaussian(features: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:
+    return gaussian_stats(features) if len(features) >= MIN_SAMPLES else (None, None)
+
+
+def check_sample_counts(n_fake: int, n_real: dict[str, int], prdc_k: int) -> None:
+    """Fail before sampling when a metric cannot be computed from this many samples.
+
+    The covariance needs at least MIN_SAMPLES (2) rows; the k-th neighbour radii of precision /
+    recall need k + 1. Per-class FD with fewer than 2 samples in a class is reported as NaN
+    instead (an unconditional model may simply not draw a class).
+    """
+    need = max(MIN_SAMPLES, prdc_k + 1)
+    for what, n in {"generated samples": n_fake, **n_real}.items():
+        if n < need:
+            fix = "raise sample.per_class" if what == "generated samples" else "use more data"
+            raise DedtError(
+                f"evaluate: {n} {what}; the covariance needs at least {MIN_SAMPLES} and precision/recall with "
+                f"evaluate.prdc_k={prdc_k} need at least prdc_k + 1 = {prdc_k + 1}: {fix} or lower evaluate.prdc_k"
+            )
+
+
+def evaluate_samples(fake: np.ndarray, fake_labels: np.ndarray, spaces: Sequence[FeatureSpace],
+                     source: RealSource, class_names: Sequence[str], *, prdc_k: int, with_kid: bool,
+                     seed: int) -> list[Row]:
+    """Every metric of the module docstring, for every feature space, as rows."""
+    rows: list[Row] = []
+    for space in spaces:
+        fake_features = space.extract(fake)
+        full = reference_reals(source, "train", space)
+        references = {"full": full}
+        if source.subset_ids is not None:
+            references["subset"] = full.take(source.subset_ids, "the kept subset")
+            rows += kept_data_rows(space.name, full, references["subset"], prdc_k)
+        for reference, reals in references.items():
+            rows += fidelity_rows(space.name, reference, reals, fake_features, fake_labels, class_names,
+                                  prdc_k=prdc_k, with_kid=with_kid, seed=seed)
+        if source.n_holdout >= MIN_SAMPLES:
+            heldout = reference_reals(source, "holdout", space)
+            rows.append(floor_row(space.name, full, heldout))
+            seen = "subset" if "subset" in references else "full"
+            rows += memorization_rows(space.name, seen, fake_features, references[seen], heldout, seed=seed)
+    return rows
+
+
+def fidelity_rows(space: str, reference: str, reals: Reals, fake: np.ndarray, fake_labels: np.ndarray,
+                  class_names: Sequence[str], *, prdc_k: int, with_kid: bool, seed: int) -> list[Row]:
+    """FD overall and per class, KID (mean and std over subsets), precision/recall/density/coverage."""
+    check_dimensions(space, reals, fake)
+    n_real, n_fake = len(reals.features), len(fake)
+    check_sample_counts(n_fake, {f"real images in the {reference} reference": n_real}, prdc_k)
+    rows = [Row("fd", space, reference, "all", frechet_distance(*gaussian_stats(fake), reals.mu, reals.sigma),
+                n_real, n_fake)]
+    for c, name in enumerate(class_names):
+        r, f = reals.features[reals.labels == c], fake[fake_labels == c]
+        # Too few samples of a class for a covariance: NaN, not a made-up value.
+        value = frechet_distance(*gaussian_stats(f), *gaussian_stats(r)) if min(len(f), len(r)) >= MIN_SAMPLES \
+            else float("nan")
+        rows.append(Row("fd", space, reference, name, value, len(r), len(f)))
+    if with_kid:
+        mean, std = kid(reals.features, fake, seed=seed)
+        rows += [Row("kid", space, reference, "all", mean, n_real, n_fake),
+                 Row("kid_std", space, reference, "all", std, n_real, n_fake)]
+    rows += [Row(metric, space, reference, "all", value, n_real, n_fake)
+             for metric, value in prdc(reals.features, fake, k=prdc_k).items()]
+    return rows
+
+
+def kept_data_rows(space: str, full: Reals, subset: Reals, prdc_k: int) -> list[Row]:
+    """The kept subset scored as if it were samples against the full split: what pruning removed."""
+    n_full, n_kept = len(full.features), len(subset.features)
+    rows = [Row("kept_data_fd", space, "full", "all", frechet_distance(subset.mu, subset.sigma, full.mu, full.sigma),
+                n_full, n_kept)]
+    return rows + [Row(f"kept_data_{metric}", space, "full", "all", value, n_full, n_kept)
+                   for metric, value in prdc(full.features, subset.features, k=prdc_k).items()]
+
+
+def floor_row(space: str, full: Reals, heldout: Reals) -> Row:
+    """FD of held-out reals (playing the samples) to the train split: the best a model can score."""
+    return Row("fd_real_floor", space, "full", "all", frechet_distance(heldout.mu, heldout.sigma, full.mu, full.sigma),
+               len(full.features), len(heldout.features))
+
+
+def memorization_rows(space: str, reference: str, fake: np.ndarray, seen: Reals, heldout: Reals, *,
+                      seed: int) -> list[Row]:
+    """``nn_*`` rows of ``dedt.metrics.fidelity.nn_distance_stats``; n_real = reals per set after subsampling."""
+    check_dimensions(space, seen, fake)
+    stats = nn_distance_stats(fake, seen.features, heldout.features, seed=seed)
+    n_reference = int(stats.pop("n_reference"))
+    return [Row(f"nn_{key}", space, reference, "all", value, n_reference, len(fake)) for key, value in stats.items()]
+
+
+def check_dimensions(space: str, reals: Reals, fake: np.ndarray) -> None:
+    """Cached reference features and fresh sample features must live in the same space."""
+    if reals.features.shape[1] != fake.shape[1]:
+        raise DedtError(
+            f"feature space {space}: the reference features in {reals.source} are {reals.features.shape[1]}-d but "
+            f"the samples' are {fake.shape[1]}-d; the cached statistics are stale: delete that folder and re-run"
+        )
+
+
+def write_metrics(rows: Iterable[Row], seed: int, path: Path) -> None:
+    """metrics.parquet: metric, feature_space, reference, class, value, n_real, n_fake, seed."""
+    rows = list(rows)
+    write_parquet(pa.table({
+        "metric": [r.metric for r in rows], "feature_space": [r.feature_space for r in rows],
+        "reference": [r.reference for r in rows], "class": [r.cls for r in rows],
+        "value": np.asarray([r.value for r in rows], np.float64),
+        "n_real": np.asarray([r.n_real for r in rows], np.int64),
+        "n_fake": np.asarray([r.n_fake for r in rows], np.int64),
+        "seed": np.full(len(rows), seed, np.int64)}), path)
+
+
+def lookup(rows: Iterable[Row], metric: str, space: str, reference: str = "full", cls: str = "all") -> float | None:
+    """The value of one metric row, None when absent."""
+    return next((r.value for r in rows if (r.metric, r.feature_space, r.reference, r.cls) == (metric, space,
+                                                                                             reference, cls)), None)
+
+
+def per_class_fd(rows: Iterable[Row], space: str, reference: str = "full") -> dict[str, float]:
+    return {r.cls: r.value for r in rows
+            if r.metric == "fd" and r.feature_space == space and r.reference == reference and r.cls != "all"}
+
+
+def summary(rows: Sequence[Row], spaces: Sequence[str]) -> dict[str, Any]:
+    """The stage's summary.json: ``fd``/``fd_per_class`` in the first feature space against the full
+    split (what ``dedt.report.summary_rows`` reads), plus every overall value by space and reference."""
+    overall: dict[str, dict[str, dict[str, float]]] = {}
+    for r in rows:
+        if r.cls == "all":
+            overall.setdefault(r.feature_space, {}).setdefault(r.reference, {})[r.metric] = _round(r.value)
+    return {"fd": _round(lookup(rows, "fd", spaces[0])), "fd_space": spaces[0],
+            "fd_per_class": {c: _round(v) for c, v in per_class_fd(rows, spaces[0]).items()}, "overall": overall}
+
+
+def _round(value: float | None) -> float | None:
+    """Six significant digits: FDs in the hundreds and KIDs of 1e-5 both stay readable."""
+    return None if value is None else float(f"{value:.6g}")
+
+
+def report_markdown(rows: Sequence[Row], *, title: str, seed: int, images: dict[str, str]) -> str:
+    """report.md: overall table, what pruning cost, per-class FD, memorization, floor, images."""
+    spaces = list(dict.fromkeys(r.feature_space for r in rows))
+    references = list(dict.fromkeys(r.reference for r in rows if r.metric == "fd"))
+    n_fake = next(r.n_fake for r in rows if r.metric == "fd")
+    n_real = {ref: next(r.n_real for r in rows if r.metric == "fd" and r.reference == ref and r.cls == "all")
+              for ref in references}
+    described = {"full": "the full real train split", "subset": "the kept subset the model trained on"}
+    lines = [f"# Evaluation: {title}", "",
+             f"{n_fake} generated samples, seed {seed}. References: "
+             + "; ".join(f"**{ref}** = {described[ref]} ({n_real[ref]} images)" for ref in references) + ".", "",
+             "## Overall", "", _table(["feature space", "reference", *(m.upper() if m in ("fd", "kid") else m
+                                                                      for m in OVERALL_METRICS)],
+                                      [[s, ref, *(_fmt(lookup(rows, m, s, ref)) for m in OVERALL_METRICS)]
+                                       for s in spaces for ref in references])]
+    if "subset" in references:
+        lines += ["", "## What pruning cost", "",
+                  "The model against the data it saw (subset) and against all of it (full): recall and coverage "
+                  "it loses on the full split are the pruned-away regions it does not generate. (k-NN radii grow "
+                  "as a reference shrinks; compare models on the same reference.)", "",
+                  _table(["feature space", "recall full", "recall subset", "coverage full", "coverage subset"],
+                         [[s, *(_fmt(lookup(rows, m, s, ref)) for m in ("recall", "coverage")
+                                for ref in ("full", "subset"))] for s in spaces]),
+                  "", "The kept subset itself scored against the full split (the ceiling of a model trained on it):",
+                  "", _table(["feature space", *(f"kept {'FD' if m == 'fd' else m}" for m in OVERALL_METRICS
+                                                 if m != "kid")],
+                             [[s, *(_fmt(lookup(rows, f"kept_data_{m}", s)) for m in OVERALL_METRICS if m != "kid")]
+                              for s in spaces])]
+    classes = list(dict.fromkeys(r.cls for r in rows if r.metric == "fd" and r.cls != "all"))
+    columns = [(s, ref) for s in spaces for ref in references]
+    lines += ["", "## Per-class FD", "", _table(["class", *(f"{s} / {ref}" for s, ref in columns)],
+                                                [[c, *(_fmt(lookup(rows, "fd", s, ref, c)) for s, ref in columns)]
+                                                 for c in classes])]
+    nn_rows = [r for r in rows if r.metric == "nn_median_ratio"]
+    if nn_rows:
+        lines += ["", "## Memorization", "",
+                  "Nearest-neighbour distances from samples to the images the model trained on vs to held-out "
+                  "reals (equal-size sets). Copies show as a ratio well below 1 and a closer-to-train fraction "
+                  "well above 0.5.", "",
+                  _table(["feature space", "trained on", "median NN to train", "median NN to held-out", "ratio",
+                          "closer to train"],
+                         [[r.feature_space, r.reference,
+                           *(_fmt(lookup(rows, m, r.feature_space, r.reference))
+                             for m in ("nn_train_q50", "nn_heldout_q50", "nn_median_ratio", "nn_closer_to_train"))]
+                          for r in nn_rows]),
+                  "", "## Real-data floor", "",
+                  "FD of held-out reals to the train split: what a perfect model scores with that many samples.", "",
+                  _table(["feature space", "FD floor"], [[s, _fmt(lookup(rows, "fd_real_floor", s))] for s in spaces])]
+    for caption, file in images.items():
+        lines += ["", f"![{caption}]({file})"]
+    return "\n".join(lines) + "\n"
+
+
+def _table(header: list[str], body: list[list[str]]) -> str:
+    return "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+                     + ["| " + " | ".join(row) + " |" for row in body])
+
+
+def _fmt(value: float | None) -> str:
+    if value is None:
+        return "–"
+    if math.isnan(value):
+        return "n/a"
+    return f"{value:.4g}"

@@ -1,0 +1,263 @@
+"""Checks that run before any stage, so bad input fails in seconds instead of hours in.
+
+``preflight(cfg, root)`` reads what a run will read and writes nothing (no store folder, no
+lock): the store root must be a writable folder; the dataset is loaded and validated (unless the
+data stage is already in the store); the encoder's weights file and the reference checkpoint must
+exist and fit the data; every finished stage that an unfinished one will read must hold
+artifacts of the right schema, for the same samples (embeddings of the encoder's width, scores
+and a subset of the manifest's samples, class weights on the simplex). Any failure is a
+``DedtError`` naming the field or file and the fix: the CLI prints it as one line, exit code 2.
+
+The Prefect flow and ``dedt.runner`` call the same stage functions, which check their inputs
+again; preflight only moves those failures to before the first stage starts.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dedt.config import PipelineConfig
+from dedt.errors import DedtError
+from dedt.pipeline import Node, plan
+from dedt.store import StageDir
+
+NATIVE_SHAPES = {"digits": (8, 8, 1), "mnist5k": (28, 28, 1)}  # (H, W, C) of the built-in sources
+
+
+def preflight(cfg: PipelineConfig, root: Path) -> None:
+    """Raise a DedtError for the first bad input a run of ``cfg`` on the store ``root`` would hit."""
+    root = Path(root)
+    planned = plan(cfg, root)
+    check_store(root, {node.stage for node in planned.values()})
+    complete = {key: node.out.is_complete() for key, node in planned.items()}
+    if all(complete.values()):
+        return  # nothing will run, nothing will be read
+    shape = data_shape(cfg, planned["data"].out) if complete["data"] else check_dataset(cfg)
+    if not complete.get("encode", True):
+        check_encoder(cfg)
+    if cfg.reweight.reference_path and not all(complete.get(k, True) for k in ("reference", "reweight")):
+        check_reference(cfg, shape)
+    check_inputs(cfg, planned, complete, shape)
+
+
+def check_store(root: Path, stages: set[str] = frozenset()) -> None:
+    """The store root (``$DEDT_HOME``) is a folder, or can be created as one, and is writable; none of
+    the ``stages`` folders in it is a file."""
+    root = Path(root).absolute()
+    existing = root
+    while not existing.exists():
+        if existing.is_symlink():  # a dangling link
+            raise DedtError(f"store root {root}: {existing} is a broken symlink; point DEDT_HOME at a folder")
+        existing = existing.parent
+    if not existing.is_dir():
+        raise DedtError(f"store root {root}: {existing} is a file, not a folder; point DEDT_HOME at a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise DedtError(f"store root {root}: {existing} is not writable; fix its permissions or change DEDT_HOME")
+    for stage in sorted(stages):
+        if (root / stage).exists() and not (root / stage).is_dir():
+            raise DedtError(f"store {root}: {root / stage} is a file where a stage folder belongs; remove it")
+
+
+def data_shape(cfg: PipelineConfig, data: StageDir) -> tuple[int, int, int]:
+    """(H, W, C) of the images in a finished data stage."""
+    summary = json.loads(data.file("summary.json").read_text())
+    height, width, channels = summary["shape"]
+    return int(height), int(width), int(channels)
+
+
+def check_dataset(cfg: PipelineConfig) -> tuple[int, int, int]:
+    """Load and validate the dataset as the data stage will (nothing is written); returns (H, W, C).
+
+    The built-in sources cost nothing to check; a path source is read once here (every file opened
+    and decoded, so an unreadable image, a NaN pixel or an empty class stops the run before it starts).
+    """
+    from dedt.data.manifest import holdout_mask
+    from dedt.data.sources import load_source
+
+    ds = cfg.dataset
+    try:
+        raw = load_source(ds.source, ds.path)
+    except DedtError as exc:  # some checks (labels, counts) don't know the file: name it here
+        if ds.path and ds.path not in str(exc) and str(Path(ds.path).expanduser()) not in str(exc):
+            raise DedtError(f"dataset.path {ds.path}: {exc}") from None
+        raise
+    sizes = {tuple(img.shape[:2]) for img in raw.images}
+    if ds.resolution is None and len(sizes) > 1:
+        shown = ", ".join(f"{h}x{w}" for h, w in sorted(sizes)[:3])
+        raise DedtError(f"dataset.path {ds.path}: images have mixed sizes ({shown}, ...); "
+                        "set dataset.resolution to resize them all to one size")
+    channels = {img.shape[2] for img in raw.images}
+    if ds.channels is None and len(channels) > 1:
+        raise DedtError(f"dataset.path {ds.path} mixes grayscale and colour images; set dataset.channels to 1 or 3")
+    holdout = holdout_mask(raw.labels, ds.holdout_frac, cfg.seed)
+    train_labels = raw.labels[~holdout]
+    empty = [raw.class_names[c] for c in range(len(raw.class_names)) if not np.any(train_labels == c)]
+    if empty:
+        where = f"dataset.path {ds.path}" if ds.path else f"dataset.source {ds.source}"
+        raise DedtError(f"{where}: classes {empty[:5]} have no training images; add images, remove the "
+                        "class, or lower dataset.holdout_frac")
+    height, width = next(iter(sizes)) if ds.resolution is None else (ds.resolution, ds.resolution)
+    return height, width, ds.channels or next(iter(channels))
+
+
+def check_encoder(cfg: PipelineConfig) -> None:
+    """The encoder exists and its weights file (``encode.weights``) is there."""
+    from dedt.encoders import validate_encoder_name
+
+    enc = cfg.encode
+    if enc.weights not in (None, "random") and not Path(enc.weights).expanduser().is_file():
+        raise DedtError(f"encode.weights {enc.weights} does not exist; put the encoder's weights file there, "
+                        "or drop encode.weights to use the default local weights")
+    validate_encoder_name(enc.encoder, weights=enc.weights)
+
+
+def check_reference(cfg: PipelineConfig, shape: tuple[int, int, int]) -> None:
+    """``reweight.reference_path`` holds a diffusers UNet for images of the data's size and channels."""
+    from dedt.reweight import load_reference
+
+    path = Path(cfg.reweight.reference_path).expanduser()
+    if not path.exists():
+        raise DedtError(f"reweight.reference_path {path} does not exist; point it at a local diffusers UNet "
+                        "folder (UNet2DModel.save_pretrained) or drop it to train a reference")
+    if cfg.train.vae_path:  # a latent reference's size is the VAE's latent size: the stage checks it
+        return
+    height, _, channels = shape
+    folder = path / "unet" if (path / "unet" / "config.json").is_file() else path
+    try:  # the architecture first, from config.json alone (no weights read, no diffusers import)
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        config = None  # load_reference names what is missing
+    if isinstance(config, dict) and (config.get("in_channels"), config.get("sample_size")) != (channels, height):
+        raise DedtError(f"reweight.reference_path {folder} is a UNet for {config.get('in_channels')}-channel "
+                        f"{config.get('sample_size')}px images but the data is {channels}-channel {height}px; point "
+                        "it at a reference trained on this data, or drop it to train one")
+    load_reference(str(path), in_channels=channels, resolution=height)
+
+
+def check_inputs(cfg: PipelineConfig, planned: dict[str, Node], complete: dict[str, bool],
+                 shape: tuple[int, int, int]) -> None:
+    """Every finished stage that an unfinished one reads holds artifacts that fit this pipeline."""
+    needed = {role_key for key, node in planned.items() if not complete[key]
+              for role_key in node.inputs.values() if complete[role_key]}
+    checks = {"encode": _check_embeddings, "score": _check_scores, "select": _check_subset,
+              "reweight": _check_weights}
+    manifest_ids: np.ndarray | None = None
+    for key in sorted(needed, key=list(planned).index):
+        node = planned[key]
+        check = checks.get(node.stage)
+        if check is None:
+            continue
+        if manifest_ids is None:
+            manifest_ids = _train_ids(planned["data"].out)
+        check(cfg, node, planned, manifest_ids, shape)
+
+
+def _delete_hint(out: StageDir) -> str:
+    return f"it was not written by this pipeline's {out.stage} stage: delete {out.path} and re-run"
+
+
+def _train_ids(data: StageDir) -> np.ndarray:
+    """The manifest's train-split sample ids (two narrow columns read, no images)."""
+    import pyarrow.parquet as pq
+
+    from dedt.stages import MANIFEST
+
+    path = data.file(MANIFEST)
+    try:
+        table = pq.read_table(path, columns=["sample_id", "split"])
+    except Exception as exc:  # noqa: BLE001 - any read failure is a damaged artifact
+        raise DedtError(f"artifact {path} is unreadable ({exc}); delete {data.path} and re-run") from exc
+    keep = np.asarray(table.column("split").to_pylist()) == "train"
+    return table.column("sample_id").to_numpy()[keep]
+
+
+def _read_columns(out: StageDir, name: str, columns: list[str]) -> tuple[Any, dict[str, Any]]:
+    import pyarrow.parquet as pq
+
+    from dedt.store import parquet_metadata
+
+    path = out.file(name)
+    try:
+        schema = pq.read_schema(path)
+        missing = [c for c in columns if c not in schema.names]
+        if missing:
+            raise DedtError(f"artifact {path} lacks columns {missing}; {_delete_hint(out)}")
+        table = pq.read_table(path, columns=columns)
+    except DedtError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        raise DedtError(f"artifact {path} is unreadable ({exc}); delete {out.path} and re-run") from exc
+    return table, parquet_metadata(table.replace_schema_metadata(schema.metadata))
+
+
+def _same_samples(out: StageDir, name: str, ids: np.ndarray, expected: np.ndarray, what: str) -> None:
+    if len(ids) != len(expected) or not np.array_equal(np.sort(ids), np.sort(expected)):
+        raise DedtError(f"artifact {out.file(name)} covers other samples than {what} ({len(ids)} rows, "
+                        f"{len(expected)} expected); {_delete_hint(out)}")
+
+
+def _check_embeddings(cfg: PipelineConfig, node: Node, planned: dict[str, Node], manifest_ids: np.ndarray,
+                      shape: tuple[int, int, int]) -> None:
+    import pyarrow.parquet as pq
+
+    from dedt.stages import EMBEDDINGS
+
+    out, path = node.out, node.out.file(EMBEDDINGS)
+    table, metadata = _read_columns(out, EMBEDDINGS, ["sample_id"])
+    kind = pq.read_schema(path).field("embedding").type if "embedding" in pq.read_schema(path).names else None
+    if kind is None or not hasattr(kind, "list_size"):
+        raise DedtError(f"artifact {path}: column embedding is {kind}, expected fixed_size_list<float32>; "
+                        f"{_delete_hint(out)}")
+    expected = {"pixels": math.prod(shape), "random-projection": cfg.encode.dim}.get(cfg.encode.encoder)
+    width = kind.list_size
+    if metadata.get("dim") not in (None, width) or (expected is not None and width != expected):
+        want = expected if expected is not None else metadata.get("dim")
+        raise DedtError(f"artifact {path} holds {width}-d embeddings but encode.encoder={cfg.encode.encoder} "
+                        f"gives {want}-d; {_delete_hint(out)}")
+    _same_samples(out, EMBEDDINGS, table.column("sample_id").to_numpy(), manifest_ids, "the manifest's train split")
+
+
+def _check_scores(cfg: PipelineConfig, node: Node, planned: dict[str, Node], manifest_ids: np.ndarray,
+                  shape: tuple[int, int, int]) -> None:
+    from dedt.stages import SCORES
+
+    table, _ = _read_columns(node.out, SCORES, ["sample_id", "label", "score"])
+    _same_samples(node.out, SCORES, table.column("sample_id").to_numpy(), manifest_ids, "the manifest's train split")
+    scores = table.column("score").to_numpy(zero_copy_only=False)
+    if not np.all(np.isfinite(scores)):
+        raise DedtError(f"artifact {node.out.file(SCORES)} holds NaN/inf scores; {_delete_hint(node.out)}")
+
+
+def _check_subset(cfg: PipelineConfig, node: Node, planned: dict[str, Node], manifest_ids: np.ndarray,
+                  shape: tuple[int, int, int]) -> None:
+    from dedt.stages import SUBSET
+
+    table, _ = _read_columns(node.out, SUBSET, ["sample_id"])
+    ids = table.column("sample_id").to_numpy()
+    if len(ids) == 0 or not np.all(np.isin(ids, manifest_ids)) or len(np.unique(ids)) != len(ids):
+        raise DedtError(f"artifact {node.out.file(SUBSET)} names samples that are not in the manifest's train "
+                        f"split (or none, or twice); {_delete_hint(node.out)}")
+
+
+def _check_weights(cfg: PipelineConfig, node: Node, planned: dict[str, Node], manifest_ids: np.ndarray,
+                   shape: tuple[int, int, int]) -> None:
+    from dedt.stages import WEIGHTS
+
+    table, _ = _read_columns(node.out, WEIGHTS, ["group", "weight"])
+    weights = table.column("weight").to_numpy(zero_copy_only=False).astype(np.float64)
+    if len(weights) == 0 or not np.all(np.isfinite(weights)) or np.any(weights < 0) \
+            or abs(weights.sum() - 1.0) > 1e-6:
+        raise DedtError(f"artifact {node.out.file(WEIGHTS)}: class weights are not on the simplex "
+                        f"(sum {weights.sum():.6g}, min {weights.min() if len(weights) else 'n/a'}); "
+                        f"{_delete_hint(node.out)}")
+    if cfg.reweight.groups == "class":
+        summary = json.loads(planned["data"].out.file("summary.json").read_text())
+        if len(weights) != summary["classes"]:
+            raise DedtError(f"artifact {node.out.file(WEIGHTS)} has {len(weights)} class weights for "
+                            f"{summary['classes']} classes; {_delete_hint(node.out)}")

@@ -1,0 +1,219 @@
+"""Sweeps: a grid of overrides over a base pipeline, the stages its points share, one comparison.
+
+A sweep in ``pipelines.yaml`` names a base pipeline and a grid (config path -> list of values);
+its points are the Cartesian product, each a validated ``PipelineConfig``. Points share every
+stage whose fingerprint they have in common (data, encoder and scorer across keep ratios; the
+full-data reference and the classifier across everything), so ``unique_nodes`` lists each stage
+once, inputs first. ``compare`` writes the comparison table and plots into the store. No Prefect
+here: ``flows/sweep.py`` submits the same nodes as tasks.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from dedt.config import PipelineConfig, build_config, load_pipelines
+from dedt.errors import DedtError
+from dedt.pipeline import Node, NodeResult
+from dedt.report import summary_rows
+from dedt.store import StageDir, atomic_path, fingerprint, read_parquet, write_parquet
+
+VERSION = "1"  # bump when the comparison table or plots change
+COMPARISON, FD_PLOT, SPEEDUP_PLOT = "comparison.parquet", "fd_vs_keep_frac.png", "speedup_vs_fd.png"
+
+
+class SweepConfig(BaseModel):
+    """One entry of the ``sweeps:`` mapping."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    base: str = Field(description="pipeline whose config the grid overrides")
+    grid: dict[str, list[Any]] = Field(description="config path -> values, e.g. select.keep_frac: [0.1, 0.3]")
+    max_concurrency: int = Field(2, ge=1, description="stages computed at once (one worker process each)")
+    cron: str | None = Field(None, description="schedule of the sweep's deployment, e.g. '0 3 * * 0'")
+    work_pool: str | None = Field(None, description="pool of the sweep's deployment (default: the base pipeline's)")
+    tags: list[str] = Field(default_factory=list)
+
+    @field_validator("grid")
+    @classmethod
+    def _non_empty(cls, grid: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        if not grid:
+            raise ValueError("an empty grid has no points; give at least one key, e.g. select.keep_frac: [0.1, 0.3]")
+        empty = [key for key, values in grid.items() if not values]
+        if empty:
+            raise ValueError(f"grid keys {empty} have no values")
+        return grid
+
+
+@dataclass(frozen=True)
+class GridPoint:
+    label: str  # "select.keep_frac=0.1 score.method=gaussian"
+    values: dict[str, Any]  # grid key -> value
+    cfg: PipelineConfig
+
+
+@dataclass(frozen=True)
+class SweepNode:
+    """A stage computed once for the whole sweep, by the config of the first point that needs it."""
+
+    id: str  # "<stage>/<fingerprint>": unique across the sweep
+    point: int  # index of that point
+    key: str  # the node's key in that point's plan
+    inputs: tuple[str, ...]  # ids of the input nodes
+    depth: int  # longest path from a source: submitting by depth puts inputs first
+
+
+def load_sweeps(path: Path) -> dict[str, SweepConfig]:
+    """Validated sweeps by name from the ``sweeps:`` mapping of a pipelines file (may be absent)."""
+    load_pipelines(path)  # the file exists and has pipelines
+    raw = (yaml.safe_load(Path(path).read_text()) or {}).get("sweeps") or {}
+    if not isinstance(raw, dict):
+        raise DedtError(f"{path}: 'sweeps:' must map a sweep name to {{base, grid, ...}}")
+    sweeps = {}
+    for name, body in raw.items():
+        try:
+            sweeps[name] = SweepConfig.model_validate(body)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"]) or "(top level)"
+            raise DedtError(f"sweep {name!r} in {path}: {where}: {first['msg']}") from None
+    return sweeps
+
+
+def resolve_sweep(name: str, path: Path) -> SweepConfig:
+    sweeps = load_sweeps(path)
+    if name not in sweeps:
+        raise DedtError(f"no sweep {name!r} in {path}; known: {', '.join(sorted(sweeps)) or '(none)'}")
+    return sweeps[name]
+
+
+def expand(name: str, path: Path) -> list[GridPoint]:
+    """The sweep's points in grid order (last key varies fastest), each config validated."""
+    sweep = resolve_sweep(name, path)
+    pipelines = load_pipelines(path)
+    if sweep.base not in pipelines:
+        raise DedtError(f"sweep {name!r}: base pipeline {sweep.base!r} is not in {path}")
+    points = []
+    for combo in itertools.product(*sweep.grid.values()):
+        values = dict(zip(sweep.grid, combo))
+        # JSON is valid YAML: strings such as "open_clip:ViT-B-32" stay strings.
+        overrides = [f"{key}={json.dumps(value)}" for key, value in values.items()]
+        label = " ".join(f"{key}={value}" for key, value in values.items())
+        try:
+            cfg = build_config(pipelines[sweep.base], sweep.base, overrides)
+        except DedtError as exc:
+            raise DedtError(f"sweep {name!r}, point {label}: {exc}") from None
+        points.append(GridPoint(label, values, cfg))
+    return points
+
+
+def node_id(node: Node) -> str:
+    return f"{node.stage}/{node.out.fingerprint}"
+
+
+def unique_nodes(plans: list[dict[str, Node]]) -> list[SweepNode]:
+    """Every distinct stage of the points' plans once, sorted by depth (inputs before users)."""
+    found: dict[str, SweepNode] = {}
+    for point, planned in enumerate(plans):
+        for key, node in planned.items():
+            if node_id(node) in found:
+                continue
+            inputs = tuple(node_id(planned[k]) for k in node.inputs.values())
+            depth = 1 + max((found[i].depth for i in inputs), default=-1)
+            found[node_id(node)] = SweepNode(node_id(node), point, key, inputs, depth)
+    return sorted(found.values(), key=lambda n: n.depth)  # stable: plan order within a depth
+
+
+def comparison_rows(points: list[GridPoint], results: list[dict[str, NodeResult]]) -> list[dict[str, Any]]:
+    """One row per (point, trained model): the point's knobs, images, cost, FD and speed-up."""
+    rows = []
+    for point, point_results in zip(points, results):
+        cfg = point.cfg
+        knobs = {"point": point.label, "keep_frac": cfg.select.keep_frac, "scorer": cfg.score.method,
+                 "encoder": cfg.encode.encoder, "reweight": cfg.reweight.method, "seed": cfg.seed}
+        rows += [knobs | {k: row[k] for k in ("model", "images", "kimg", "cost_s", "fd", "speedup")}
+                 for row in summary_rows(point_results)]
+    return rows
+
+
+def _mean_fd(rows: list[dict[str, Any]], **match: Any) -> list[tuple[float, float]]:
+    """(keep_frac, mean FD) over the rows matching ``match`` (seeds and encoders averaged)."""
+    by_keep: dict[float, list[float]] = {}
+    for row in rows:
+        if all(row[k] == v for k, v in match.items()):
+            by_keep.setdefault(row["keep_frac"], []).append(row["fd"])
+    return [(keep, statistics.fmean(fds)) for keep, fds in sorted(by_keep.items())]
+
+
+def plot_comparison(rows: list[dict[str, Any]], fd_path: Path, speedup_path: Path) -> None:
+    """FD vs keep_frac per scorer, pruned (dashed) and pruned+reweighted (solid), full data dotted;
+    and speed-up vs FD, one marker per model, labelled by keep_frac."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    scorers = sorted({row["scorer"] for row in rows})
+    styles = {"pruned": ("--", "o"), "pruned+reweighted": ("-", "^")}
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for i, scorer in enumerate(scorers):
+        for model, (line, marker) in styles.items():
+            points = _mean_fd(rows, scorer=scorer, model=model)
+            if points:
+                ax.plot(*zip(*points), line, marker=marker, color=f"C{i}", label=f"{scorer}, {model}")
+    full = [row["fd"] for row in rows if row["model"] == "full data"]
+    if full:
+        ax.axhline(statistics.fmean(full), color="k", ls=":", lw=1, label="full data")
+    ax.set(xlabel="keep_frac", ylabel="FD (classifier features)", title="FD vs keep ratio")
+    ax.legend(fontsize=7)
+    _save(fig, fd_path)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for i, scorer in enumerate(scorers):
+        for model, (_, marker) in styles.items():
+            chosen = [r for r in rows if r["scorer"] == scorer and r["model"] == model and r["speedup"] is not None]
+            ax.scatter([r["speedup"] for r in chosen], [r["fd"] for r in chosen], marker=marker, color=f"C{i}",
+                       label=f"{scorer}, {model}" if chosen else None)
+            for r in chosen:
+                ax.annotate(f"{r['keep_frac']:g}", (r["speedup"], r["fd"]), fontsize=7, xytext=(3, 3),
+                            textcoords="offset points")
+    ax.axvline(1.0, color="k", ls=":", lw=1)
+    ax.set(xlabel="speed-up vs full data (x)", ylabel="FD (classifier features)", title="speed-up vs FD")
+    ax.legend(fontsize=7)
+    _save(fig, speedup_path)
+
+
+def _save(fig: Any, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100, metadata={"Software": None})  # no version stamp: same bytes
+    plt.close(fig)
+
+
+def comparison_dir(root: Path, name: str, points: list[GridPoint], plans: list[dict[str, Node]]) -> StageDir:
+    """The store folder of the sweep's comparison: a function of its points and all their stages."""
+    inputs = {f"{p.label} {key}": node.out.fingerprint for p, planned in zip(points, plans)
+              for key, node in planned.items()}
+    return StageDir(Path(root), "sweep", fingerprint("sweep", VERSION, {"name": name}, inputs))
+
+
+def compare(out: StageDir, points: list[GridPoint], results: list[dict[str, NodeResult]]) -> list[dict[str, Any]]:
+    """Write ``comparison.parquet`` and the two plots into ``out`` unless complete; return the rows."""
+    with out.lock():
+        if not out.is_complete():
+            rows = comparison_rows(points, results)
+            write_parquet(pa.Table.from_pylist(rows), out.file(COMPARISON), {"points": [p.label for p in points]})
+            plot_comparison(rows, out.file(FD_PLOT), out.file(SPEEDUP_PLOT))
+            out.mark_complete([COMPARISON, FD_PLOT, SPEEDUP_PLOT], {"points": [p.label for p in points]})
+    return read_parquet(out.file(COMPARISON)).to_pylist()

@@ -1,0 +1,213 @@
+"""``dedt server start|stop|status``: a local Prefect server on 127.0.0.1 and its process workers.
+
+State lives in ``$DEDT_SERVER_HOME`` (default ``.prefect-server`` beside the store, i.e.
+``$DEDT_HOME/../.prefect-server``): the server's ``PREFECT_HOME`` with its SQLite database,
+``server.json`` (port, pids), and one log per process. Every process starts in its own session,
+so ``stop`` can end it and whatever it spawned (flow runs) without touching anything else.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from dedt.errors import DedtError
+from dedt.store import atomic_write_text, default_root
+
+DEFAULT_PORT = 4200
+DEFAULT_POOL = "dedt-default"  # the pool of every deployment that names none
+STATE_FILE = "server.json"
+
+
+def state_dir() -> Path:
+    home = os.environ.get("DEDT_SERVER_HOME")
+    return Path(home).resolve() if home else default_root().parent / ".prefect-server"
+
+
+def api_url(port: int) -> str:
+    return f"http://127.0.0.1:{port}/api"
+
+
+def healthy(url: str, timeout_s: float = 2.0) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=timeout_s) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+def post_json(url: str, body: dict[str, Any]) -> Any:
+    request = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=5) as response:
+        return json.loads(response.read())
+
+
+def get_json(url: str) -> Any:
+    with urllib.request.urlopen(url, timeout=30) as response:
+        return json.loads(response.read())
+
+
+def worker_online(api: str, pool: str) -> bool:
+    """True once the pool exists and a worker polls it (its heartbeat marks it ONLINE)."""
+    try:
+        workers = post_json(f"{api}/work_pools/{pool}/workers/filter", {})
+    except OSError:  # 404 until the worker has created its pool
+        return False
+    return any(w["status"] == "ONLINE" for w in workers)
+
+
+def read_state() -> dict[str, Any] | None:
+    """What `start` saved (port, URLs, pids); None without a readable state file."""
+    try:
+        return json.loads((state_dir() / STATE_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def running_api_url() -> str | None:
+    """The API URL of this project's server when it is up (for commands without PREFECT_API_URL)."""
+    state = read_state()
+    return state["api_url"] if state and healthy(state["api_url"]) else None
+
+
+def free_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on now (the OS picks it)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) != 0
+
+
+def _environment(state: Path, port: int, query_seconds: float) -> dict[str, str]:
+    """Server and workers share it: the API URL (the UI needs it off port 4200), the store, no telemetry."""
+    url = api_url(port)
+    return os.environ | {
+        "PREFECT_HOME": str(state), "PREFECT_API_URL": url, "PREFECT_UI_API_URL": url,
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_WORKER_QUERY_SECONDS": f"{query_seconds:g}",
+        "DEDT_HOME": str(default_root()), "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
+    }
+
+
+def _spawn(args: list[str], env: dict[str, str], log: Path) -> int:
+    with open(log, "ab") as out:
+        return subprocess.Popen([sys.executable, "-m", "prefect", *args], env=env, stdout=out, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True).pid
+
+
+def start(port: int = DEFAULT_PORT, pools: Sequence[str] = (DEFAULT_POOL,), query_seconds: float = 2.0,
+          timeout_s: float = 180.0) -> dict[str, Any]:
+    """Start the server, wait until its API answers, then one process worker per pool."""
+    if running_api_url():
+        raise DedtError(f"a dedt server already runs at {read_state()['api_url']}; `dedt server stop` first")
+    if not _port_free(port):
+        raise DedtError(f"port {port} on 127.0.0.1 is in use; pass --port PORT")
+    state = state_dir()
+    state.mkdir(parents=True, exist_ok=True)
+    env = _environment(state, port, query_seconds)
+    pids = {"server": _spawn(["server", "start", "--host", "127.0.0.1", "--port", str(port)], env, state / "server.log")}
+    info = {"port": port, "api_url": api_url(port), "ui_url": f"http://127.0.0.1:{port}", "state": str(state),
+            "store": env["DEDT_HOME"], "pids": pids}
+    atomic_write_text(state / STATE_FILE, json.dumps(info, indent=2))  # written first: `stop` can clean up a failed start
+    deadline = time.monotonic() + timeout_s
+    while not healthy(info["api_url"]):
+        if time.monotonic() > deadline or not _alive(pids["server"]):
+            stop()
+            raise DedtError(f"the Prefect server did not come up on port {port}; see {state / 'server.log'}")
+        time.sleep(0.5)
+    for pool in pools:
+        pids[f"worker:{pool}"] = _spawn(["worker", "start", "--pool", pool, "--type", "process", "--name", f"dedt-{pool}"],
+                                        env, state / f"worker-{pool}.log")
+    atomic_write_text(state / STATE_FILE, json.dumps(info, indent=2))
+    for pool in pools:  # ready means a run triggered now is picked up
+        while not worker_online(info["api_url"], pool):
+            if time.monotonic() > deadline or not _alive(pids[f"worker:{pool}"]):
+                stop()
+                raise DedtError(f"the worker for pool {pool!r} did not come online; see {state / f'worker-{pool}.log'}")
+            time.sleep(0.5)
+    return info
+
+
+def _alive(pid: int) -> bool:
+    """True while ``pid`` runs; a zombie (dead, not yet reaped by its parent) counts as gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1][0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def _descendants(pid: int) -> list[int]:
+    """Children, grandchildren, ... of ``pid`` from /proc (flow runs start in their own sessions)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(") ", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _is_ours(pid: int) -> bool:
+    """Guards against a reused pid: ours run ``python -m prefect``."""
+    try:
+        return b"prefect" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
+def _terminate(pid: int, grace_s: float = 10.0) -> None:
+    """SIGTERM ``pid`` and its descendants, SIGKILL what is left after ``grace_s``."""
+    targets = [pid, *_descendants(pid)]
+    for p in targets:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(p, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    while any(_alive(p) for p in targets) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    for p in targets:
+        if _alive(p):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(p, signal.SIGKILL)
+
+
+def stop() -> list[str]:
+    """Stop the workers first (they may be running flows), then the server; names of what was stopped."""
+    info = read_state()
+    if info is None:
+        return []
+    stopped = []
+    for name, pid in sorted(info["pids"].items(), key=lambda item: item[0] == "server"):
+        if _alive(pid) and _is_ours(pid):
+            _terminate(pid)
+            stopped.append(name)
+    (state_dir() / STATE_FILE).unlink(missing_ok=True)
+    return stopped
+
+
+def status() -> dict[str, Any] | None:
+    """The saved state with each process's liveness and the API's health; None when never started."""
+    info = read_state()
+    if info is None:
+        return None
+    info["alive"] = {name: _alive(pid) and _is_ours(pid) for name, pid in info["pids"].items()}
+    info["healthy"] = healthy(info["api_url"])
+    return info

@@ -1,0 +1,133 @@
+"""Sweeps: grid expansion and validation, shared stages counted once, the comparison table and
+plots, and the `dedt-sweep` flow on a tiny 2-point grid (concurrency, then a fully cached rerun)."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from dedt.errors import DedtError
+from dedt.pipeline import NodeResult, plan
+from dedt.sweep import comparison_rows, expand, load_sweeps, node_id, plot_comparison, unique_nodes
+from flows.cli import main
+from tests.conftest import TINY
+
+# Two optimiser steps per model, no DRO and no baselines: per point only select, the pruned
+# model and its evaluation; data, encode, score and the classifier are shared.
+BASE = copy.deepcopy(TINY)
+BASE["reweight"] = {"method": "none"}
+BASE["train"].update(budget_kimg=0.128, checkpoint_every_kimg=0.128, log_every_kimg=0.064)
+BASE["sample"].update(per_class=2)
+BASE["evaluate"]["baselines"] = False
+
+
+def _write(tmp_path: Path, sweeps: dict) -> Path:
+    path = tmp_path / "pipelines.yaml"
+    path.write_text(yaml.safe_dump({"pipelines": {"tiny": TINY, "base": BASE}, "sweeps": sweeps}, sort_keys=False))
+    return path
+
+
+def test_expand_is_the_grid_product_in_order(tmp_path):
+    path = _write(tmp_path, {"g": {"base": "tiny", "grid": {"select.keep_frac": [0.1, 0.3],
+                                                          "encode.encoder": ["pixels", "random-projection"]}}})
+    points = expand("g", path)
+    assert [p.label for p in points] == [
+        "select.keep_frac=0.1 encode.encoder=pixels", "select.keep_frac=0.1 encode.encoder=random-projection",
+        "select.keep_frac=0.3 encode.encoder=pixels", "select.keep_frac=0.3 encode.encoder=random-projection"]
+    assert points[3].cfg.select.keep_frac == 0.3 and points[3].cfg.encode.encoder == "random-projection"
+    assert points[0].cfg.train == points[3].cfg.train  # only the grid keys change
+    assert load_sweeps(path)["g"].max_concurrency == 2
+
+
+@pytest.mark.parametrize("sweep,needle", [
+    ({"base": "nope", "grid": {"seed": [0]}}, "base pipeline 'nope'"),
+    ({"base": "tiny", "grid": {}}, "empty grid"),
+    ({"base": "tiny", "grid": {"select.keep_frac": [0.1, 2.0]}}, "point select.keep_frac=2.0"),
+    ({"base": "tiny", "grid": {"score.methd": ["knn"]}}, "score.methd"),
+    ({"base": "tiny", "grid": {"seed": [0]}, "max_concurency": 2}, "max_concurency"),
+])
+def test_bad_sweeps_fail_before_work_naming_the_field(tmp_path, sweep, needle):
+    with pytest.raises(DedtError, match="sweep 'g'") as error:
+        expand("g", _write(tmp_path, {"g": sweep}))
+    assert needle in str(error.value)
+
+
+def test_shared_stages_listed_once_inputs_first(tmp_path):
+    path = _write(tmp_path, {"g": {"base": "tiny", "grid": {"select.keep_frac": [0.1, 0.3],
+                                                          "score.method": ["gaussian", "random"]}}})
+    plans = [plan(p.cfg, Path("/store")) for p in expand("g", path)]
+    nodes = unique_nodes(plans)
+    stages = [n.id.split("/")[0] for n in nodes]
+    # One data, encoder, classifier, full-data reference (+ its evaluation); a scorer per method,
+    # a selection (and everything downstream of it) per point.
+    assert {s: stages.count(s) for s in set(stages)} == {
+        "data": 1, "encode": 1, "classifier": 1, "score": 2, "select": 4, "reweight": 4,
+        "train": 1 + 4 + 4, "evaluate": 1 + 4 + 4}
+    position = {n.id: i for i, n in enumerate(nodes)}
+    assert all(position[i] < position[n.id] for n in nodes for i in n.inputs)
+    assert len({node_id(node) for planned in plans for node in planned.values()}) == len(nodes)
+
+
+def _fake_results(keep_frac: float, fd: float, reweighted_fd: float) -> dict[str, NodeResult]:
+    def result(seconds: float, **summary) -> NodeResult:
+        return NodeResult("k", "fp", "/x", True, seconds, {"seconds": seconds, **summary})
+
+    train = {"n_images": int(1000 * keep_frac), "nimg": 500}
+    evaluate = lambda v: result(1.0, fd=v, fd_per_class={"0": v - 1, "1": v + 1})  # noqa: E731
+    return {"encode": result(1.0), "score": result(1.0), "select": result(0.0), "reweight": result(2.0),
+            "reference": result(40.0, n_images=1000, nimg=1000), "train:uniform": result(10.0, **train),
+            "train": result(10.0, **train), "evaluate:reference": evaluate(5.0),
+            "evaluate:train:uniform": evaluate(fd), "evaluate:train": evaluate(reweighted_fd)}
+
+
+def test_comparison_rows_and_plots(tmp_path):
+    path = _write(tmp_path, {"g": {"base": "tiny", "grid": {"select.keep_frac": [0.2, 0.4]}}})
+    points = expand("g", path)
+    rows = comparison_rows(points, [_fake_results(0.2, 9.0, 8.0), _fake_results(0.4, 7.0, 6.5)])
+    assert [(r["keep_frac"], r["model"], r["fd"]) for r in rows] == [
+        (0.2, "full data", 5.0), (0.2, "pruned", 9.0), (0.2, "pruned+reweighted", 8.0),
+        (0.4, "full data", 5.0), (0.4, "pruned", 7.0), (0.4, "pruned+reweighted", 6.5)]
+    # speed-up = full-data time / (subset training + selection (+ proxy for the reweighted model))
+    assert [r["speedup"] for r in rows[:3]] == [1.0, round(40 / 12, 2), round(40 / 14, 2)]
+    assert {r["scorer"] for r in rows} == {"gaussian"} and rows[0]["point"] == "select.keep_frac=0.2"
+    plot_comparison(rows, tmp_path / "fd.png", tmp_path / "speed.png")
+    assert (tmp_path / "fd.png").read_bytes()[:4] == b"\x89PNG" and (tmp_path / "speed.png").stat().st_size > 1000
+
+
+def test_cli_sweep_dry_run(tmp_path, store, capsys):
+    path = _write(tmp_path, {"g": {"base": "base", "grid": {"select.keep_frac": [0.3, 0.5]}}})
+    assert main(["sweep", "g", "--pipelines", str(path), "--dry-run"]) == 0
+    assert "2 points, 10 distinct stages, 10 to run" in capsys.readouterr().out
+    assert not store.exists()
+
+
+def test_sweep_flow_concurrent_then_fully_cached(prefect_harness, store, tmp_path):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    from flows.sweep import sweep_flow
+
+    path = _write(tmp_path, {"g": {"base": "base", "grid": {"select.keep_frac": [0.3, 0.5]}, "max_concurrency": 2}})
+    state = sweep_flow("g", str(path), return_state=True)
+    first = state.result()
+    assert (first["stages"], first["computed"]) == (10, 10)
+    with get_client(sync_client=True) as client:
+        task_runs = client.read_task_runs(flow_run_filter=FlowRunFilter(
+            id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+    spans = [(t.start_time, t.end_time) for t in task_runs if t.start_time and t.end_time]
+    at_once = max(sum(s <= start < e for s, e in spans) for start, _ in spans)
+    assert len(spans) == 10 and at_once == 2  # independent stages overlapped, never more than the limit
+
+    second = sweep_flow("g", str(path))
+    assert second["computed"] == 0 and second["rows"] == first["rows"]
+    table = pq.read_table(first["comparison"]).to_pylist()
+    assert [(r["keep_frac"], r["model"]) for r in table] == [(0.3, "pruned"), (0.5, "pruned")]
+    assert all(r["fd"] > 0 and r["images"] > 0 for r in table)
+    assert (Path(first["comparison"]).parent / "fd_vs_keep_frac.png").exists()
+    with get_client(sync_client=True) as client:
+        keys = {a.key for a in client.read_latest_artifacts()}
+    assert {"g-comparison", "g-summary", "g-fd-vs-keep-frac", "g-speedup-vs-fd"} <= keys
