@@ -94,8 +94,17 @@ def _run(args: argparse.Namespace) -> None:
     from dedt.config import resolve
     from dedt.report import markdown_table
 
-    resolve(args.name, args.pipelines, args.overrides)  # bad input fails here, before Prefect starts
+    from dedt.preflight import preflight
+    from dedt.store import default_root
+
+    # Bad input fails here, before Prefect starts and before any work.
+    preflight(resolve(args.name, args.pipelines, args.overrides), default_root())
     from flows.pipeline import pipeline_flow
+
+    if not args.debug:
+        from dedt.errors import quiet_dedt_errors
+
+        quiet_dedt_errors("prefect.task_runs", "prefect.flow_runs")
 
     start = time.perf_counter()
     result = pipeline_flow(args.name, str(args.pipelines), args.overrides)

@@ -29,9 +29,11 @@ def pipeline_flow(name: str, pipelines_file: str = "pipelines.yaml", overrides: 
     for key, node in plan(cfg, store).items():
         was_complete = node.out.is_complete()
         result = NodeResult(**stage_task(node, cfg, store)(cfg, key, str(store)))
-        result.cached = was_complete
+        # A Prefect cache hit replays the first run's result; run_node's own flag (taken under
+        # the stage lock) is right when another process computed the stage meanwhile.
+        result.cached = was_complete or result.cached
         results[key] = result
-        print(f"{key:<22} {'cached' if was_complete else 'computed':<9} {result.seconds:8.1f}s  {result.path}")
+        print(f"{key:<22} {'cached' if result.cached else 'computed':<9} {result.seconds:8.1f}s  {result.path}")
     rows = summary_rows(results)
     publish_run_artifacts(cfg, results, rows)
     return {"stages": stage_table(results), "summary": rows, "summary_markdown": markdown_table(rows),

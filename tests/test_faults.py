@@ -523,16 +523,16 @@ def test_two_runner_processes_one_killed(env: dict, baseline: dict) -> None:
     other waits on the stage's lock, then reuses it; a stage whose writer was killed is finished by
     the survivor); the store ends with the uninterrupted run's bytes."""
     store = env["work"] / "two"
-    seed_store(baseline, store, "train")
+    seed_store(baseline, store, "reweight")
     procs = [subprocess.Popen(runner_cmd(env, store), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                               cwd=REPO, env={**os.environ, **ENV}) for _ in range(2)]
     victim, survivor = procs
     lines = []
-    for line in victim.stdout:  # the finished stages are reported at once; then train starts
+    for line in victim.stdout:  # the finished stages are reported at once; then reweight starts
         lines.append(line)
-        if json.loads(line)["key"] == "reweight":
+        if json.loads(line)["key"] == "reference":
             break
-    time.sleep(random.Random(SEED + 2).uniform(0.3, 2.0))
+    time.sleep(random.Random(SEED + 2).uniform(0.2, 1.0))  # reweight and 5 more stages are left: seconds
     victim.kill()
     rest, _ = victim.communicate(timeout=60)
     assert victim.returncode == -signal.SIGKILL
@@ -542,7 +542,7 @@ def test_two_runner_processes_one_killed(env: dict, baseline: dict) -> None:
     for line in [*lines, *rest.splitlines(), *out.splitlines()]:
         record = json.loads(line)
         computed[record["key"]] = computed.get(record["key"], 0) + (not record["cached"])
-    todo = baseline["keys"][baseline["keys"].index("train"):]
+    todo = baseline["keys"][baseline["keys"].index("reweight"):]
     assert all(computed[k] == 0 for k in baseline["keys"] if k not in todo)
     assert all(computed[k] <= 1 for k in todo), computed  # never two writers of one stage
     # Every stage reported computed by one process; at most one not reported, when the victim
