@@ -94,6 +94,29 @@ def summary_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+def weights_vs_difficulty(results: dict[str, Any]) -> dict[str, Any] | None:
+    """How the DRO weights relate to class difficulty (the reference's per-class FD) and what they did.
+
+    The paper reports that above-uniform weights go to the *easily generated* classes, i.e. a
+    negative rank correlation between weight and the reference model's per-class FD. Also counts
+    the classes whose FD improved from the pruned-uniform to the pruned+reweighted model.
+    """
+    needed = ("reweight", "evaluate:reference", "evaluate:train", "evaluate:train:uniform")
+    if not all(k in results for k in needed):
+        return None
+    from scipy.stats import spearmanr
+
+    weights = results["reweight"].summary["weights"]
+    ref = results["evaluate:reference"].summary["fd_per_class"]
+    before = results["evaluate:train:uniform"].summary["fd_per_class"]
+    after = results["evaluate:train"].summary["fd_per_class"]
+    classes = [c for c in ref if ref[c] == ref[c]]  # skip NaN
+    rho = spearmanr([weights[i] for i, c in enumerate(ref) if c in classes], [ref[c] for c in classes]).statistic
+    improved = sum(after[c] < before[c] for c in classes if before[c] == before[c] and after[c] == after[c])
+    return {"spearman_weight_vs_reference_fd": round(float(rho), 3), "classes_improved": improved,
+            "classes": len(classes)}
+
+
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     if not rows:
         return "(no rows)"

@@ -9,7 +9,7 @@ from prefect import flow
 
 from dedt.config import resolve
 from dedt.pipeline import NodeResult, plan
-from dedt.report import markdown_table, stage_table, summary_rows
+from dedt.report import markdown_table, stage_table, summary_rows, weights_vs_difficulty
 from dedt.store import default_root
 from tasks.artifacts import publish_run_artifacts
 from tasks.stages import stage_task
@@ -37,4 +37,5 @@ def pipeline_flow(name: str, pipelines_file: str = "pipelines.yaml", overrides: 
     rows = summary_rows(results)
     publish_run_artifacts(cfg, results, rows)
     return {"stages": stage_table(results), "summary": rows, "summary_markdown": markdown_table(rows),
-            "weights": results["reweight"].summary["weights"] if "reweight" in results else None}
+            "weights": results["reweight"].summary["weights"] if "reweight" in results else None,
+            "weights_vs_difficulty": weights_vs_difficulty(results)}

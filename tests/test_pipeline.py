@@ -59,6 +59,9 @@ def test_end_to_end_then_fully_cached(prefect_harness, store, pipelines_file):
     metrics = pq.read_table(stage_dir("evaluate:train", "metrics.parquet")).to_pandas()
     assert set(metrics["class"]) == {"all", *map(str, range(10))} and np.isfinite(metrics.value).all()
     assert [r["model"] for r in first["summary"]] == ["full data", "pruned", "pruned+reweighted"]
+    relation = first["weights_vs_difficulty"]
+    assert relation["classes"] == 10 and 0 <= relation["classes_improved"] <= 10
+    assert -1.0 <= relation["spearman_weight_vs_reference_fd"] <= 1.0
     assert stage_dir("evaluate:train", "grid.png").read_bytes()[:4] == b"\x89PNG"
 
     # Editing one stage's config recomputes exactly that stage and what depends on it.
