@@ -25,6 +25,9 @@ def test_override_parses_yaml_scalars():
     ("reweight.eta=0", "reweight.eta"),
     ("reweight.smoothing=1", "reweight.smoothing"),
     ("reweight.method=magic", "reweight.method"),
+    ("train.weighting=magic", "train.weighting"),
+    ("reweight.groups=kmeans", "train.conditional=false"),
+    ("reweight.t_max_frac=0", "reweight.t_max_frac"),
     ("seed=abc", "seed"),
     ("dataset.source=imagenet", "dataset.source"),
 ])
@@ -32,6 +35,11 @@ def test_bad_values_name_the_field(override, field):
     with pytest.raises(DedtError) as err:
         build_config({}, "p", [override])
     assert field in str(err.value)
+
+
+def test_timestep_range_must_be_ordered():
+    with pytest.raises(DedtError, match="t_min_frac 0.6 must be below reweight.t_max_frac 0.5"):
+        build_config({}, "p", ["reweight.t_min_frac=0.6", "reweight.t_max_frac=0.5"])
 
 
 def test_bad_yaml_and_unknown_pipeline(tmp_path):

@@ -117,3 +117,23 @@ def test_collapse_warning_on_constructed_run():
                          eta=50.0, smoothing=0.0, seed=0)
     assert result.weights.argmax() == 1
     assert result.warning is not None and "collapsed" in result.warning and "eta 50.0" in result.warning
+
+
+def test_kmeans_groups_reweight_unlabelled_pipeline(store):
+    """Reweighting without labels: k-means clusters of the embeddings are the DRO groups."""
+    import pyarrow.parquet as pq
+
+    from dedt.config import build_config
+    from dedt.pipeline import plan, run_node
+    from tests.conftest import TINY
+
+    cfg = build_config(TINY, "tiny", ["reweight.groups=kmeans", "reweight.clusters=4", "train.conditional=false"])
+    planned = plan(cfg, store)
+    for key in ("data", "encode", "score", "select", "reference", "reweight", "train"):
+        run_node(cfg, planned, key)
+    out = planned["reweight"].out
+    weights = pq.read_table(out.file("weights.parquet")).column("weight").to_numpy()
+    groups = pq.read_table(out.file("groups.parquet")).column("group").to_numpy()
+    assert len(weights) == 4 and weights.sum() == pytest.approx(1.0)
+    assert set(groups) == {0, 1, 2, 3}
+    assert planned["train"].out.is_complete()
