@@ -14,13 +14,7 @@ from dedt.diffusion.sample import make_sampling_scheduler, sample, save_grid
 from dedt.errors import DedtError
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: a second one only spins against other processes on shared cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -29,14 +29,7 @@ TINY = dict(
 )
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on 2 shared cores, OpenMP threads spin against other processes and a
-    step gets ~10x slower; these tiny models gain nothing from a second thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_data(n: int = 48, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

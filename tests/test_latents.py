@@ -25,12 +25,7 @@ from dedt.diffusion.train import load_model, train
 from dedt.errors import DedtError
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def save_tiny_vae(folder: Path, seed: int = 0, channels: int = 1) -> Path:

@@ -10,13 +10,7 @@ from dedt.diffusion.presets import PRESETS, build_model, build_scheduler, count_
 from dedt.errors import DedtError
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: a second one only spins against other processes on shared cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_digits_tiny_is_the_prototype_model() -> None:
