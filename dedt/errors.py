@@ -1,6 +1,8 @@
 """Errors that mean bad user input: the CLI prints the message alone and exits with code 2."""
 
 import logging
+import sys
+from collections.abc import Callable
 
 
 class DedtError(ValueError):
@@ -29,3 +31,16 @@ def quiet_dedt_errors(*logger_names: str) -> None:
     ``"prefect.flow_runs"``); call it after the orchestrator has configured its logging."""
     for name in logger_names:
         logging.getLogger(name).addFilter(DedtErrorLogFilter())
+
+
+def exit_code(action: Callable[[], None], *, debug: bool) -> int:
+    """Run a command line's ``action``: 0 on success; bad input prints one ``dedt: error:`` line
+    and gives 2 (the traceback only with ``debug``)."""
+    try:
+        action()
+    except DedtError as exc:
+        if debug:
+            raise
+        print(f"dedt: error: {exc}", file=sys.stderr)
+        return 2
+    return 0

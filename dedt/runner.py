@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from dedt.config import PipelineConfig, resolve
-from dedt.errors import DedtError
+from dedt.errors import exit_code
 from dedt.pipeline import NodeResult, plan, run_node
 from dedt.store import default_root
 
@@ -60,15 +60,8 @@ def main(argv: list[str] | None = None) -> int:
                 "seconds": result.seconds, "path": result.path}
         print(json.dumps(line), flush=True)
 
-    try:
-        cfg = resolve(args.name, args.pipelines, args.overrides)
-        run_pipeline(cfg, args.root, on_result=report)
-    except DedtError as exc:
-        if args.debug:
-            raise
-        print(f"dedt: error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return exit_code(lambda: run_pipeline(resolve(args.name, args.pipelines, args.overrides), args.root,
+                                          on_result=report), debug=args.debug)
 
 
 if __name__ == "__main__":

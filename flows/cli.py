@@ -12,7 +12,7 @@ from pathlib import Path
 
 import yaml
 
-from dedt.errors import DedtError
+from dedt.errors import DedtError, exit_code
 
 EPILOG = """examples:
   dedt run digits-demo                       run the demo pipeline end to end (cached stages are skipped)
@@ -202,25 +202,22 @@ def main(argv: list[str] | None = None) -> int:
     # The embedded server's first start migrates a fresh SQLite database: slow on 2 busy cores.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     args = build_parser().parse_args(argv)
-    try:
-        if args.command == "list":
-            from dedt.config import load_pipelines
+    return exit_code(lambda: _dispatch(args), debug=args.debug)
 
-            for name in load_pipelines(args.pipelines):
-                print(name)
-        elif args.command == "server":
-            _server(args)
-        elif args.command == "run" and args.dry_run:
-            _dry_run(args)
-        else:
-            _use_local_server()
-            {"run": _run, "sweep": _sweep, "deploy": _deploy}[args.command](args)
-    except DedtError as exc:
-        if args.debug:
-            raise
-        print(f"dedt: error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+
+def _dispatch(args: argparse.Namespace) -> None:
+    if args.command == "list":
+        from dedt.config import load_pipelines
+
+        for name in load_pipelines(args.pipelines):
+            print(name)
+    elif args.command == "server":
+        _server(args)
+    elif args.command == "run" and args.dry_run:
+        _dry_run(args)
+    else:
+        _use_local_server()
+        {"run": _run, "sweep": _sweep, "deploy": _deploy}[args.command](args)
 
 
 if __name__ == "__main__":
