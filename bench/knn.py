@@ -64,7 +64,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--sizes", default="10000,100000", help="comma-separated row counts (default 10000,100000)")
     p.add_argument("--dim", type=int, default=512, help="embedding dimension (default 512)")
     p.add_argument("--k", type=int, default=5, help="neighbours per row (default 5)")
-    p.add_argument("--nprobe", type=int, default=16, help="IVF lists visited per query (default 16)")
+    p.add_argument("--nprobe", type=int, default=8, help="IVF lists visited per query (default 8, as dedt.knn)")
     p.add_argument("--ef-search", type=int, default=128, help="HNSW search breadth (default 128)")
     p.add_argument("--million", action="store_true", help="also score 1,000,000 rows with IVF")
     p.add_argument("--methods", default=",".join(METHODS),

@@ -54,6 +54,9 @@ class ScoreConfig(Section):
     method: str = Field("gaussian", description="gaussian | ppca | knn | moderate | random | kcenter | ccs")
     per_class: bool = Field(True, description="fit each class separately (the paper's default)")
     k: int = Field(5, ge=1, description="neighbour rank for the knn scorer")
+    index: Literal["auto", "exact", "ivf", "hnsw"] = Field(
+        "auto", description="knn scorer's index: auto = exact below 200k rows per group, else IVF")
+    nprobe: int = Field(8, ge=1, description="IVF lists visited per query (knn scorer, index ivf/auto)")
 
     @field_validator("method")
     @classmethod

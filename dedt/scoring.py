@@ -131,7 +131,7 @@ def knn_score(
     k: int = 5,
     index: str = "exact",
     device: str = "auto",
-    nprobe: int = 16,
+    nprobe: int = 8,
     ef_search: int = 128,
 ) -> np.ndarray:
     """-(Euclidean distance to the k-th nearest neighbour, self excluded): dense regions score high.

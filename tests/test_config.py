@@ -19,6 +19,8 @@ def test_override_parses_yaml_scalars():
     ("select.keep_frac=1.5", "select.keep_frac"),
     ("select.keep_fraction=0.2", "select.keep_fraction"),
     ("score.method=magic", "score.method"),
+    ("score.index=annoy", "score.index"),
+    ("score.nprobe=0", "score.nprobe"),
     ("encode.encoder=nonsense", "encode.encoder"),
     ("train.preset=huge", "train.preset"),
     ("train.budget_kimg=0", "train.budget_kimg"),

@@ -93,6 +93,11 @@ def test_knn_matches_brute_force_per_class() -> None:
         np.testing.assert_allclose(s[Y == c], -np.sort(d, axis=1)[:, 2], rtol=1e-4)
 
 
+def test_knn_ivf_probing_every_list_is_exact() -> None:
+    # nprobe >= nlist visits every inverted list, so IVF must return the exact answer
+    np.testing.assert_allclose(score("knn", X, Y, k=3, index="ivf", nprobe=10_000), score("knn", X, Y, k=3), rtol=1e-5)
+
+
 def test_moderate_hand_checked() -> None:
     # median 2, distances [2, 1, 0, 1, 8]; ascending ranks (ties by index) [3, 1, 0, 2, 4]; (N-1)/2 = 2
     x = np.array([[0.0], [1.0], [2.0], [3.0], [10.0]])
