@@ -36,6 +36,15 @@ bench: $(STAMP)
 clean-store:
 	rm -rf .dedt
 
+# The headline benchmark: the frontier-mnist5k sweep (96 grid points, ~90 minutes on 2 cores,
+# resumable: run it again after an interruption) and docs/RESULTS.md generated from its artifacts.
+# FRONTIER=frontier-digits is the quick variant.
+.PHONY: frontier
+FRONTIER ?= frontier-mnist5k
+
+frontier: $(STAMP)
+	$(VENV)/bin/dedt sweep $(FRONTIER) --report docs/RESULTS.md
+
 # Orchestration. `make server` starts a local Prefect server (127.0.0.1:4200, state in
 # .prefect-server) with a process worker; `dedt server stop` ends both. `make ui-check` runs the
 # demo as a deployment on a temporary server and checks the UI in headless Chromium (Debian's

@@ -132,6 +132,13 @@ class PipelineConfig(Section):
     evaluate: EvaluateConfig = EvaluateConfig()
     deployment: DeploymentConfig = DeploymentConfig()
 
+    @property
+    def subset_budget_kimg(self) -> float:
+        """Images seen (kimg) by a model trained on the kept subset, under ``train.budget_policy``."""
+        if self.train.budget_policy == "epochs":
+            return self.train.budget_kimg * self.select.keep_frac
+        return self.train.budget_kimg
+
     @model_validator(mode="after")
     def _consistent(self) -> PipelineConfig:
         rw = self.reweight

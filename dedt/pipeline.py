@@ -54,13 +54,19 @@ class NodeResult:
     summary: dict[str, Any]
 
 
-def _train_config(cfg: PipelineConfig, budget_kimg: float | None = None) -> dict[str, Any]:
-    """The train options that change the weights (not where they run). The VAE enters through the
+def _train_config(cfg: PipelineConfig, budget_kimg: float | None) -> dict[str, Any]:
+    """The train options that change the weights (not where they run), with the budget the model
+    really gets (None: a proxy, whose budget is reweight.proxy_kimg). The VAE enters through the
     latents stage's fingerprint (its files), not its path: pixel pipelines keep their fingerprints."""
-    options = cfg.train.model_dump(exclude={"device", "vae_path"})
+    options = cfg.train.model_dump(exclude={"device", "vae_path", "budget_policy", "budget_kimg"})
     if budget_kimg is not None:
         options["budget_kimg"] = budget_kimg
     return {"train": options, "seed": cfg.seed}
+
+
+def _keeps_all(cfg: PipelineConfig) -> bool:
+    """keep_frac 1: the subset is the whole train split, whatever the scorer (nothing to score)."""
+    return cfg.select.keep_frac == 1.0
 
 
 def _checkpoint_identity(path: str) -> dict[str, Any]:
@@ -78,30 +84,38 @@ def nodes(cfg: PipelineConfig) -> list[Node]:
                                        "seed": cfg.seed}, {"data": "data"}, stages.run_encode)
     score = Node("score", "score", {"score": cfg.score.model_dump(), "seed": cfg.seed},
                  {"data": "data", "encode": "encode"}, stages.run_score)
-    select = Node("select", "select", {"select": cfg.select.model_dump()}, {"score": "score"}, stages.run_select)
+    if _keeps_all(cfg):  # every scorer keeps everything: one select for all of them, no encode or score
+        select = Node("select", "select", {"select": {"keep_frac": 1.0}}, {"data": "data"}, stages.run_select)
+    else:
+        select = Node("select", "select", {"select": cfg.select.model_dump()}, {"score": "score"}, stages.run_select)
     if cfg.reweight.reference_path:
         reference = Node("reference", "reference", {"reference": _checkpoint_identity(cfg.reweight.reference_path)},
                          {"data": "data"}, stages.run_reference_checkpoint)
     else:
         reference = Node("reference", "train", _train_config(cfg, cfg.reweight.reference_kimg) | {"subset": "full"},
                          {"data": "data"}, stages.run_train)
-    baseline = Node("train:uniform", "train", _train_config(cfg) | {"subset": "selected", "weights": "uniform"},
+    budget = cfg.subset_budget_kimg
+    baseline = Node("train:uniform", "train", _train_config(cfg, budget) | {"subset": "selected", "weights": "uniform"},
                     {"data": "data", "select": "select"}, stages.run_train)
     classifier = Node("classifier", "classifier", {"evaluate": {"classifier_epochs": cfg.evaluate.classifier_epochs},
                                                    "seed": cfg.seed}, {"data": "data"}, stages.run_classifier)
-    graph = [data, encode, score, select, classifier]
-    models = {"train:uniform": baseline}
+    needs_encode = not _keeps_all(cfg) or cfg.reweight.groups == "kmeans"
+    graph = [data, *([encode] if needs_encode else []), *([] if _keeps_all(cfg) else [score]), select, classifier]
+    # Uniform on everything with the reference's budget *is* the reference: don't train it twice.
+    same_as_reference = (_keeps_all(cfg) and not cfg.reweight.reference_path and cfg.evaluate.baselines
+                         and budget == cfg.reweight.reference_kimg)
+    models = {} if same_as_reference else {"train:uniform": baseline}
     if cfg.reweight.method == "doremi":
         rw_inputs = {"data": "data", "reference": "reference"}
         rw_inputs |= {"select": "select"} if cfg.reweight.proxy_data == "subset" else {}
         rw_inputs |= {"encode": "encode"} if cfg.reweight.groups == "kmeans" else {}
         # Iterated rounds re-train the reference with the full-data budget inside this stage.
         reweight = Node("reweight", "reweight", {"reweight": cfg.reweight.model_dump(exclude={"reference_path"})}
-                        | _train_config(cfg), rw_inputs, stages.run_reweight)
-        weighted = Node("train", "train", _train_config(cfg) | {"subset": "selected", "weights": "reweight"},
+                        | _train_config(cfg, None), rw_inputs, stages.run_reweight)
+        weighted = Node("train", "train", _train_config(cfg, budget) | {"subset": "selected", "weights": "reweight"},
                         {"data": "data", "select": "select", "reweight": "reweight"}, stages.run_train)
         graph += [reference, reweight]
-        models = {"train": weighted, **({"train:uniform": baseline} if cfg.evaluate.baselines else {})}
+        models = {"train": weighted, **(models if cfg.evaluate.baselines else {})}
     elif cfg.evaluate.baselines:
         graph.append(reference)
     if cfg.evaluate.baselines and not cfg.reweight.reference_path:

@@ -65,9 +65,13 @@ def run_score(cfg: PipelineConfig, inputs: dict[str, StageDir], out: StageDir) -
 def run_select(cfg: PipelineConfig, inputs: dict[str, StageDir], out: StageDir) -> dict[str, Any]:
     from dedt.selection import kept_per_class, select
 
-    table = read_parquet(inputs["score"].file(SCORES), ("sample_id", "label", "score"))
-    ids, labels = table.column("sample_id").to_numpy(), table.column("label").to_numpy().astype(np.int64)
-    scores = table.column("score").to_numpy()
+    if "score" in inputs:
+        table = read_parquet(inputs["score"].file(SCORES), ("sample_id", "label", "score"))
+        ids, labels = table.column("sample_id").to_numpy(), table.column("label").to_numpy().astype(np.int64)
+        scores = table.column("score").to_numpy()
+    else:  # keep_frac 1: everything is kept, so nothing was scored; all scores tie (rank = sample id order)
+        ids, _, labels = _train_labels(inputs["data"])
+        scores = np.zeros(len(ids))
     kept = select(scores, labels, cfg.select.keep_frac, per_class=cfg.select.per_class)
     order = np.lexsort((ids, -scores))  # rank 0 = highest score, ties by sample id
     rank = np.empty(len(ids), np.int64)
@@ -122,9 +126,8 @@ def run_train(cfg: PipelineConfig, inputs: dict[str, StageDir], out: StageDir) -
     from dedt.diffusion.train import train
 
     ids, images, labels, num_classes = _subset_arrays(inputs)
-    options = cfg.train
-    if "select" not in inputs:
-        options = options.model_copy(update={"budget_kimg": cfg.reweight.reference_kimg})
+    budget = cfg.subset_budget_kimg if "select" in inputs else cfg.reweight.reference_kimg
+    options = cfg.train.model_copy(update={"budget_kimg": budget})
     weights = read_weights(inputs["reweight"]) if "reweight" in inputs else None
     groups = _groups_of(inputs, labels, ids)
     num_groups = num_classes if groups is labels else len(weights)

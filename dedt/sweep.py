@@ -24,11 +24,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from dedt.config import PipelineConfig, build_config, load_pipelines
 from dedt.errors import DedtError
 from dedt.pipeline import Node, NodeResult
-from dedt.report import summary_rows
+from dedt.report import MODEL_LABELS, summary_rows
 from dedt.store import StageDir, atomic_path, fingerprint, read_parquet, write_parquet
 
-VERSION = "1"  # bump when the comparison table or plots change
+VERSION = "2"  # bump when the comparison table or plots change
 COMPARISON, FD_PLOT, SPEEDUP_PLOT = "comparison.parquet", "fd_vs_keep_frac.png", "speedup_vs_fd.png"
+BRIEF_COLUMNS = ("point", "model", "images", "kimg", "cost_s", "fd", "speedup")  # what the CLI prints
 
 
 class SweepConfig(BaseModel):
@@ -37,7 +38,9 @@ class SweepConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     base: str = Field(description="pipeline whose config the grid overrides")
-    grid: dict[str, list[Any]] = Field(description="config path -> values, e.g. select.keep_frac: [0.1, 0.3]")
+    grid: dict[str, list[Any]] | list[dict[str, list[Any]]] = Field(
+        description="config path -> values, e.g. select.keep_frac: [0.1, 0.3]; or a list of such grids, whose "
+                    "points are joined (e.g. a costly metric on one seed only)")
     max_concurrency: int = Field(2, ge=1, description="stages computed at once (one worker process each)")
     cron: str | None = Field(None, description="schedule of the sweep's deployment, e.g. '0 3 * * 0'")
     work_pool: str | None = Field(None, description="pool of the sweep's deployment (default: the base pipeline's)")
@@ -45,13 +48,20 @@ class SweepConfig(BaseModel):
 
     @field_validator("grid")
     @classmethod
-    def _non_empty(cls, grid: dict[str, list[Any]]) -> dict[str, list[Any]]:
-        if not grid:
-            raise ValueError("an empty grid has no points; give at least one key, e.g. select.keep_frac: [0.1, 0.3]")
-        empty = [key for key, values in grid.items() if not values]
-        if empty:
-            raise ValueError(f"grid keys {empty} have no values")
+    def _non_empty(cls, grid: dict[str, list[Any]] | list[dict[str, list[Any]]]) -> Any:
+        for one in grid if isinstance(grid, list) else [grid]:
+            if not one:
+                raise ValueError("an empty grid has no points; give at least one key, e.g. select.keep_frac: [0.1, 0.3]")
+            empty = [key for key, values in one.items() if not values]
+            if empty:
+                raise ValueError(f"grid keys {empty} have no values")
+        if isinstance(grid, list) and not grid:
+            raise ValueError("an empty list of grids has no points")
         return grid
+
+    @property
+    def grids(self) -> list[dict[str, list[Any]]]:
+        return self.grid if isinstance(self.grid, list) else [self.grid]
 
 
 @dataclass(frozen=True)
@@ -97,14 +107,14 @@ def resolve_sweep(name: str, path: Path) -> SweepConfig:
 
 
 def expand(name: str, path: Path) -> list[GridPoint]:
-    """The sweep's points in grid order (last key varies fastest), each config validated."""
+    """The sweep's points in grid order (last key varies fastest; grids in list order), each config validated."""
     sweep = resolve_sweep(name, path)
     pipelines = load_pipelines(path)
     if sweep.base not in pipelines:
         raise DedtError(f"sweep {name!r}: base pipeline {sweep.base!r} is not in {path}")
     points = []
-    for combo in itertools.product(*sweep.grid.values()):
-        values = dict(zip(sweep.grid, combo))
+    combos = [dict(zip(grid, combo)) for grid in sweep.grids for combo in itertools.product(*grid.values())]
+    for values in combos:
         # JSON is valid YAML: strings such as "open_clip:ViT-B-32" stay strings.
         overrides = [f"{key}={json.dumps(value)}" for key, value in values.items()]
         label = " ".join(f"{key}={value}" for key, value in values.items())
@@ -134,15 +144,42 @@ def unique_nodes(plans: list[dict[str, Node]]) -> list[SweepNode]:
 
 
 def comparison_rows(points: list[GridPoint], results: list[dict[str, NodeResult]]) -> list[dict[str, Any]]:
-    """One row per (point, trained model): the point's knobs, images, cost, FD and speed-up."""
+    """One row per (point, trained model): the point's knobs, images, cost, FD and speed-up, then what
+    a frontier report needs: the one-off costs apart, the other metrics, per-class FD and weights."""
     rows = []
     for point, point_results in zip(points, results):
         cfg = point.cfg
         knobs = {"point": point.label, "keep_frac": cfg.select.keep_frac, "scorer": cfg.score.method,
                  "encoder": cfg.encode.encoder, "reweight": cfg.reweight.method, "seed": cfg.seed}
+        details = {row["model"]: row for row in _model_details(cfg, point_results)}
         rows += [knobs | {k: row[k] for k in ("model", "images", "kimg", "cost_s", "fd", "speedup")}
-                 for row in summary_rows(point_results)]
+                 | details[row["model"]] for row in summary_rows(point_results)]
     return rows
+
+
+def _model_details(cfg: PipelineConfig, results: dict[str, NodeResult]) -> list[dict[str, Any]]:
+    """Per trained model: budget policy, seconds by stage, metrics beyond FD, per-class FD, weights."""
+    seconds = {k: round(results[k].seconds, 2) if k in results else 0.0
+               for k in ("encode", "score", "select", "reweight", "reference")}
+    out = []
+    for key, label in MODEL_LABELS.items():
+        if f"evaluate:{key}" not in results:
+            continue
+        overall = results[f"evaluate:{key}"].summary.get("overall", {})
+        space = results[f"evaluate:{key}"].summary.get("fd_space", "classifier")
+        full = overall.get(space, {}).get("full", {})
+        weights = results["reweight"].summary["weights"] if key == "train" and "reweight" in results else None
+        out.append({
+            "model": label, "policy": "images" if key == "reference" else cfg.train.budget_policy,
+            "train_s": round(results[key].seconds, 2),
+            "selection_s": round(seconds["encode"] + seconds["score"] + seconds["select"], 2),
+            "proxy_s": seconds["reweight"], "reference_s": seconds["reference"],
+            "fid_inception": overall.get("inception", {}).get("full", {}).get("fd"),
+            "precision": full.get("precision"), "recall": full.get("recall"),
+            "fd_per_class": json.dumps(results[f"evaluate:{key}"].summary["fd_per_class"]),
+            "weights": None if weights is None else json.dumps(weights),
+        })
+    return out
 
 
 def _mean_fd(rows: list[dict[str, Any]], **match: Any) -> list[tuple[float, float]]:

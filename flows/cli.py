@@ -59,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("name", help="sweep name in the pipelines file")
     sweep.add_argument("--pipelines", type=Path, default=Path("pipelines.yaml"), metavar="FILE")
     sweep.add_argument("--dry-run", action="store_true", help="list the grid points and stages to run; run nothing")
+    sweep.add_argument("--report", type=Path, metavar="FILE.md",
+                       help="also write the frontier report (tables, plots beside it, the paper's claims) there")
     deploy = sub.add_parser("deploy", help="create or update a deployment per pipeline and sweep",
                             description="Every pipeline becomes 'dedt-pipeline/NAME', every sweep 'dedt-sweep/NAME', "
                                         "every deployment.gpu_pool 'dedt-stage/POOL', with the pools, tags and cron "
@@ -153,10 +155,11 @@ def _sweep(args: argparse.Namespace) -> None:
     from flows.sweep import sweep_flow
 
     start = time.perf_counter()
-    result = sweep_flow(args.name, str(args.pipelines))
+    result = sweep_flow(args.name, str(args.pipelines), report=str(args.report) if args.report else None)
     print(f"\n{len(result['points'])} points, {result['stages']} distinct stages, {result['computed']} computed\n")
     print(result["table_markdown"])
-    print(f"\ncomparison: {result['comparison']}\nwall-clock {time.perf_counter() - start:.1f}s")
+    print(f"\ncomparison: {result['comparison']}" + (f"\nreport: {result['report']}" if result["report"] else "")
+          + f"\nwall-clock {time.perf_counter() - start:.1f}s")
 
 
 def _deploy(args: argparse.Namespace) -> None:

@@ -126,3 +126,12 @@ def publish_sweep_artifacts(name: str, folder: Path, rows: list[dict[str, Any]])
                                       f"Table: [{table.name}]({table.as_uri()}) (`{table}`)"
                                       + _png_markdown(folder / "fd_vs_keep_frac.png", "FD vs keep_frac")
                                       + _png_markdown(folder / "speedup_vs_fd.png", "speed-up vs FD"))
+
+
+def publish_report_artifact(name: str, report: Path) -> None:
+    """The frontier report as a Markdown artifact, its plots inlined (the UI cannot read local files)."""
+    text = report.read_text()
+    folder = report.parent
+    for png in sorted((folder / report.stem.lower()).glob("*.png")):
+        text = text.replace(f"]({png.parent.name}/{png.name})", f"]({data_uri(png)})")
+    create_markdown_artifact(key=f"{slug(name)}-report", markdown=text, description=f"Frontier report of sweep {name}")

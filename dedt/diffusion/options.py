@@ -20,6 +20,11 @@ class TrainOptions(BaseModel):
 
     preset: str = Field("digits-tiny", description="model preset, a key of dedt.diffusion.presets.PRESETS")
     budget_kimg: float = Field(64.0, gt=0, description="training length in thousands of images seen")
+    budget_policy: Literal["images", "epochs"] = Field(
+        "images",
+        description="pipelines only, for models trained on a kept subset: 'images' = every model sees budget_kimg; "
+        "'epochs' = keep_frac x budget_kimg, the same passes over its data as a full-data model given budget_kimg",
+    )
     batch_size: int = Field(128, ge=1, description="global batch size (all processes together)")
     lr: float = Field(1e-3, gt=0, description="peak learning rate (Ho et al. use 2e-4 for cifar10-ddpm)")
     warmup_kimg: float = Field(
