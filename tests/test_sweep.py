@@ -4,6 +4,7 @@ plots, and the `dedt-sweep` flow on a tiny 2-point grid (concurrency, then a ful
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -78,7 +79,7 @@ def _fake_results(keep_frac: float, fd: float, reweighted_fd: float) -> dict[str
 
     train = {"n_images": int(1000 * keep_frac), "nimg": 500}
     evaluate = lambda v: result(1.0, fd=v, fd_per_class={"0": v - 1, "1": v + 1})  # noqa: E731
-    return {"encode": result(1.0), "score": result(1.0), "select": result(0.0), "reweight": result(2.0),
+    return {"encode": result(1.0), "score": result(1.0), "select": result(0.0), "reweight": result(2.0, weights=[0.4, 0.6]),
             "reference": result(40.0, n_images=1000, nimg=1000), "train:uniform": result(10.0, **train),
             "train": result(10.0, **train), "evaluate:reference": evaluate(5.0),
             "evaluate:train:uniform": evaluate(fd), "evaluate:train": evaluate(reweighted_fd)}
@@ -94,6 +95,10 @@ def test_comparison_rows_and_plots(tmp_path):
     # speed-up = full-data time / (subset training + selection (+ proxy for the reweighted model))
     assert [r["speedup"] for r in rows[:3]] == [1.0, round(40 / 12, 2), round(40 / 14, 2)]
     assert {r["scorer"] for r in rows} == {"gaussian"} and rows[0]["point"] == "select.keep_frac=0.2"
+    # the one-off costs apart, and the DRO weights on the reweighted model's row only
+    assert [(r["selection_s"], r["proxy_s"], r["reference_s"]) for r in rows[:3]] == [(2.0, 2.0, 40.0)] * 3
+    assert [r["weights"] for r in rows[:3]] == [None, None, "[0.4, 0.6]"]
+    assert json.loads(rows[1]["fd_per_class"]) == {"0": 8.0, "1": 10.0}
     plot_comparison(rows, tmp_path / "fd.png", tmp_path / "speed.png")
     assert (tmp_path / "fd.png").read_bytes()[:4] == b"\x89PNG" and (tmp_path / "speed.png").stat().st_size > 1000
 
@@ -131,3 +136,31 @@ def test_sweep_flow_concurrent_then_fully_cached(prefect_harness, store, tmp_pat
     with get_client(sync_client=True) as client:
         keys = {a.key for a in client.read_latest_artifacts()}
     assert {"g-comparison", "g-summary", "g-fd-vs-keep-frac", "g-speedup-vs-fd"} <= keys
+
+
+def test_grid_union_and_keep_all_points_share_one_run(tmp_path):
+    path = _write(tmp_path, {"g": {"base": "tiny", "grid": [
+        {"select.keep_frac": [1.0], "score.method": ["gaussian", "random"], "train.budget_kimg": [1.0]},
+        {"seed": [1], "select.keep_frac": [0.3]}]}})
+    points = expand("g", path)
+    assert [p.label for p in points] == ["select.keep_frac=1.0 score.method=gaussian train.budget_kimg=1.0",
+                                         "select.keep_frac=1.0 score.method=random train.budget_kimg=1.0",
+                                         "seed=1 select.keep_frac=0.3"]
+    plans = [plan(p.cfg, Path("/store")) for p in points]
+    # keep_frac 1 keeps everything: nothing to encode or score, and both scorers' points are one run
+    assert "score" not in plans[0] and "encode" not in plans[0]
+    assert {k: n.out.fingerprint for k, n in plans[0].items()} == {k: n.out.fingerprint for k, n in plans[1].items()}
+    # uniform on everything at the reference's budget (1 kimg) is the reference: not trained twice
+    assert "train:uniform" not in plans[0] and "evaluate:reference" in plans[0]
+    assert "train:uniform" in plans[2] and points[2].cfg.seed == 1
+
+
+def test_budget_policy_epochs_scales_subset_budgets_only(tmp_path):
+    path = _write(tmp_path, {"g": {"base": "tiny", "grid": {"train.budget_policy": ["images", "epochs"]}}})
+    images, epochs = [plan(p.cfg, Path("/store")) for p in expand("g", path)]
+    assert images["train"].config["train"]["budget_kimg"] == TINY["train"]["budget_kimg"]
+    assert epochs["train"].config["train"]["budget_kimg"] == TINY["train"]["budget_kimg"] * TINY["select"]["keep_frac"]
+    # the reference, the proxy and the selection do not depend on the policy: shared
+    for key in ("reference", "reweight", "select", "evaluate:reference"):
+        assert images[key].out.fingerprint == epochs[key].out.fingerprint, key
+    assert images["train:uniform"].out.fingerprint != epochs["train:uniform"].out.fingerprint
