@@ -69,14 +69,18 @@ def cells(rows: Iterable[dict[str, Any]]) -> list[Cell]:
     """Group rows by method and budget, each (seed, method, budget) once.
 
     The full-data model appears in every point and the keep_frac 1 models in every scorer's point:
-    they are one run each per seed, counted once.
+    they are one run each per seed, counted once (by the row with the most metrics).
     """
     groups: dict[tuple[str, float, str, str], dict[int, dict[str, Any]]] = {}
     for row in rows:
         keep = 1.0 if row["model"] == "full data" else float(row["keep_frac"])
         reweighting = "dro" if row["model"] == "pruned+reweighted" else "uniform"
         policy, scorer = ("-", "-") if keep == 1.0 else (row["policy"], row["scorer"])
-        groups.setdefault((policy, keep, scorer, reweighting), {}).setdefault(int(row["seed"]), row)
+        by_seed = groups.setdefault((policy, keep, scorer, reweighting), {})
+        seed = int(row["seed"])
+        # the same model evaluated twice (e.g. with Inception in one grid, without in another): keep the fuller row
+        if seed not in by_seed or (by_seed[seed].get("fid_inception") is None and row.get("fid_inception") is not None):
+            by_seed[seed] = row
     return [Cell(*key, tuple(by_seed[s] for s in sorted(by_seed))) for key, by_seed in sorted(groups.items())]
 
 

@@ -132,3 +132,10 @@ def test_frontier_smoke_sweep_writes_report_from_artifacts(prefect_harness, stor
                    f"{r['fd']:.1f} |" in text
     assert text.count("| held") + text.count("| did not hold") + text.count("| held partly") >= 3
     assert (report.parent / "results" / "frontier.png").exists()
+
+
+def test_a_model_evaluated_twice_keeps_the_row_with_inception():
+    rows = _sweep_rows()
+    rows.append(_row(0, "full data", fd=10.0) | {"fid_inception": 55.0})
+    full = next(c for c in cells(rows) if c.is_full)
+    assert full.values("fid_inception") == [55.0] and len(full.rows) == 2
