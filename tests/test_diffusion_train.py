@@ -254,10 +254,6 @@ train(data["images"], data["labels"], options, Path(sys.argv[2]), num_classes=4,
 """
 
 
-@pytest.mark.skipif(
-    os.environ.get("DEDT_TEST_DDP") != "1",
-    reason="starts torchrun with 2 gloo processes (~30 s of imports on 2 shared cores); set DEDT_TEST_DDP=1",
-)
 def test_ddp_on_two_cpu_processes_matches_one_process(tmp_path: Path) -> None:
     """torchrun, 2 CPU processes on gloo: the global batch split in two gives one process's run."""
     images, labels = tiny_data()
