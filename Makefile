@@ -38,12 +38,13 @@ clean-store:
 
 # The headline benchmark: the frontier-mnist5k sweep (96 grid points, ~90 minutes on 2 cores,
 # resumable: run it again after an interruption) and docs/RESULTS.md generated from its artifacts.
-# FRONTIER=frontier-digits is the quick variant.
+# The quick variant: make frontier FRONTIER=frontier-digits REPORT=docs/RESULTS-digits.md
 .PHONY: frontier
 FRONTIER ?= frontier-mnist5k
+REPORT ?= docs/RESULTS.md
 
 frontier: $(STAMP)
-	$(VENV)/bin/dedt sweep $(FRONTIER) --report docs/RESULTS.md
+	$(VENV)/bin/dedt sweep $(FRONTIER) --report $(REPORT)
 
 # Orchestration. `make server` starts a local Prefect server (127.0.0.1:4200, state in
 # .prefect-server) with a process worker; `dedt server stop` ends both. `make ui-check` runs the
