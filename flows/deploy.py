@@ -68,7 +68,8 @@ def deployment_specs(pipelines_file: Path, source: Path = REPO) -> list[Deployme
         pool = sweep.work_pool or points[0].cfg.deployment.work_pool or DEFAULT_POOL
         specs.append(DeploymentSpec("dedt-sweep", name, pool, {"name": name, "pipelines_file": file_param},
                                     ["dedt", "sweep", *sweep.tags], sweep.cron,
-                                    f"dedt sweep {name}: {len(points)} points over {', '.join(sweep.grid)}"))
+                                    f"dedt sweep {name}: {len(points)} points over "
+                                    f"{', '.join(dict.fromkeys(k for grid in sweep.grids for k in grid))}"))
     return specs
 
 
