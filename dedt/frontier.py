@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import statistics
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -19,8 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from dedt.report import plot_class_bars
-from dedt.store import atomic_path, atomic_write_text
+from dedt.report import plot_class_bars, save_figure
+from dedt.store import atomic_write_text
 
 QUALITY_TOL = 0.05  # "matches full-data quality": mean FD within 5% of the full-data mean
 PAPER_MIN_SPEEDUP = 2.34  # the paper's smallest CIFAR-10 speed-up
@@ -272,7 +273,7 @@ def plot_frontier(all_cells: Sequence[Cell], full: Cell, path: Path) -> None:
     ax.set(xlabel="wall-clock seconds (training + encode/score/select + proxy)", ylabel="FD (mean over seeds, log)",
            title="data-efficiency frontier")
     ax.legend(fontsize=7, ncol=2)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_weights_vs_difficulty(all_cells: Sequence[Cell], full: Cell, path: Path) -> dict[str, float]:
@@ -298,21 +299,17 @@ def plot_weights_vs_difficulty(all_cells: Sequence[Cell], full: Cell, path: Path
         ax.legend()
     ax.set(xlabel="full-data model's FD on the class (harder →)", ylabel="mean DRO weight",
            title="weights vs class difficulty")
-    _save(fig, path)
+    save_figure(fig, path)
     return {c: float(w) for c, w in zip(classes, mean_w)}
-
-
-def _save(fig: Any, path: Path) -> None:
-    import matplotlib.pyplot as plt
-
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100, metadata={"Software": None})
-    plt.close(fig)
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def plots_dir(report: Path) -> Path:
+    """Where a report's plots go: beside it, named after it (docs/RESULTS.md -> docs/results/)."""
+    return report.parent / report.stem.lower()
 
 
 def write_report(rows: list[dict[str, Any]], out: Path, *, title: str, command: str,
@@ -323,7 +320,7 @@ def write_report(rows: list[dict[str, Any]], out: Path, *, title: str, command: 
     if not fulls:
         raise ValueError("the sweep has no full-data model (evaluate.baselines: true) to compare against")
     full = fulls[0]
-    images = out.parent / out.stem.lower()
+    images = plots_dir(out)
     images.mkdir(parents=True, exist_ok=True)
     rel = lambda name: f"{images.name}/{name}"  # noqa: E731
     steps = steps_to_quality(all_cells, full)
@@ -403,8 +400,6 @@ def describe_setup(points: Sequence[Any], sweep: Any) -> list[str]:
     cfg = points[0].cfg
     grid_keys = sorted({k for p in points for k in p.values})
     varied = {k: sorted({json.dumps(p.values[k]) for p in points if k in p.values}) for k in grid_keys}
-    import os
-
     return [
         f"Data: `{cfg.dataset.source}` at {cfg.dataset.resolution or 'native'} px, holdout {cfg.dataset.holdout_frac:g} "
         f"per class; encoder `{cfg.encode.encoder}`; scores per class: {cfg.score.per_class}.",

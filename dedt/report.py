@@ -14,6 +14,16 @@ MODEL_LABELS = {"reference": "full data", "train:uniform": "pruned", "train": "p
 SELECTION_STAGES = ("encode", "score", "select")
 
 
+def save_figure(fig: Any, path: Path) -> None:
+    """Write a matplotlib figure as PNG atomically, without a version stamp (same bytes every run)."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100, metadata={"Software": None})
+    plt.close(fig)
+
+
 def plot_weights(weights: np.ndarray, alphas: np.ndarray, path: Path) -> None:
     """Two panels: the DRO trajectory per group and the final weights against uniform."""
     import matplotlib
@@ -30,10 +40,7 @@ def plot_weights(weights: np.ndarray, alphas: np.ndarray, path: Path) -> None:
     right.axhline(1 / len(weights), color="k", ls="--", lw=1, label="uniform")
     right.set(xlabel="group", ylabel="weight", title="averaged weights")
     right.legend()
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100, metadata={"Software": None})
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_class_bars(series: Mapping[str, Mapping[str, float]], path: Path, *, title: str = "per-class FD",
@@ -53,10 +60,7 @@ def plot_class_bars(series: Mapping[str, Mapping[str, float]], path: Path, *, ti
     ax.set_xticks(np.arange(len(classes)), classes)
     ax.set(xlabel="class", ylabel=ylabel, title=title)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100, metadata={"Software": None})
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_class_fd(before: Mapping[str, float], after: Mapping[str, float], path: Path) -> None:

@@ -54,8 +54,8 @@ def run_score(cfg: PipelineConfig, inputs: dict[str, StageDir], out: StageDir) -
     manifest_ids, _, labels = _train_labels(inputs["data"])
     if not np.array_equal(ids, manifest_ids):
         raise DedtError(f"{inputs['encode'].file(EMBEDDINGS)} covers other samples than the manifest; re-run encode")
-    knn = cfg.score
-    params = {"k": knn.k, "index": knn.index, "nprobe": knn.nprobe} if knn.method == "knn" else {}
+    sc = cfg.score
+    params = {"k": sc.k, "index": sc.index, "nprobe": sc.nprobe} if sc.method == "knn" else {}
     scores = score(cfg.score.method, embeddings, labels, per_class=cfg.score.per_class, seed=cfg.seed, **params)
     table = pa.table({"sample_id": ids, "label": labels.astype(np.int32), "score": scores.astype(np.float64)})
     write_parquet(table, out.file(SCORES), {"method": cfg.score.method, "params": cfg.score.model_dump()})

@@ -24,8 +24,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from dedt.config import PipelineConfig, build_config, load_pipelines
 from dedt.errors import DedtError
 from dedt.pipeline import Node, NodeResult
-from dedt.report import MODEL_LABELS, summary_rows
-from dedt.store import StageDir, atomic_path, fingerprint, read_parquet, write_parquet
+from dedt.report import MODEL_LABELS, save_figure, summary_rows
+from dedt.store import StageDir, fingerprint, read_parquet, write_parquet
 
 VERSION = "2"  # bump when the comparison table or plots change
 COMPARISON, FD_PLOT, SPEEDUP_PLOT = "comparison.parquet", "fd_vs_keep_frac.png", "speedup_vs_fd.png"
@@ -212,7 +212,7 @@ def plot_comparison(rows: list[dict[str, Any]], fd_path: Path, speedup_path: Pat
         ax.axhline(statistics.fmean(full), color="k", ls=":", lw=1, label="full data")
     ax.set(xlabel="keep_frac", ylabel="FD (classifier features)", title="FD vs keep ratio")
     ax.legend(fontsize=7)
-    _save(fig, fd_path)
+    save_figure(fig, fd_path)
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for i, scorer in enumerate(scorers):
@@ -226,16 +226,7 @@ def plot_comparison(rows: list[dict[str, Any]], fd_path: Path, speedup_path: Pat
     ax.axvline(1.0, color="k", ls=":", lw=1)
     ax.set(xlabel="speed-up vs full data (x)", ylabel="FD (classifier features)", title="speed-up vs FD")
     ax.legend(fontsize=7)
-    _save(fig, speedup_path)
-
-
-def _save(fig: Any, path: Path) -> None:
-    import matplotlib.pyplot as plt
-
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100, metadata={"Software": None})  # no version stamp: same bytes
-    plt.close(fig)
+    save_figure(fig, speedup_path)
 
 
 def comparison_dir(root: Path, name: str, points: list[GridPoint], plans: list[dict[str, Node]]) -> StageDir:

@@ -130,8 +130,9 @@ def publish_sweep_artifacts(name: str, folder: Path, rows: list[dict[str, Any]])
 
 def publish_report_artifact(name: str, report: Path) -> None:
     """The frontier report as a Markdown artifact, its plots inlined (the UI cannot read local files)."""
+    from dedt.frontier import plots_dir
+
     text = report.read_text()
-    folder = report.parent
-    for png in sorted((folder / report.stem.lower()).glob("*.png")):
+    for png in sorted(plots_dir(report).glob("*.png")):
         text = text.replace(f"]({png.parent.name}/{png.name})", f"]({data_uri(png)})")
     create_markdown_artifact(key=f"{slug(name)}-report", markdown=text, description=f"Frontier report of sweep {name}")
