@@ -20,6 +20,8 @@ EPILOG = """examples:
   dedt run digits-demo --set select.keep_frac=0.2 --set dataset.source=mnist5k
   dedt list                                  list the pipelines in pipelines.yaml
   dedt sweep digits-sweep                    run a grid of pipelines; shared stages run once
+  dedt sweep frontier-mnist5k --report docs/RESULTS.md
+                                             the frontier benchmark and its report (~1 hour)
   dedt server start                          local Prefect server (127.0.0.1:4200) + a process worker
   dedt deploy                                every pipeline and sweep becomes a deployment
   prefect deployment run 'dedt-pipeline/digits-demo' --watch
