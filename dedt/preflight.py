@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ from dedt.errors import DedtError
 from dedt.pipeline import Node, plan
 from dedt.store import StageDir
 
+PREFECT_RESULTS = "_prefect_results"  # where earlier dedt versions let Prefect persist task results
 NATIVE_SHAPES = {"digits": (8, 8, 1), "mnist5k": (28, 28, 1)}  # (H, W, C) of the built-in sources
 
 
@@ -35,6 +37,9 @@ def preflight(cfg: PipelineConfig, root: Path) -> None:
     root = Path(root)
     planned = plan(cfg, root)
     check_store(root, {node.stage for node in planned.values()})
+    if (root / PREFECT_RESULTS).exists():
+        print(f"dedt: warning: {root / PREFECT_RESULTS} is ignored (a Prefect result file can carry code, so "
+              "dedt never reads one); delete it", file=sys.stderr)
     complete = {key: node.out.is_complete() for key, node in planned.items()}
     if all(complete.values()):
         return  # nothing will run, nothing will be read

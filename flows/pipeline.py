@@ -27,11 +27,7 @@ def pipeline_flow(name: str, pipelines_file: str = "pipelines.yaml", overrides: 
     store = Path(root) if root else default_root()
     results: dict[str, NodeResult] = {}
     for key, node in plan(cfg, store).items():
-        was_complete = node.out.is_complete()
-        result = NodeResult(**stage_task(node, cfg, store)(cfg, key, str(store)))
-        # A Prefect cache hit replays the first run's result; run_node's own flag (taken under
-        # the stage lock) is right when another process computed the stage meanwhile.
-        result.cached = was_complete or result.cached
+        result = NodeResult(**stage_task(node, cfg)(cfg, key, str(store)))
         results[key] = result
         print(f"{key:<22} {'cached' if result.cached else 'computed':<9} {result.seconds:8.1f}s  {result.path}")
     rows = summary_rows(results)

@@ -97,7 +97,7 @@ def _environment(state: Path, port: int, query_seconds: float) -> dict[str, str]
     url = api_url(port)
     return os.environ | {
         "PREFECT_HOME": str(state), "PREFECT_API_URL": url, "PREFECT_UI_API_URL": url,
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_WORKER_QUERY_SECONDS": f"{query_seconds:g}",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1", "PREFECT_WORKER_QUERY_SECONDS": f"{query_seconds:g}",
         "DEDT_HOME": str(default_root()), "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
     }
 

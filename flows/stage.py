@@ -26,8 +26,7 @@ def stage_flow(config: dict[str, Any], key: str, root: str, concurrency_tag: str
     """
     cfg = PipelineConfig.model_validate(config)
     node = plan(cfg, Path(root))[key]
-    stage = STAGE_TASKS[node.stage].with_options(tags=[concurrency_tag], refresh_cache=not node.out.is_complete(),
-                                                 result_storage=Path(root) / "_prefect_results")
+    stage = STAGE_TASKS[node.stage].with_options(tags=[concurrency_tag])
     result = stage(cfg, key, root)
     print(f"{key} done in {result['seconds']:.1f}s, {result['path']}")
     return result

@@ -39,7 +39,7 @@ def sweep_flow(name: str, pipelines_file: str = "pipelines.yaml", root: str | No
     nodes = unique_nodes(plans)
     cached = {n.id for n in nodes if plans[n.point][n.key].out.is_complete()}
     print(f"sweep {name}: {len(points)} points, {len(nodes)} distinct stages, {len(cached)} cached")
-    task_for = {n.id: stage_task(plans[n.point][n.key], points[n.point].cfg, store) for n in nodes}
+    task_for = {n.id: stage_task(plans[n.point][n.key], points[n.point].cfg) for n in nodes}
     args = {n.id: {"cfg": points[n.point].cfg, "key": n.key, "root": str(store)} for n in nodes}
     # Cached stages are store reads: run them here and start worker processes only for real work.
     done = {n.id: NodeResult(**task_for[n.id](**args[n.id])) for n in nodes if n.id in cached}
@@ -51,8 +51,6 @@ def sweep_flow(name: str, pipelines_file: str = "pipelines.yaml", root: str | No
                 futures[n.id] = runner.submit(task_for[n.id], args[n.id],
                                               wait_for=[futures[i] for i in n.inputs if i in futures])
             done |= {key: NodeResult(**future.result()) for key, future in futures.items()}
-    for key, result in done.items():
-        result.cached = key in cached  # a persisted result remembers how it was first made
     results = [{key: done[node_id(node)] for key, node in planned.items()} for planned in plans]
     folder = comparison_dir(store, name, points, plans)
     rows = compare(folder, points, results)

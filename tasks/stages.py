@@ -1,8 +1,9 @@
 """One Prefect task per stage. Each is a few lines around ``dedt.pipeline.run_node``.
 
-The cache key is the stage fingerprint (not Prefect's default policy, which includes the run
-id), with results persisted as JSON under the store, so a cache hit carries across runs,
-processes and workers. ``stage_task`` refreshes the cache whenever the store lacks the artifact.
+Prefect neither caches nor persists their results: a result file would be read back with the
+serializer it names (pickle among them), so anyone able to write to the shared store could run
+code. The store is the cache instead: ``run_node`` returns a stage whose ``_COMPLETE`` marker
+checks out without computing it, so a second run of an unchanged pipeline recomputes nothing.
 
 When a pipeline names ``deployment.gpu_pool``, its train and evaluate stages are *dispatched*:
 the task starts a ``dedt-stage`` flow run on that pool's worker (``run_deployment``) and, once it
@@ -16,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from prefect import Task, task
-from prefect.context import TaskRunContext
+from prefect.cache_policies import NO_CACHE
 
 from dedt.config import PipelineConfig
 from dedt.errors import DedtError
@@ -30,11 +31,6 @@ DISPATCH_POLL_S = 1.0  # the parent waits on a dispatched stage; 1 s adds at mos
 def gpu_tag(pool: str) -> str:
     """The task tag that a concurrency limit of 1 holds to: one train/evaluate at a time per GPU pool."""
     return f"dedt-gpu-{pool}"
-
-
-def stage_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
-    node = plan(parameters["cfg"], Path(parameters["root"]))[parameters["key"]]
-    return f"dedt-{node.stage}-{node.out.fingerprint}"
 
 
 def _run(cfg: PipelineConfig, key: str, root: str) -> dict[str, Any]:
@@ -62,16 +58,14 @@ def _dispatch(cfg: PipelineConfig, key: str, root: str) -> dict[str, Any]:
 
 
 def _stage_task(stage: str, fn: Any) -> Task[..., dict[str, Any]]:
-    return task(fn, name=stage, task_run_name="{key}", cache_key_fn=stage_cache_key,
-                persist_result=True, result_serializer="json", retries=0)
+    return task(fn, name=stage, task_run_name="{key}", cache_policy=NO_CACHE, persist_result=False, retries=0)
 
 
 STAGE_TASKS = {stage: _stage_task(stage, _run) for stage in VERSIONS}
 DISPATCH_TASKS = {stage: _stage_task(stage, _dispatch) for stage in GPU_STAGES}
 
 
-def stage_task(node: Node, cfg: PipelineConfig, store: Path) -> Task[..., dict[str, Any]]:
+def stage_task(node: Node, cfg: PipelineConfig) -> Task[..., dict[str, Any]]:
     """The task that computes ``node``: dispatched to the GPU pool for train/evaluate when one is named."""
     dispatch = cfg.deployment.gpu_pool is not None and node.stage in GPU_STAGES
-    base = DISPATCH_TASKS[node.stage] if dispatch else STAGE_TASKS[node.stage]
-    return base.with_options(refresh_cache=not node.out.is_complete(), result_storage=store / "_prefect_results")
+    return DISPATCH_TASKS[node.stage] if dispatch else STAGE_TASKS[node.stage]

@@ -37,6 +37,14 @@ class Case:
     overrides: list[str] = field(default_factory=list)
     store: Callable[[Path], Path] | None = None  # builds a store to run against (planted artifacts)
     env: dict = field(default_factory=dict)
+    hostile: bool = False  # crafted to exhaust memory or time: the run gets LIMIT_AS of address space, LIMIT_S
+
+
+LIMIT_AS, LIMIT_S = 3 << 30, 90
+# Python that caps its own address space, then runs the CLI: a case that would allocate more fails
+# with MemoryError (exit 1) instead of exhausting the machine.
+CAPPED = ("import os, resource, sys; resource.setrlimit(resource.RLIMIT_AS, (int(sys.argv[1]),) * 2); "
+          "os.execv(sys.executable, [sys.executable, '-m', 'flows.cli', *sys.argv[2:]])")
 
 
 def with_dataset(**dataset) -> dict:  # noqa: ANN003
@@ -121,6 +129,39 @@ def _cifar_evil(work: Path) -> Case:
 
     (root / "data_batch_1").write_bytes(pickle.dumps({b"data": Evil(), b"labels": [0]}))
     return Case(with_dataset(source="cifar10", path=str(root)), "refusing to load")
+
+
+def cifar_case(batch: Callable[[], bytes], meta: Callable[[], bytes] | None = None, needle: str = "data_batch_1") -> Callable:
+    """A cifar-10-batches-py folder with a crafted ``data_batch_1`` (and ``batches.meta``), run under the caps."""
+    def build(work: Path) -> Case:
+        root = work / "cifar-10-batches-py"
+        root.mkdir()
+        (root / "data_batch_1").write_bytes(batch())
+        if meta is not None:
+            (root / "batches.meta").write_bytes(meta())
+        return Case(with_dataset(source="cifar10", path=str(root)), needle, hostile=True)
+    return build
+
+
+def _cifar_valid() -> bytes:
+    from tests.test_security import cifar_py2_batch
+
+    return cifar_py2_batch(np.zeros((20, 3072), np.uint8), [0, 1] * 10)
+
+
+def _cifar_zero_strides() -> bytes:
+    """A few bytes claiming a (10^7, 3072) array (~30 GiB): numpy's rebuilder would make it from zero strides."""
+    from tests.test_security import cifar_py2_batch
+
+    return cifar_py2_batch(np.zeros((1, 3072), np.uint8), [0], shape=(10_000_000, 3072))
+
+
+def _cifar_shared_lists() -> bytes:
+    """~1 KB of pickle whose labels are a binary tree of one shared list 60 levels deep (2^60 leaves)."""
+    node: list = [0]
+    for _ in range(60):
+        node = [node, node]
+    return pickle.dumps({b"data": np.zeros((2, 3072), np.uint8), b"labels": node}, protocol=2)
 
 
 def _cifar_empty(work: Path) -> Case:
@@ -244,6 +285,15 @@ CASES: dict[str, Callable[[Path], Case]] = {
     "npz-not-an-npz": _junk_npz,
     "cifar10-no-batches": _cifar_empty,
     "cifar10-pickle-payload": _cifar_evil,
+    "cifar10-object-array": cifar_case(lambda: pickle.dumps({b"data": np.array([[1, "x"]], object), b"labels": [0]}, 2),
+                                       needle="not a uint8 array"),
+    "cifar10-zero-stride-giant": cifar_case(_cifar_zero_strides, needle="(N, 3072)"),
+    "cifar10-shared-nested-lists": cifar_case(_cifar_shared_lists, needle="'labels'"),
+    "cifar10-not-a-dict": cifar_case(lambda: pickle.dumps([1, 2, 3], 2), needle="holds no dict"),
+    "cifar10-huge-int-label": cifar_case(lambda: pickle.dumps({b"data": np.zeros((1, 3072), np.uint8),
+                                                               b"labels": [10 ** 5000]}, 2), needle="'labels'"),
+    "cifar10-truncated": cifar_case(lambda: _cifar_valid()[:-3000]),
+    "cifar10-bad-meta": cifar_case(_cifar_valid, lambda: pickle.dumps({b"label_names": 5}, 2), needle="batches.meta"),
     # configs
     "config-bad-yaml": lambda w: Case("pipelines: {p: {seed: [1, 2}", "pipelines.yaml:1:"),
     "config-python-tag": simple("pipelines:\n  p: !!python/object/apply:os.system ['true']\n", "tag refused"),
@@ -296,9 +346,11 @@ def run_case(name: str, work: Path) -> dict:
     store = case.store(work) if case.store else work / "store"
     before = snapshot(store)
     cmd = [sys.executable, "-m", "flows.cli", "run", "p", "--pipelines", str(pipelines)]
+    if case.hostile:
+        cmd[1:3] = ["-c", CAPPED, str(LIMIT_AS)]
     cmd += [a for o in case.overrides for a in ("--set", o)]
     env = {**os.environ, **ENV, "DEDT_HOME": str(store), **case.env}
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=LIMIT_S if case.hostile else 300)
     needle = case.needle(work) if callable(case.needle) else case.needle
     return {"code": proc.returncode, "stderr": proc.stderr, "stdout": proc.stdout, "needle": needle,
             "before": before, "after": snapshot(store), "work": work}

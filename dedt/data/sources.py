@@ -6,11 +6,12 @@ a local path. Bad input stops here, before any work, with the file and the fix i
 
 from __future__ import annotations
 
-import pickle
+import pickletools
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -101,16 +102,199 @@ def _stack(images: list[np.ndarray], where: Path) -> np.ndarray | list[np.ndarra
     return images  # type: ignore[return-value]
 
 
-class _ArrayOnlyUnpickler(pickle.Unpickler):
-    """CIFAR-10's batches are pickles: allow only the numpy array reconstructors, nothing else."""
+CIFAR_MAX_FILE_BYTES = 256 << 20  # a CIFAR-10 batch is 31 MB
+CIFAR_MAX_OPCODES = 4_000_000  # a batch of 10,000 images takes ~100,000; bounds the objects a file can make
+_RECONSTRUCT = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct")}
+_FROMBUFFER = {("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer")}
+_NAMES = _RECONSTRUCT | _FROMBUFFER | {("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
+# numpy's pickled state of dtype('u1'); Python 2 pickles (CIFAR-10's own files) hold bytes where Python 3 has str
+_U8_STATES = {(3, order, None, None, None, -1, -1, 0) for order in ("|", "<", ">", "=", b"|", b"<", b">", b"=")}
+_U8_NAMES = {"u1", "|u1", "uint8", b"u1", b"|u1", b"uint8"}
 
-    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-               ("numpy", "ndarray"), ("numpy", "dtype")}
 
-    def find_class(self, module: str, name: str):  # noqa: ANN201
-        if (module, name) not in self.ALLOWED:
-            raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
-        return super().find_class(module, name)
+@dataclass(frozen=True)
+class _Name:
+    """A global the pickle names: kept as a name, never imported or called."""
+
+    module: str
+    name: str
+
+
+class _U8:
+    """The dtype uint8, as described by the pickle."""
+
+
+@dataclass
+class _Bytes2D:
+    """A uint8 array as described by the pickle: its shape and its raw bytes, nothing allocated."""
+
+    shape: tuple[int, ...] | None = None
+    raw: bytes | None = None
+
+
+def _call(func: Any, args: Any) -> Any:
+    """What REDUCE may build: a uint8 dtype, an empty array to BUILD, an array from a buffer, latin-1 bytes."""
+    if not isinstance(func, _Name) or not isinstance(args, tuple):
+        raise ValueError("a call of something other than a numpy array rebuilder")
+    key = (func.module, func.name)
+    if key == ("_codecs", "encode") and len(args) == 2 and isinstance(args[0], str) and args[1] in ("latin1", "latin-1"):
+        return args[0].encode("latin-1")  # how Python 3 writes bytes at protocol 2
+    if key == ("numpy", "dtype") and args and isinstance(args[0], (str, bytes)) and args[0] in _U8_NAMES:
+        return _U8()
+    if key in _RECONSTRUCT and len(args) == 3 and args[0] == _Name("numpy", "ndarray"):
+        return _Bytes2D()
+    if key in _FROMBUFFER and len(args) == 4 and isinstance(args[0], bytes) and isinstance(args[1], _U8) \
+            and args[3] == "C":
+        return _Bytes2D(args[2], args[0])
+    raise ValueError(f"a call of {func.module}.{func.name} that is not a uint8 array")
+
+
+def _build(obj: Any, state: Any) -> None:
+    """BUILD: the state of a uint8 dtype or of a C-ordered uint8 array; nothing else."""
+    flat = isinstance(state, tuple) and all(x is None or type(x) in (int, str, bytes) for x in state)  # cheap to hash
+    if isinstance(obj, _U8) and flat and state in _U8_STATES:
+        return
+    if isinstance(obj, _Bytes2D) and obj.raw is None and isinstance(state, tuple) and len(state) == 5 \
+            and isinstance(state[2], _U8) and state[3] is False and isinstance(state[4], bytes):
+        obj.shape, obj.raw = state[1], state[4]
+        return
+    raise ValueError("object state other than a uint8 array's")
+
+
+_PUSH = {"NONE": lambda arg: None, "NEWTRUE": lambda arg: True, "NEWFALSE": lambda arg: False,
+         "EMPTY_DICT": lambda arg: {}, "EMPTY_LIST": lambda arg: [], "EMPTY_TUPLE": lambda arg: ()}
+_SCALARS = {"INT", "BININT", "BININT1", "BININT2", "LONG", "LONG1", "LONG4", "FLOAT", "BINFLOAT",
+            "BINBYTES", "SHORT_BINBYTES", "BINBYTES8", "UNICODE", "BINUNICODE", "SHORT_BINUNICODE", "BINUNICODE8"}
+
+
+def _walk_pickle(data: bytes) -> Any:
+    """Evaluate a CIFAR python batch's pickle opcodes without importing or calling anything.
+
+    ``pickle.load`` would hand numpy's reconstructors attacker-chosen dtypes, strides and shapes
+    (object arrays over raw pointers, zero-stride giants); here plain values (dict, list, tuple,
+    bytes, str, int, float, bool, None) come out as themselves and numpy's rebuilders only as
+    descriptions of a uint8 array (``_Bytes2D``). Everything else is refused with a ValueError.
+    """
+    stack: list[Any] = []
+    marks: list[int] = []
+    memo: dict[int, Any] = {}
+
+    def since_mark() -> list[Any]:
+        at = marks.pop()
+        items = stack[at:]
+        del stack[at:]
+        return items
+
+    for count, (op, arg, _) in enumerate(pickletools.genops(data)):
+        if count > CIFAR_MAX_OPCODES:
+            raise ValueError(f"more than {CIFAR_MAX_OPCODES:,} pickle opcodes")
+        name = op.name
+        if name in ("PROTO", "FRAME"):
+            continue
+        if name == "STOP":
+            if len(stack) != 1:
+                raise ValueError("a malformed pickle")
+            return stack[0]
+        if name in _PUSH:
+            stack.append(_PUSH[name](arg))
+        elif name in _SCALARS:
+            stack.append(arg)
+        elif name in ("STRING", "BINSTRING", "SHORT_BINSTRING"):
+            stack.append(arg.encode("latin-1"))  # Python 2's str, read as bytes (pickle's encoding="bytes")
+        elif name == "BYTEARRAY8":
+            stack.append(bytes(arg))
+        elif name == "MARK":
+            marks.append(len(stack))
+        elif name in ("TUPLE", "LIST"):
+            items = since_mark()
+            stack.append(tuple(items) if name == "TUPLE" else items)
+        elif name in ("TUPLE1", "TUPLE2", "TUPLE3"):
+            n = int(name[-1])
+            if len(stack) < n:
+                raise ValueError("a malformed pickle")
+            items = tuple(stack[-n:])
+            del stack[-n:]
+            stack.append(items)
+        elif name in ("APPEND", "APPENDS"):
+            items = [stack.pop()] if name == "APPEND" else since_mark()
+            if not isinstance(stack[-1], list):
+                raise ValueError("APPEND to something other than a list")
+            stack[-1].extend(items)
+        elif name in ("DICT", "SETITEM", "SETITEMS"):
+            items = stack[-2:] if name == "SETITEM" else since_mark()
+            if name == "SETITEM":
+                del stack[-2:]
+            target = {} if name == "DICT" else stack[-1]
+            if not isinstance(target, dict) or any(not isinstance(k, (bytes, str, int)) for k in items[::2]):
+                raise ValueError("a dict that is not keyed by strings")
+            target.update(zip(items[::2], items[1::2]))
+            if name == "DICT":
+                stack.append(target)
+        elif name in ("PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE"):
+            memo[len(memo) if name == "MEMOIZE" else arg] = stack[-1]
+        elif name in ("GET", "BINGET", "LONG_BINGET"):
+            stack.append(memo[arg])
+        elif name in ("GLOBAL", "STACK_GLOBAL"):
+            if name == "GLOBAL":
+                module, _, attr = arg.partition(" ")
+            else:
+                attr, module = stack.pop(), stack.pop()
+            if not isinstance(module, str) or not isinstance(attr, str) or (module, attr) not in _NAMES:
+                raise ValueError(f"refusing to load {str(module)[:60]}.{str(attr)[:60]}")
+            stack.append(_Name(module, attr))
+        elif name == "REDUCE":
+            args = stack.pop()
+            stack.append(_call(stack.pop(), args))
+        elif name == "BUILD":
+            state = stack.pop()
+            _build(stack[-1], state)
+        else:
+            raise ValueError(f"pickle opcode {name}, which no CIFAR batch holds")
+    raise ValueError("a pickle without its end (STOP)")
+
+
+def _read_cifar_pickle(file: Path) -> dict[Any, Any]:
+    """A CIFAR pickle's top-level dict; every failure is a one-line DedtError naming the file."""
+    try:
+        if not file.is_file():
+            raise ValueError("not a regular file")
+        if file.stat().st_size > CIFAR_MAX_FILE_BYTES:
+            raise ValueError(f"larger than {CIFAR_MAX_FILE_BYTES >> 20} MiB")
+        batch = _walk_pickle(file.read_bytes())
+        if not isinstance(batch, dict):
+            raise ValueError("its pickle holds no dict")
+        return {k.decode("latin-1") if isinstance(k, bytes) else k: v for k, v in batch.items()}
+    except OSError as exc:
+        raise DedtError(f"cannot read {file}: {exc.strerror or exc}; check the file") from exc
+    except (ValueError, KeyError, IndexError, TypeError, OverflowError, MemoryError) as exc:
+        raise DedtError(f"{file} is not a CIFAR-10 python batch ({exc}); re-extract cifar-10-python.tar.gz") from None
+
+
+def _cifar_batch(file: Path) -> tuple[np.ndarray, list[int]]:
+    """(uint8 images (N, 32, 32, 3), labels) of one batch: only a (N, 3072) uint8 array and N labels 0..9."""
+    batch = _read_cifar_pickle(file)
+    data, labels = batch.get("data"), batch.get("labels")
+    if not isinstance(data, _Bytes2D) or data.raw is None or not isinstance(data.shape, tuple) \
+            or len(data.shape) != 2 or data.shape[1] != 3072 or type(data.shape[0]) is not int \
+            or data.shape[0] * 3072 != len(data.raw):
+        raise DedtError(f"{file}: 'data' is not a uint8 array of shape (N, 3072) holding its N x 3072 bytes; "
+                        "re-extract cifar-10-python.tar.gz")
+    if not isinstance(labels, list) or len(labels) != data.shape[0] \
+            or any(type(y) is not int or not 0 <= y < 10 for y in labels):
+        raise DedtError(f"{file}: 'labels' is not a list of {data.shape[0]} integers 0..9; re-extract cifar-10-python.tar.gz")
+    images = np.frombuffer(data.raw, np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+    return images, labels
+
+
+def _cifar_names(meta: Path) -> list[str]:
+    names = _read_cifar_pickle(meta).get("label_names")
+    if not isinstance(names, list) or len(names) != 10 \
+            or any(not isinstance(n, (bytes, str)) or not 0 < len(n) <= 64 for n in names):
+        raise DedtError(f"{meta}: 'label_names' is not a list of 10 short names; re-extract cifar-10-python.tar.gz")
+    try:
+        return [n.decode() if isinstance(n, bytes) else n for n in names]
+    except UnicodeDecodeError:
+        raise DedtError(f"{meta}: 'label_names' are not UTF-8; re-extract cifar-10-python.tar.gz") from None
 
 
 def _cifar10(path: str | None) -> RawDataset:
@@ -119,21 +303,11 @@ def _cifar10(path: str | None) -> RawDataset:
     present = [f for f in files if f.exists()]
     if not present:
         raise DedtError(f"{root} has no data_batch_1..5; expected the cifar-10-batches-py folder")
-    data, labels = [], []
-    for file in present:
-        try:
-            with open(file, "rb") as handle:
-                batch = _ArrayOnlyUnpickler(handle, encoding="bytes").load()
-            data.append(np.asarray(batch[b"data"], np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
-            labels.extend(batch[b"labels"])
-        except (pickle.UnpicklingError, KeyError, ValueError, EOFError) as exc:
-            raise DedtError(f"{file} is not a CIFAR-10 python batch ({exc}); re-extract cifar-10-python.tar.gz") from exc
-    names = [f"class_{i}" for i in range(10)]
+    batches = [_cifar_batch(file) for file in present]
     meta = root / "batches.meta"
-    if meta.exists():
-        with open(meta, "rb") as handle:
-            names = [n.decode() for n in _ArrayOnlyUnpickler(handle, encoding="bytes").load()[b"label_names"]]
-    return RawDataset(np.concatenate(data), np.asarray(labels, np.int64), names)
+    names = _cifar_names(meta) if meta.exists() else [f"class_{i}" for i in range(10)]
+    return RawDataset(np.concatenate([images for images, _ in batches]),
+                      np.asarray([y for _, labels in batches for y in labels], np.int64), names)
 
 
 def _npz(path: str | None) -> RawDataset:
