@@ -71,7 +71,7 @@ def check_store(root: Path, stages: set[str] = frozenset()) -> None:
 
 def data_shape(cfg: PipelineConfig, data: StageDir) -> tuple[int, int, int]:
     """(H, W, C) of the images in a finished data stage."""
-    summary = json.loads(data.file("summary.json").read_text())
+    summary = data.read_json("summary.json")
     height, width, channels = summary["shape"]
     return int(height), int(width), int(channels)
 
@@ -262,7 +262,7 @@ def _check_weights(cfg: PipelineConfig, node: Node, planned: dict[str, Node], ma
                         f"(sum {weights.sum():.6g}, min {weights.min() if len(weights) else 'n/a'}); "
                         f"{_delete_hint(node.out)}")
     if cfg.reweight.groups == "class":
-        summary = json.loads(planned["data"].out.file("summary.json").read_text())
+        summary = planned["data"].out.read_json("summary.json")
         if len(weights) != summary["classes"]:
             raise DedtError(f"artifact {node.out.file(WEIGHTS)} has {len(weights)} class weights for "
                             f"{summary['classes']} classes; {_delete_hint(node.out)}")

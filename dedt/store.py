@@ -13,6 +13,7 @@ import fcntl
 import hashlib
 import json
 import os
+import stat
 import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -25,6 +26,8 @@ import pyarrow.parquet as pq
 from dedt.errors import DedtError
 
 MARKER = "_COMPLETE"
+MAX_MARKER_BYTES = 1 << 20  # a marker lists a stage's files: a few KB
+MAX_JSON_BYTES = 64 << 20  # summary.json and the like: KBs
 
 
 class CorruptArtifactWarning(UserWarning):
@@ -64,27 +67,41 @@ class StageDir:
 
     def is_complete(self) -> bool:
         """True when the marker exists and every recorded artifact still has its checksum."""
-        return (self.path / MARKER).exists() and not self.damaged()
+        return os.path.lexists(self.path / MARKER) and not self.damaged()
 
     def damaged(self) -> list[Path]:
         """Artifacts whose SHA-256 no longer matches the marker (or that are gone), the marker itself
-        when unreadable; empty when there is no marker (work in progress, not damage)."""
+        when unreadable; empty when there is no marker (work in progress, not damage).
+
+        The store may be shared, so a marker is untrusted: it may name plain files of its own folder
+        only (no path, no link, no device or FIFO that would hang the read), else it is damaged."""
         marker = self.path / MARKER
-        if not marker.exists():
+        if not os.path.lexists(marker):
             return []
         try:
-            recorded = json.loads(marker.read_text())["files"]
+            with open_regular(marker) as handle:
+                recorded = json.loads(handle.read(MAX_MARKER_BYTES + 1))["files"]
+            if not isinstance(recorded, dict) or not all(_plain_name(n) and isinstance(d, str) for n, d in recorded.items()):
+                return [marker]
         except (ValueError, KeyError, TypeError, OSError):
             return [marker]
         bad = []
         for name, digest in recorded.items():
             path = self.path / name
             try:
-                if file_sha256(path) != digest:
+                if file_sha256(path, follow_links=False) != digest:
                     bad.append(path)
             except OSError:  # missing, or not a readable file
                 bad.append(path)
         return bad
+
+    def read_json(self, name: str) -> Any:
+        """A JSON file of the folder, read as a marker's files are (regular, no link, bounded)."""
+        try:
+            with open_regular(self.path / name, MAX_JSON_BYTES) as handle:
+                return json.loads(handle.read())
+        except (OSError, ValueError) as exc:
+            raise DedtError(f"{self.path / name} is unreadable ({exc}); delete {self.path} and re-run") from exc
 
     def mark_complete(self, files: list[str], config: Mapping[str, Any]) -> None:
         """Record checksums of ``files`` and the resolved config; the marker goes last."""
@@ -122,9 +139,27 @@ class StageDir:
                 tmp.unlink(missing_ok=True)
 
 
-def file_sha256(path: Path) -> str:
+def _plain_name(name: object) -> bool:
+    """A file name of the folder itself: no separator, no '..', not hidden (temp files and locks)."""
+    return isinstance(name, str) and name == os.path.basename(name) and not name.startswith(".") and "\0" not in name
+
+
+def open_regular(path: Path, max_bytes: int | None = MAX_MARKER_BYTES, *, follow_links: bool = False) -> Any:
+    """Open ``path`` for reading only if it is a regular file (not a FIFO or device, which would block
+    or never end), by default not through a symlink; ``max_bytes`` caps its size (None: any size).
+    Raises OSError otherwise."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | (0 if follow_links else os.O_NOFOLLOW))
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode) or (max_bytes is not None and info.st_size > max_bytes):
+        os.close(fd)
+        raise OSError(f"{path} is not a regular file" if not stat.S_ISREG(info.st_mode) else f"{path} is too large")
+    return os.fdopen(fd, "rb")
+
+
+def file_sha256(path: Path, *, follow_links: bool = True) -> str:
+    """SHA-256 of a regular file; ``follow_links=False`` refuses a symlink (files named by a marker)."""
     digest = hashlib.sha256()
-    with open(path, "rb") as handle:
+    with open_regular(path, max_bytes=None, follow_links=follow_links) as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import json
 import os
 import pickle
 import struct
@@ -180,6 +181,58 @@ def test_cifar10_batches_round_trip(tmp_path: Path, protocol: object) -> None:
     assert np.array_equal(raw.images, data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
     assert raw.labels.tolist() == batches[0][1] + batches[1][1]
     assert raw.class_names == [n.decode() for n in CIFAR_NAMES]
+
+
+# ---- the store ---------------------------------------------------------------------------------------
+
+
+def test_a_planted_marker_names_only_plain_files_of_its_folder(tmp_path: Path) -> None:
+    """A marker naming a path out of its folder, a device, a FIFO or a symlink (or itself a FIFO, or
+    huge) makes the stage incomplete at once: nothing is followed, nothing blocks."""
+    import time
+
+    from dedt.store import MAX_MARKER_BYTES, StageDir, file_sha256
+
+    out = StageDir(tmp_path / "store", "data", "0" * 16)
+    out.path.mkdir(parents=True)
+    (out.path / "ok.json").write_text("{}")
+    digest = file_sha256(out.path / "ok.json")
+    os.mkfifo(out.path / "fifo")
+    (out.path / "link").symlink_to(out.path / "ok.json")
+    marker = out.path / "_COMPLETE"
+    marker.write_text(json.dumps({"files": {"ok.json": digest}}))
+    assert out.is_complete()
+    start = time.monotonic()
+    for name in ("../../../../dev/zero", "/dev/zero", "/dev/stdin", "fifo", "link", "sub/ok.json", ".lock", ""):
+        marker.write_text(json.dumps({"files": {"ok.json": digest, name: digest}}))
+        assert not out.is_complete(), name
+    marker.write_text(json.dumps({"files": {"ok.json": digest}}) + " " * MAX_MARKER_BYTES)
+    assert not out.is_complete()
+    marker.unlink()
+    os.mkfifo(marker)
+    assert not out.is_complete()
+    marker.unlink()
+    marker.symlink_to(out.path / "ok.json")
+    assert not out.is_complete()
+    assert time.monotonic() - start < 10
+
+
+def test_dry_run_over_a_marker_naming_a_device_ends(tmp_path: Path) -> None:
+    """`dedt run --dry-run` over a store whose data-stage marker names /dev/zero: it ends at once and
+    reports the stage as to run."""
+    from dedt.config import build_config
+    from dedt.pipeline import plan
+    from tests.conftest import TINY
+
+    (tmp_path / "pipelines.yaml").write_text(yaml.safe_dump({"pipelines": {"p": TINY}}))
+    data = plan(build_config(TINY, "p"), tmp_path / "store")["data"].out
+    data.path.mkdir(parents=True)
+    (data.path / "_COMPLETE").write_text(json.dumps({"files": {"../../../../../../dev/zero": "0" * 64}}))
+    proc = subprocess.run([sys.executable, "-m", "flows.cli", "run", "p", "--dry-run", "--pipelines",
+                           str(tmp_path / "pipelines.yaml")], capture_output=True, text=True, cwd=REPO, timeout=60,
+                          env={**os.environ, "DEDT_HOME": str(tmp_path / "store")})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert any(line.split()[:1] == ["data"] and line.endswith("to run") for line in proc.stdout.splitlines())
 
 
 # ---- dataset paths --------------------------------------------------------------------------------
