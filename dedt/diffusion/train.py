@@ -41,6 +41,7 @@ from dedt.diffusion.presets import build_model, build_scheduler, count_parameter
 from dedt.diffusion.sampler import BatchSampler, check_class_weights
 from dedt.errors import DedtError
 from dedt.store import atomic_path, atomic_write_text, file_sha256
+from dedt.precision import tf32
 
 # Options that may change between a run and its resumption: they don't change what is computed.
 RESUMABLE_CHANGES = frozenset({"budget_kimg", "checkpoint_every_kimg", "keep_checkpoints", "log_every_kimg"})
@@ -104,10 +105,20 @@ def peak_flops(device: torch.device, precision: str, tf32: bool) -> float | None
 
 
 def forward_flops(model: torch.nn.Module, x: torch.Tensor, labels: torch.Tensor | None) -> int:
-    """FLOPs of one forward pass on the batch ``x`` (counted by torch's FlopCounterMode)."""
+    """FLOPs of one forward pass on the batch ``x`` (counted by torch's FlopCounterMode).
+
+    In eval mode and a forked RNG: training probes after restoring a checkpoint, and a dropout draw
+    here would shift the random stream the resumed steps continue.
+    """
     t = torch.zeros(len(x), dtype=torch.long, device=x.device)
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(x, t, class_labels=labels)
+    was_training = model.training
+    devices = [x.device] if x.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model.eval()
+        try:
+            model(x, t, class_labels=labels)
+        finally:
+            model.train(was_training)
     return counter.get_total_flops()
 
 
@@ -489,7 +500,10 @@ def _init_world(device: str) -> tuple[World, bool]:
         created = True
     if not dist.is_initialized():
         return World(), created
-    return World(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0"))), created
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if not created and device != "cpu" and torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)  # the caller's process group: still one GPU per process
+    return World(dist.get_rank(), dist.get_world_size(), local_rank), created
 
 
 def _gather(tensor: torch.Tensor, world: World) -> list[torch.Tensor]:
@@ -512,16 +526,15 @@ def _fork_rng(device: str, world: World) -> Iterator[None]:
 @contextlib.contextmanager
 def backend_flags(options: TrainOptions) -> Iterator[None]:
     """Within: TF32 on for ``tf32`` and off otherwise, so 'fp32' means IEEE fp32 (cuDNN convolutions
-    default to TF32); cuDNN autotuning on CUDA, as the shapes are fixed. Restored on exit."""
-    matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
-    saved = (matmul.fp32_precision, conv.fp32_precision, torch.backends.cudnn.benchmark)
-    mode = "tf32" if options.tf32 else "ieee"
-    matmul.fp32_precision, conv.fp32_precision = mode, mode
+    default to TF32), set through ``dedt.precision.tf32`` so the legacy getters inductor reads keep
+    working; cuDNN autotuning on CUDA, as the shapes are fixed. Restored on exit."""
+    benchmark = torch.backends.cudnn.benchmark
     torch.backends.cudnn.benchmark = options.device != "cpu" and torch.cuda.is_available()
     try:
-        yield
+        with tf32(options.tf32):
+            yield
     finally:
-        matmul.fp32_precision, conv.fp32_precision, torch.backends.cudnn.benchmark = saved
+        torch.backends.cudnn.benchmark = benchmark
 
 
 def _identity(
@@ -533,15 +546,15 @@ def _identity(
     seed: int,
     world: World,
 ) -> dict[str, Any]:
-    """What a checkpoint must match to be resumed: options (but the budget and intervals), data, seed."""
+    """What a checkpoint must match to be resumed: options (but the budget, intervals and device), data,
+    seed. The device is left out, as in the stage fingerprint: a run cut on one device resumes on another."""
     digest = hashlib.sha256()
     for array in (images, np.asarray(labels, dtype=np.int64)):
         digest.update(str(array.shape).encode())
         digest.update(np.ascontiguousarray(array).data)
     if class_weights is not None:
         digest.update(np.asarray(class_weights, dtype=np.float64).tobytes())
-    fixed = {k: v for k, v in options.model_dump().items() if k not in RESUMABLE_CHANGES}
-    device = resolve_device(options.device, world.local_rank).type
+    fixed = {k: v for k, v in options.model_dump().items() if k not in RESUMABLE_CHANGES | {"device"}}
     return {
         "format": CHECKPOINT_FORMAT,
         "options": fixed,
@@ -549,7 +562,6 @@ def _identity(
         "num_classes": num_classes,
         "seed": seed,
         "world_size": world.size,
-        "device_type": device,
     }
 
 
@@ -636,9 +648,14 @@ def _write_checkpoint(
 
 
 def _load_checkpoint(trainer: Trainer, path: Path, identity: dict[str, Any]) -> tuple[float, float]:
-    """Restore ``trainer`` from ``path``; returns (seconds trained, last logged loss)."""
+    """Restore ``trainer`` from ``path``; returns (seconds trained, last logged loss).
+
+    The training state is read onto the CPU (the optimiser moves its state to the parameters'
+    device), so no torchrun rank materialises it on GPU 0. A checkpoint of another device type
+    resumes with the RNG streams re-seeded from (seed, step): CPU and CUDA generator states differ.
+    """
     state = json.loads((path / "state.json").read_text())
-    saved = state.get("identity", {})
+    saved = _without_device(state.get("identity", {}))  # checkpoints from before the device left the identity
     if saved != identity:
         keys = sorted({*saved, *identity} - {"options"})
         differ = [k for k in keys if saved.get(k) != identity.get(k)]
@@ -650,8 +667,20 @@ def _load_checkpoint(trainer: Trainer, path: Path, identity: dict[str, Any]) -> 
         )
     trainer.model.load_state_dict(load_file(path / "model.safetensors"))
     trainer.ema.module.load_state_dict(load_file(path / "ema.safetensors"))
-    trainer.load_training_state(torch.load(path / "training_state.pt", weights_only=True))
-    trainer.step_count, trainer.nimg = int(state["step"]), int(state["nimg"])
+    training_state = torch.load(path / "training_state.pt", map_location="cpu", weights_only=True)
+    step, on_cuda = int(state["step"]), trainer.device.type == "cuda"
+    if ("cuda_rng" in training_state) != on_cuda:  # only a CUDA run saves the CUDA RNG
+        warnings.warn(f"{path} was written on another device type: resuming with the random streams re-seeded "
+                      "from the seed and step (the run differs from an uninterrupted one)", stacklevel=2)
+        trainer.generator.manual_seed(_derive_seed(identity["seed"], "noise", "resumed", step))
+        torch.manual_seed(_derive_seed(identity["seed"], "dropout", trainer.world.rank, "resumed", step))
+        training_state = {k: v for k, v in training_state.items() if k not in ("generator", "torch_rng", "cuda_rng")}
+        training_state["generator"] = trainer.generator.get_state()
+        training_state["torch_rng"] = [torch.get_rng_state()] * trainer.world.size  # each rank its own
+        if on_cuda:
+            training_state["cuda_rng"] = [torch.cuda.get_rng_state(trainer.device)] * trainer.world.size
+    trainer.load_training_state(training_state)
+    trainer.step_count, trainer.nimg = step, int(state["nimg"])
     return float(state["seconds"]), float(state["loss"])
 
 
@@ -661,6 +690,12 @@ def _write_final(
     """The trained weights and the config that rebuilds the UNet (``load_model``)."""
     with atomic_path(run_dir / "model.safetensors") as tmp:
         save_file(_state_dict(trainer.model), str(tmp))
+
+
+def _without_device(identity: dict[str, Any]) -> dict[str, Any]:
+    """``identity`` without the device fields that earlier checkpoints recorded in it."""
+    options = {k: v for k, v in identity.get("options", {}).items() if k != "device"}
+    return {k: v for k, v in identity.items() if k != "device_type"} | {"options": options}
     with atomic_path(run_dir / "ema.safetensors") as tmp:
         save_file(_state_dict(trainer.ema.module), str(tmp))
     config = {

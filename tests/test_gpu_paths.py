@@ -1,0 +1,200 @@
+"""The CUDA paths' device-independent behaviour, checked on the CPU (issue 20): RNG-free MFU probe,
+checkpoint loading onto this rank's device, resume across devices, TF32 flags that every getter
+reads, IEEE metric features and their cache key, the kNN GPU paths' memory and resources, DDPM
+noise on the sampling device, the VAE decode's out-of-memory fallback."""
+
+from __future__ import annotations
+
+import ast
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+
+from dedt.diffusion import train as train_module
+from dedt.diffusion.options import TrainOptions
+from dedt.diffusion.presets import PRESETS, Preset, build_model
+from dedt.diffusion.train import World, _identity, _init_world, backend_flags, forward_flops, train
+from dedt.precision import ieee_fp32, tf32
+from dedt.store import file_sha256
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+REPO = Path(__file__).resolve().parents[1]
+# 12 steps of batch 16; a checkpoint every 4 steps.
+TINY = dict(budget_kimg=0.192, batch_size=16, checkpoint_every_kimg=0.064, log_every_kimg=0.032, warmup_kimg=0.1)
+
+
+class Kill(Exception):
+    """Raised from on_step to simulate a run killed mid-way."""
+
+
+def kill_at(step: int):
+    def hook(current: int, nimg: int) -> None:
+        if current == step:
+            raise Kill
+
+    return hook
+
+
+@pytest.fixture
+def dropout_preset(monkeypatch: pytest.MonkeyPatch) -> str:
+    """A tiny preset with dropout: a forward pass in train mode draws from the RNG."""
+    monkeypatch.setitem(
+        PRESETS, "tiny-dropout", Preset(description="test", block_out_channels=(32, 64), layers_per_block=1, dropout=0.1)
+    )
+    return "tiny-dropout"
+
+
+def tiny_data(n: int = 48) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(0)
+    return rng.uniform(-1, 1, size=(n, 1, 8, 8)).astype(np.float32), np.arange(n, dtype=np.int64) % 3
+
+
+def ema_bytes(run_dir: Path) -> bytes:
+    return (run_dir / "ema.safetensors").read_bytes()
+
+
+# --- training: MFU probe, checkpoint loading, identity, process group, TF32 flags ---------------------
+
+
+def test_flop_probe_leaves_rng_and_train_mode_alone(dropout_preset: str) -> None:
+    model = build_model(dropout_preset, in_channels=1, resolution=8, num_classes=None).train()
+    state = torch.get_rng_state()
+    flops = forward_flops(model, torch.zeros(1, 1, 8, 8), None)
+    assert flops > 0 and model.training
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_resume_with_a_known_peak_is_byte_identical(
+    tmp_path: Path, dropout_preset: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With a GPU's peak known, the MFU probe runs after the checkpoint is restored; it must not
+    move the dropout stream the resumed steps continue (here on the CPU, with a pretend peak)."""
+    monkeypatch.setattr(train_module, "peak_flops", lambda *args: 1e12)
+    images, labels = tiny_data()
+    options = TrainOptions(preset=dropout_preset, device="cpu", **TINY)
+    train(images, labels, options, tmp_path / "whole", num_classes=3, progress=False)
+    with pytest.raises(Kill):
+        train(images, labels, options, tmp_path / "cut", num_classes=3, progress=False, on_step=kill_at(6))
+    train(images, labels, options, tmp_path / "cut", num_classes=3, progress=False)
+    assert ema_bytes(tmp_path / "cut") == ema_bytes(tmp_path / "whole")
+    assert "mfu" in (tmp_path / "whole" / "log.jsonl").read_text()
+
+
+def test_every_torch_load_maps_to_an_explicit_device() -> None:
+    """Without map_location, tensors saved from cuda:0 load onto cuda:0 on every torchrun rank."""
+    missing = []
+    for path in [*REPO.glob("dedt/**/*.py"), *REPO.glob("tasks/**/*.py"), *REPO.glob("flows/**/*.py")]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and ast.unparse(node.func) in ("torch.load", "torch.jit.load"):
+                if not any(k.arg == "map_location" for k in node.keywords):
+                    missing.append(f"{path.relative_to(REPO)}:{node.lineno}")
+    assert not missing, missing
+
+
+def test_resume_loads_the_training_state_onto_the_cpu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    images, labels = tiny_data()
+    options = TrainOptions(device="cpu", **TINY)
+    with pytest.raises(Kill):
+        train(images, labels, options, tmp_path, num_classes=3, progress=False, on_step=kill_at(6))
+    seen: list[object] = []
+    real_load = torch.load
+
+    def load(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        seen.append(kwargs.get("map_location"))
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", load)
+    train(images, labels, options, tmp_path, num_classes=3, progress=False)
+    assert seen == ["cpu"]  # the optimiser moves its state to the parameters' device itself
+
+
+@pytest.mark.parametrize("other", ["cuda", "auto"])
+def test_checkpoint_identity_ignores_the_device(other: str) -> None:
+    images, labels = tiny_data()
+    here = _identity(images, labels, TrainOptions(device="cpu", **TINY), 3, None, 0, World())
+    there = _identity(images, labels, TrainOptions(device=other, **TINY), 3, None, 0, World())
+    assert here == there
+    assert "device" not in here["options"] and "device_type" not in here
+
+
+def _as_if_saved_on_cuda(checkpoint: Path) -> None:
+    """Rewrite a CPU checkpoint as a GPU run writes it: a Philox generator state (16 bytes), a CUDA
+    RNG state per rank, and the identity of the format that named the device; checksums updated."""
+    state_path = checkpoint / "training_state.pt"
+    state = torch.load(state_path, map_location="cpu", weights_only=True)
+    state["generator"] = torch.zeros(16, dtype=torch.uint8)
+    state["cuda_rng"] = [torch.zeros(16, dtype=torch.uint8)]
+    torch.save(state, state_path)
+    meta = json.loads((checkpoint / "state.json").read_text())
+    meta["identity"]["options"]["device"] = "cuda"
+    meta["identity"]["device_type"] = "cuda"
+    meta["sha256"]["training_state.pt"] = file_sha256(state_path)
+    (checkpoint / "state.json").write_text(json.dumps(meta))
+
+
+def test_a_run_interrupted_on_a_gpu_resumes_on_the_cpu(tmp_path: Path, dropout_preset: str) -> None:
+    """The model, EMA, optimiser and step carry over; the device-specific RNG streams are re-seeded
+    from (seed, step), so two resumptions of one checkpoint still agree."""
+    images, labels = tiny_data()
+    options = TrainOptions(preset=dropout_preset, device="cpu", **TINY)
+    with pytest.raises(Kill):
+        train(images, labels, options, tmp_path / "a", num_classes=3, progress=False, on_step=kill_at(6))
+    (checkpoint,) = (tmp_path / "a" / "checkpoints").glob("ckpt-*")
+    _as_if_saved_on_cuda(checkpoint)
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "checkpoints").mkdir()
+    import shutil
+
+    shutil.copytree(checkpoint, tmp_path / "b" / "checkpoints" / checkpoint.name)
+    with pytest.warns(UserWarning, match="re-seeded"):
+        first = train(images, labels, options, tmp_path / "a", num_classes=3, progress=False)
+    with pytest.warns(UserWarning, match="re-seeded"):
+        train(images, labels, options, tmp_path / "b", num_classes=3, progress=False)
+    assert first["steps"] == 12 and ema_bytes(tmp_path / "a") == ema_bytes(tmp_path / "b")
+    lines = [json.loads(x) for x in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == [2, 4, 6, 8, 10, 12]  # resumed at step 4, not from scratch
+
+
+def test_a_caller_initialised_process_group_still_binds_the_gpu(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bound: list[int] = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", bound.append)
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        world, created = _init_world("cuda")
+    finally:
+        dist.destroy_process_group()
+    assert bound == [3] and not created and world.local_rank == 3
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_tf32_flags_keep_the_legacy_getters_working(enabled: bool) -> None:
+    before = (torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision)
+    cpu_flags = (torch.backends.mkldnn.matmul.fp32_precision, torch.backends.mkldnn.conv.fp32_precision)
+    with backend_flags(TrainOptions(tf32=enabled, device="cpu")):
+        # inductor reads these; a mix of the legacy and new APIs makes them raise
+        assert torch.backends.cuda.matmul.allow_tf32 is enabled
+        assert torch.backends.cudnn.allow_tf32 is enabled
+        assert torch.get_float32_matmul_precision() == ("high" if enabled else "highest")
+        assert torch.backends.cuda.matmul.fp32_precision == ("tf32" if enabled else "ieee")
+        assert (torch.backends.cudnn.conv.fp32_precision == "tf32") is enabled
+        assert (torch.backends.mkldnn.matmul.fp32_precision, torch.backends.mkldnn.conv.fp32_precision) == cpu_flags
+    assert (torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision) == before
+    assert torch.get_float32_matmul_precision() == "highest" and torch.backends.cudnn.allow_tf32
+
+
+def test_ieee_fp32_turns_off_tf32_and_autocast() -> None:
+    with tf32(True), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.ones(2, 2).matmul(torch.ones(2, 2)).dtype == torch.bfloat16
+        with ieee_fp32():
+            assert torch.ones(2, 2).matmul(torch.ones(2, 2)).dtype == torch.float32
+            assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+        assert torch.backends.cuda.matmul.allow_tf32
