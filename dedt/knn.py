@@ -45,7 +45,7 @@ IVF_QUERY_BATCH = 1 << 20  # CPU IVF: queries per scan pass; each pass reads eve
 # queries per list make each list's GEMM larger (1M x 512: 1<<18 ran the scan at 108 GFLOP/s, 1<<20 faster)
 EXACT_BASE_ROWS = 8192  # CPU exact: database rows per GEMM block
 EXACT_BLOCK_ELEMENTS = 1 << 24  # ... and query rows to fill 16M floats = a 64 MB score buffer (2048 x 8192)
-GPU_SCORE_BYTES = 1 << 30  # torch path: at most 1 GiB for the (batch, N) score block
+GPU_SCORE_BYTES = 1 << 30  # torch path: at most 1 GiB for the query block's scores, inputs and top-k
 IVF_TRAIN_POINTS_PER_LIST = 32  # k-means sample per list (FAISS samples up to 256): training stays
 IVF_TRAIN_ITERATIONS = 10  # well below the search cost (FAISS runs 25); bench/knn.py measures the recall
 
@@ -323,12 +323,12 @@ def _cpu_hnsw(x: np.ndarray, q: np.ndarray, k: int, opt: _Options) -> tuple[np.n
 
 
 def _faiss_gpu(x: np.ndarray, q: np.ndarray, k: int, opt: _Options, *, kind: str) -> tuple[np.ndarray, np.ndarray]:
-    """FAISS on GPU 0 (cuBLAS does the GEMMs): a flat index, or IVF trained there by FAISS's k-means."""
-    resources = faiss.StandardGpuResources()
+    """FAISS on this process's GPU (cuBLAS does the GEMMs): a flat index, or IVF trained there by FAISS's k-means."""
+    device = _cuda_device()
     cpu_index = _flat_index(x.shape[1], opt.metric)
     if kind == "ivf":
         cpu_index = faiss.IndexIVFFlat(cpu_index, x.shape[1], ivf_nlist(x.shape[0]), _METRICS[opt.metric])
-    index = faiss.index_cpu_to_gpu(resources, 0, cpu_index)
+    index = faiss.index_cpu_to_gpu(_gpu_resources(device), device, cpu_index)
     if kind == "ivf":
         index.cp.niter, index.cp.seed = IVF_TRAIN_ITERATIONS, opt.seed
         index.cp.max_points_per_centroid = IVF_TRAIN_POINTS_PER_LIST
@@ -341,31 +341,59 @@ def _faiss_gpu(x: np.ndarray, q: np.ndarray, k: int, opt: _Options, *, kind: str
 def _torch_topk(
     x: np.ndarray, q: np.ndarray, k: int, opt: _Options, *, device: str = "cuda"
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Exact search as a torch matmul + top-k, for machines with a GPU but CPU-only FAISS.
+    """Exact search as one fused matmul + top-k per query block, for a GPU with CPU-only FAISS.
 
-    Squared L2 is expanded as |q|^2 - 2 q.x + |x|^2, as in the CPU path. Query blocks are sized so
-    that the (block, N) score matrix stays under 1 GiB. ``device`` is "cuda" in use; tests also
-    run it on "cpu".
+    Squared L2 ranks by |x|^2 - 2 q.x, one ``addmm`` into a preallocated score block; |q|^2 is
+    added to the k survivors only, as in the CPU path. Beside the database (N x d, resident), a
+    block holds ``torch_block_bytes`` (its queries, scores and top-k), kept under
+    ``GPU_SCORE_BYTES``. ``device`` is "cuda" (the current device) in use; tests run it on "cpu".
     """
     import torch
 
     dev = torch.device(device)
+    (n, d), queries = x.shape, q.shape[0]
     base = torch.from_numpy(x).to(dev)
-    base_sq = (base * base).sum(dim=1)
-    rows = opt.batch_size or max(1, GPU_SCORE_BYTES // (4 * x.shape[0]))
-    dist = np.empty((q.shape[0], k), dtype=np.float32)
-    idx = np.empty((q.shape[0], k), dtype=np.int64)
-    for start in range(0, q.shape[0], rows):
+    base_sq = torch.einsum("ij,ij->i", base, base) if opt.metric == "l2" else torch.zeros(n, device=dev)
+    rows = min(queries, opt.batch_size or torch_block_rows(n, d, k))
+    scores = torch.empty((rows, n), dtype=torch.float32, device=dev)
+    dist = np.empty((queries, k), dtype=np.float32)
+    idx = np.empty((queries, k), dtype=np.int64)
+    alpha = -2.0 if opt.metric == "l2" else 1.0
+    for start in range(0, queries, rows):
         block = torch.from_numpy(q[start : start + rows]).to(dev)
-        sim = block @ base.T
+        out = scores[: len(block)]
+        torch.addmm(base_sq, block, base.T, beta=1.0, alpha=alpha, out=out)
+        values, found = torch.topk(out, k, dim=1, largest=opt.metric != "l2")
         if opt.metric == "l2":
-            sq = (block * block).sum(dim=1, keepdim=True) - 2.0 * sim + base_sq
-            values, found = torch.topk(sq, k, dim=1, largest=False)
-        else:
-            values, found = torch.topk(sim, k, dim=1, largest=True)
-        dist[start : start + rows] = values.cpu().numpy()
-        idx[start : start + rows] = found.cpu().numpy()
+            values += torch.einsum("ij,ij->i", block, block)[:, None]
+        dist[start : start + len(block)] = values.cpu().numpy()
+        idx[start : start + len(block)] = found.cpu().numpy()
     return dist, idx
+
+
+def torch_block_bytes(n: int, d: int, k: int, rows: int) -> int:
+    """Device memory of one query block of the torch path: queries (rows x d), scores (rows x N),
+    top-k values and indices (rows x k, float32 + int64), and the k survivors' |q|^2."""
+    return rows * (4 * d + 4 * n + 12 * k + 4)
+
+
+def torch_block_rows(n: int, d: int, k: int) -> int:
+    """The most query rows whose block fits ``GPU_SCORE_BYTES`` (at least one)."""
+    return max(1, GPU_SCORE_BYTES // torch_block_bytes(n, d, k, 1))
+
+
+def _cuda_device() -> int:
+    """The CUDA device this process works on: torch's current one when torch is loaded (torchrun
+    binds each rank to its own), else the first visible."""
+    torch = sys.modules.get("torch")
+    return int(torch.cuda.current_device()) if torch is not None and torch.cuda.is_available() else 0
+
+
+@functools.cache
+def _gpu_resources(device: int) -> faiss.StandardGpuResources:
+    """One FAISS GPU resource set (cuBLAS handle, streams, a scratch pool of ~18% of the GPU's memory)
+    per device for the process: making one per call (once per class when scoring) pays that each time."""
+    return faiss.StandardGpuResources()
 
 
 def _flat_index(d: int, metric: str) -> faiss.Index:

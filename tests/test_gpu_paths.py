@@ -7,13 +7,16 @@ from __future__ import annotations
 
 import ast
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
+from torch.utils._python_dispatch import TorchDispatchMode
 
+from dedt import knn as knn_module
 from dedt.diffusion import train as train_module
 from dedt.diffusion.options import TrainOptions
 from dedt.diffusion.presets import PRESETS, Preset, build_model
@@ -146,10 +149,6 @@ def test_a_run_interrupted_on_a_gpu_resumes_on_the_cpu(tmp_path: Path, dropout_p
         train(images, labels, options, tmp_path / "a", num_classes=3, progress=False, on_step=kill_at(6))
     (checkpoint,) = (tmp_path / "a" / "checkpoints").glob("ckpt-*")
     _as_if_saved_on_cuda(checkpoint)
-    (tmp_path / "b").mkdir()
-    (tmp_path / "b" / "checkpoints").mkdir()
-    import shutil
-
     shutil.copytree(checkpoint, tmp_path / "b" / "checkpoints" / checkpoint.name)
     with pytest.warns(UserWarning, match="re-seeded"):
         first = train(images, labels, options, tmp_path / "a", num_classes=3, progress=False)
@@ -198,3 +197,75 @@ def test_ieee_fp32_turns_off_tf32_and_autocast() -> None:
             assert torch.ones(2, 2).matmul(torch.ones(2, 2)).dtype == torch.float32
             assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
         assert torch.backends.cuda.matmul.allow_tf32
+
+
+# --- kNN on a GPU: the torch path's memory, FAISS's resources -----------------------------------------
+
+
+class _LargeOutputs(TorchDispatchMode):
+    """Records (op, shape, data pointer) of every op output with at least ``floor`` elements."""
+
+    def __init__(self, floor: int) -> None:
+        super().__init__()
+        self.floor, self.seen = floor, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        out = func(*args, **(kwargs or {}))
+        for tensor in out if isinstance(out, tuple) else (out,):
+            if isinstance(tensor, torch.Tensor) and tensor.numel() >= self.floor:
+                self.seen.append((str(func.overloadpacket), tuple(tensor.shape), tensor.data_ptr()))
+        return out
+
+
+@pytest.mark.parametrize("metric", ["l2", "ip"])
+def test_torch_knn_writes_each_score_block_once_within_the_budget(
+    metric: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One preallocated (rows, N) score block, filled by one fused addmm per query block: the memory
+    bound computed from the shapes is the memory used (no (rows, N) temporaries besides it)."""
+    n, d, k = 600, 32, 5
+    monkeypatch.setattr(knn_module, "GPU_SCORE_BYTES", 200 * 4 * (n + d + 3 * k + 1))
+    rows = knn_module.torch_block_rows(n, d, k)
+    assert rows == 200 and knn_module.torch_block_bytes(n, d, k, rows) <= knn_module.GPU_SCORE_BYTES
+    x = np.random.default_rng(1).normal(size=(n, d)).astype(np.float32)
+    opt = knn_module._Options(metric, None, 8, 128, 0)
+    with _LargeOutputs(floor=rows * n // 2) as mode:
+        got = knn_module._torch_topk(x, x, k, opt, device="cpu")
+    ops = [op for op, _, _ in mode.seen if op not in ("aten.empty", "aten.slice")]  # the buffer and views of it
+    assert ops == ["aten.addmm"] * 3  # 600 queries in blocks of 200
+    assert {shape for _, shape, _ in mode.seen} == {(rows, n)} and len({ptr for *_, ptr in mode.seen}) == 1
+    ref = knn_module._cpu_exact(x, x, k, opt)
+    np.testing.assert_array_equal(got[1], ref[1])
+    np.testing.assert_allclose(got[0], ref[0], rtol=1e-4, atol=1e-3)
+
+
+def test_faiss_gpu_makes_one_resource_set_per_device_and_uses_the_current_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Scoring calls knn once per class: the GPU resources are made once, on this process's device
+    (torchrun binds rank r to GPU r), not on a hard-coded GPU 0. The "GPU" index here is the CPU one."""
+    faiss = knn_module.faiss
+    made, placed = [], []
+
+    class Resources:
+        def __init__(self) -> None:
+            made.append(self)
+
+    def to_gpu(resources: Resources, device: int, index: object) -> object:
+        placed.append((resources, device))
+        return index
+
+    monkeypatch.setattr(faiss, "StandardGpuResources", Resources, raising=False)
+    monkeypatch.setattr(faiss, "index_cpu_to_gpu", to_gpu, raising=False)
+    monkeypatch.setattr(faiss, "get_num_gpus", lambda: 2)
+    monkeypatch.setattr(knn_module, "_cuda_device", lambda: 1)
+    knn_module._gpu_resources.cache_clear()
+    try:
+        x = np.random.default_rng(2).normal(size=(300, 8)).astype(np.float32)
+        for part in (x[:150], x[150:]):
+            gpu = knn_module.knn(part, 3, device="cuda")
+            np.testing.assert_array_equal(gpu[1], knn_module.knn(part, 3, device="cpu")[1])
+        knn_module.knn(x, 3, device="cuda", index="ivf")
+    finally:
+        knn_module._gpu_resources.cache_clear()
+    assert len(made) == 1 and placed == [(made[0], 1)] * 3
