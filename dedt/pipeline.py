@@ -70,11 +70,14 @@ def _keeps_all(cfg: PipelineConfig) -> bool:
 
 
 def _checkpoint_identity(path: str) -> dict[str, Any]:
-    """A local checkpoint folder's identity: its files' names, sizes and mtimes (cheap to hash)."""
+    """A local UNet folder's identity: names, sizes and mtimes of the files directly in it (or in its
+    ``unet/``), cheap to hash. Never a walk of the tree below: for a mistaken path such as ``/`` it
+    would not end; a folder without config.json has none (preflight then refuses it)."""
     root = Path(path).expanduser()
-    files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else []
-    return {"path": str(root.resolve()), "files": [(str(p.relative_to(root)), p.stat().st_size,
-                                                     int(p.stat().st_mtime)) for p in files]}
+    folder = root / "unet" if (root / "unet" / "config.json").is_file() else root
+    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")) \
+        if (folder / "config.json").is_file() else []
+    return {"path": str(root.resolve()), "files": [(p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in files]}
 
 
 def nodes(cfg: PipelineConfig) -> list[Node]:

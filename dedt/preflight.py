@@ -29,6 +29,7 @@ from dedt.pipeline import Node, plan
 from dedt.store import StageDir
 
 PREFECT_RESULTS = "_prefect_results"  # where earlier dedt versions let Prefect persist task results
+MAX_RESOLUTION = 1024  # the largest dataset.resolution: a native size above it must be resized
 NATIVE_SHAPES = {"digits": (8, 8, 1), "mnist5k": (28, 28, 1)}  # (H, W, C) of the built-in sources
 
 
@@ -103,11 +104,18 @@ def check_dataset(cfg: PipelineConfig) -> tuple[int, int, int]:
     holdout = holdout_mask(raw.labels, ds.holdout_frac, cfg.seed)
     train_labels = raw.labels[~holdout]
     empty = [raw.class_names[c] for c in range(len(raw.class_names)) if not np.any(train_labels == c)]
+    where = f"dataset.path {ds.path}" if ds.path else f"dataset.source {ds.source}"
     if empty:
-        where = f"dataset.path {ds.path}" if ds.path else f"dataset.source {ds.source}"
         raise DedtError(f"{where}: classes {empty[:5]} have no training images; add images, remove the "
                         "class, or lower dataset.holdout_frac")
     height, width = next(iter(sizes)) if ds.resolution is None else (ds.resolution, ds.resolution)
+    if max(height, width) > MAX_RESOLUTION:
+        raise DedtError(f"{where}: images are {height}x{width}, too large to train on; set dataset.resolution "
+                        f"(at most {MAX_RESOLUTION}) to resize them")
+    if not holdout.any():
+        raise DedtError(f"{where}: dataset.holdout_frac={ds.holdout_frac} holds out no image (floor(frac x images) "
+                        f"is 0 for every class, the smallest has {np.bincount(raw.labels).min()}); raise it, or add "
+                        "images: the classifier and the real-data floor need held-out images")
     return height, width, ds.channels or next(iter(channels))
 
 

@@ -9,11 +9,15 @@ pipeline, keep_frac=2 (> 1), unknown scorer, a --set without '='): not repeated 
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import pickle
+import struct
 import subprocess
 import sys
+import zipfile
+import zlib
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -40,7 +44,7 @@ class Case:
     hostile: bool = False  # crafted to exhaust memory or time: the run gets LIMIT_AS of address space, LIMIT_S
 
 
-LIMIT_AS, LIMIT_S = 3 << 30, 90
+LIMIT_AS, LIMIT_S = 6 << 30, 90  # importing torch alone maps ~4 GB of address space
 # Python that caps its own address space, then runs the CLI: a case that would allocate more fails
 # with MemoryError (exit 1) instead of exhausting the machine.
 CAPPED = ("import os, resource, sys; resource.setrlimit(resource.RLIMIT_AS, (int(sys.argv[1]),) * 2); "
@@ -162,6 +166,50 @@ def _cifar_shared_lists() -> bytes:
     for _ in range(60):
         node = [node, node]
     return pickle.dumps({b"data": np.zeros((2, 3072), np.uint8), b"labels": node}, protocol=2)
+
+
+def _eps_as_png(root: Path) -> None:
+    """PostScript named .png: Pillow would hand it to Ghostscript, were it allowed to guess the format."""
+    (root / "class0" / "0.png").write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\nshowpage\n")
+
+
+def _huge_png_header(root: Path) -> None:
+    """A PNG whose header claims 10,000 x 10,000 pixels (100 Mpx) in a few dozen bytes."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    ihdr = struct.pack(">IIBBBBB", 10_000, 10_000, 8, 0, 0, 0, 0)
+    (root / "class1" / "0.png").write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr)
+                                            + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+
+
+def _npz_declared_giant(work: Path) -> Case:
+    """An .npz of a few hundred bytes whose images.npy header declares (100000, 2048, 2048): ~400 GB."""
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "|u1", "fortran_order": False, "shape": (100_000, 2048, 2048)})
+    labels = io.BytesIO()
+    np.save(labels, np.zeros(100_000, np.int64))
+    with zipfile.ZipFile(work / "data.npz", "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("images.npy", header.getvalue() + bytes(64))
+        archive.writestr("labels.npy", labels.getvalue())
+    return Case(with_dataset(source="npz", path=str(work / "data.npz")), "GiB", hostile=True)
+
+
+def _npz_big_images(work: Path) -> Case:
+    """Native 2048 x 2048 images without dataset.resolution: too large to train on."""
+    path = npz(work / "data.npz", images=np.zeros((20, 2048, 2048), np.uint8), labels=np.repeat(np.arange(2), 10))
+    return Case(with_dataset(source="npz", path=str(path)), "dataset.resolution", hostile=True)
+
+
+def _non_utf8_class(root: Path) -> None:
+    os.mkdir(os.fsencode(root) + b"/class\xff")
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(os.fsdecode(os.fsencode(root) + b"/class\xff/0.png"))
+
+
+def _too_many_class_folders(work: Path) -> Case:
+    root = image_folder(work / "ds")
+    for c in range(1001):
+        (root / f"extra{c:04d}").mkdir()
+    return Case(with_dataset(source="imagefolder", path=str(root)), "at most 1000 classes", hostile=True)
 
 
 def _cifar_empty(work: Path) -> Case:
@@ -294,6 +342,24 @@ CASES: dict[str, Callable[[Path], Case]] = {
                                                                b"labels": [10 ** 5000]}, 2), needle="'labels'"),
     "cifar10-truncated": cifar_case(lambda: _cifar_valid()[:-3000]),
     "cifar10-bad-meta": cifar_case(_cifar_valid, lambda: pickle.dumps({b"label_names": 5}, 2), needle="batches.meta"),
+    "dataset-eps-named-png": folder_case(_eps_as_png, lambda r: str(r / "class0" / "0.png")),
+    "dataset-100-megapixel-png": folder_case(_huge_png_header, lambda r: str(r / "class1" / "0.png")),
+    "dataset-fifo-named-png": folder_case(lambda r: os.mkfifo(r / "class2" / "9.png"), lambda r: "not a regular file"),
+    "dataset-non-utf8-class-folder": folder_case(_non_utf8_class, lambda r: "not UTF-8"),
+    "dataset-1000-plus-class-folders": _too_many_class_folders,
+    "dataset-holdout-zero": simple(TINY, "dataset.holdout_frac", "dataset.holdout_frac=0"),
+    "dataset-holdout-empty-few-per-class": npz_case({"images": np.zeros((15, 8, 8), np.uint8),
+                                                     "labels": np.repeat(np.arange(3), 5)}, "dataset.holdout_frac"),
+    "npz-declared-giant": _npz_declared_giant,
+    "npz-2048px-images": _npz_big_images,
+    "npz-labels-up-to-1e12": lambda w: Case(with_dataset(source="npz", path=str(npz(
+        w / "data.npz", images=np.zeros((2, 8, 8), np.uint8), labels=np.array([0, 10 ** 12])))), "at most 1000 classes",
+        hostile=True),
+    "npz-10000-classes": lambda w: Case(with_dataset(source="npz", path=str(npz(
+        w / "data.npz", images=np.zeros((20_000, 8, 8), np.uint8), labels=np.arange(20_000) % 10_000))),
+        "at most 1000 classes", hostile=True),
+    "reference-path-root": lambda w: Case({**TINY, "reweight": {**TINY["reweight"], "reference_path": "/"}},
+                                          "reweight.reference_path", hostile=True),
     # configs
     "config-bad-yaml": lambda w: Case("pipelines: {p: {seed: [1, 2}", "pipelines.yaml:1:"),
     "config-python-tag": simple("pipelines:\n  p: !!python/object/apply:os.system ['true']\n", "tag refused"),

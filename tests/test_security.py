@@ -262,6 +262,14 @@ def test_dotdot_symlink_is_refused(tmp_path: Path) -> None:
         load_source("imagefolder", str(root))
 
 
+def test_hidden_files_are_not_images_of_the_dataset(tmp_path: Path) -> None:
+    """macOS's ._*.png resource forks (not images) beside the real ones are skipped, not an error."""
+    root = _folder(tmp_path / "ds")
+    (root / "class0" / "._0.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    raw = load_source("imagefolder", str(root))
+    assert len(raw.images) == 4
+
+
 def test_manifest_holds_pixels_not_paths(tmp_path: Path) -> None:
     """The manifest stores PNG bytes, so no later stage opens a path a manifest entry could name."""
     import pyarrow.parquet as pq

@@ -6,7 +6,9 @@ a local path. Bad input stops here, before any work, with the file and the fix i
 
 from __future__ import annotations
 
+import math
 import pickletools
+import warnings
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,6 +20,10 @@ import numpy as np
 from dedt.errors import DedtError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+IMAGE_FORMATS = ("PNG", "JPEG")  # all Pillow may decode, whatever the suffix: no EPS (Ghostscript) or other plug-in
+MAX_CLASSES = 1000  # ImageNet's count; checked before any image is decoded
+MAX_IMAGE_PIXELS = 4096 * 4096  # per image as stored, before resizing: refuses decompression bombs
+MAX_DATASET_BYTES = 16 << 30  # decoded pixels held in memory before resizing
 
 
 @dataclass(frozen=True)
@@ -31,6 +37,9 @@ class RawDataset:
             raise DedtError(f"{len(self.images)} images but {len(self.labels)} labels; they must match one to one")
         if len(self.images) == 0:
             raise DedtError("the dataset is empty; point dataset.path at a folder or file with images")
+        if len(self.class_names) > MAX_CLASSES:
+            raise DedtError(f"{len(self.class_names)} classes; dedt handles at most {MAX_CLASSES}: merge classes or "
+                            "split the dataset")
         if self.labels.min() < 0 or self.labels.max() >= len(self.class_names):
             raise DedtError(f"labels must lie in [0, {len(self.class_names) - 1}]; found {self.labels.min()}..{self.labels.max()}")
 
@@ -64,13 +73,21 @@ def _require_path(path: str | None, source: str) -> Path:
 def _read_image(file: Path) -> np.ndarray:
     from PIL import Image, UnidentifiedImageError
 
+    if not file.is_file():  # a FIFO would block the read, a device never end it
+        raise DedtError(f"{file} is not a regular file; remove it from the dataset folder")
     try:
-        with Image.open(file) as img:
+        with warnings.catch_warnings():  # Pillow warns from 89 Mpx; the stricter bound below says it in one line
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(file, formats=IMAGE_FORMATS)
+        with img:
+            if img.width * img.height > MAX_IMAGE_PIXELS:
+                raise DedtError(f"image {file} is {img.width}x{img.height}, over {MAX_IMAGE_PIXELS:,} pixels; "
+                                "downscale it before use")
             img.load()
             mode = "L" if img.mode in ("1", "L", "I", "I;16", "F") else "RGB"
             return np.asarray(img.convert(mode), dtype=np.uint8).reshape(img.height, img.width, -1)
-    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
-        raise DedtError(f"cannot read image {file}: {exc}; remove or replace the file") from exc
+    except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise DedtError(f"cannot read image {file} as PNG or JPEG: {exc}; remove or replace the file") from exc
 
 
 def _imagefolder(path: str | None) -> RawDataset:
@@ -78,9 +95,16 @@ def _imagefolder(path: str | None) -> RawDataset:
     classes = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
         raise DedtError(f"{root} has no class sub-folders; expected {root}/<class>/<image>.png")
-    images, labels = [], []
+    if len(classes) > MAX_CLASSES:
+        raise DedtError(f"{root} has {len(classes)} class folders; dedt handles at most {MAX_CLASSES} classes")
+    images, labels, held = [], [], 0
     for label, folder in enumerate(classes):
-        files = sorted(f for f in folder.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+        try:
+            folder.name.encode()
+        except UnicodeEncodeError:
+            raise DedtError(f"class folder {folder} has a name that is not UTF-8; rename it") from None
+        # Hidden files (macOS's ._*.png resource forks among them) are not images of the dataset.
+        files = sorted(f for f in folder.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES and not f.name.startswith("."))
         if not files:
             raise DedtError(f"class folder {folder} has no PNG/JPEG images; add images or remove the folder")
         for file in files:
@@ -89,6 +113,10 @@ def _imagefolder(path: str | None) -> RawDataset:
                 raise DedtError(f"{file} points outside the dataset root {root}; copy the file into the folder")
             images.append(_read_image(file))
             labels.append(label)
+            held += images[-1].nbytes
+            if held > MAX_DATASET_BYTES:
+                raise DedtError(f"{root}: the images decode to more than {MAX_DATASET_BYTES >> 30} GiB; use fewer "
+                                "or smaller images")
     shapes = {img.shape for img in images}
     if len({s[2] for s in shapes}) > 1:
         raise DedtError(f"{root} mixes grayscale and colour images; set dataset.channels to 1 or 3")
@@ -312,14 +340,15 @@ def _cifar10(path: str | None) -> RawDataset:
 
 def _npz(path: str | None) -> RawDataset:
     file = _require_path(path, "npz")
-    if not zipfile.is_zipfile(file):  # np.load would read a lone .npy, or offer to unpickle
+    if not file.is_file() or not zipfile.is_zipfile(file):  # np.load would read a lone .npy, or offer to unpickle
         raise DedtError(f"{file} is not an .npz archive; save the arrays with numpy.savez(path, images=..., labels=...)")
     try:
+        _check_npz_sizes(file)
         with np.load(file, allow_pickle=False) as arrays:
             if "images" not in arrays or "labels" not in arrays:
                 raise DedtError(f"{file} must hold arrays 'images' (N,H,W[,C] uint8) and 'labels' (N,); found {list(arrays)}")
             images, labels = arrays["images"], arrays["labels"]
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, zipfile.BadZipFile) as exc:
         if isinstance(exc, DedtError):
             raise
         raise DedtError(f"cannot read {file} as .npz ({exc}); save it with numpy.savez") from exc
@@ -334,8 +363,32 @@ def _npz(path: str | None) -> RawDataset:
     labels = np.asarray(labels)
     if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
         raise DedtError(f"{file}: 'labels' must be a 1-D integer array; got {labels.dtype} {labels.shape}")
-    n_classes = int(labels.max()) + 1 if len(labels) else 0
-    return RawDataset(images, labels.astype(np.int64), [str(c) for c in range(n_classes)])
+    top = int(labels.max()) if len(labels) else -1
+    if top >= MAX_CLASSES:
+        raise DedtError(f"{file}: labels go up to {top}, but dedt handles at most {MAX_CLASSES} classes "
+                        f"(labels 0..{MAX_CLASSES - 1}); number the classes from 0")
+    return RawDataset(images, labels.astype(np.int64), [str(c) for c in range(top + 1)])
+
+
+def _check_npz_sizes(file: Path) -> None:
+    """Refuse arrays too large to hold from their .npy headers, before numpy inflates a byte of them
+    (a compressed .npz of zeros declares any size in a few hundred bytes)."""
+    header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+    with zipfile.ZipFile(file) as archive:
+        for name in ("images", "labels"):
+            if f"{name}.npy" not in archive.namelist():
+                continue  # named by the caller's check
+            with archive.open(f"{name}.npy") as member:
+                read = header.get(np.lib.format.read_magic(member))
+                if read is None:
+                    raise ValueError(f"'{name}' is in an .npy format version numpy.savez does not write")
+                shape, _, dtype = read(member)
+            if math.prod(shape) * dtype.itemsize > MAX_DATASET_BYTES:
+                raise DedtError(f"{file}: '{name}' {shape} holds more than {MAX_DATASET_BYTES >> 30} GiB; use fewer or "
+                                "smaller images")
+            if name == "images" and len(shape) >= 3 and shape[1] * shape[2] > MAX_IMAGE_PIXELS:
+                raise DedtError(f"{file}: images of {shape[1]}x{shape[2]} are over {MAX_IMAGE_PIXELS:,} pixels; "
+                                "downscale them before use")
 
 
 SOURCES: dict[str, Callable[[str | None], RawDataset]] = {
