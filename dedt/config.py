@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from dedt.diffusion.options import SampleOptions, TrainOptions
 from dedt.errors import DedtError
+from dedt.safe_yaml import load_yaml, read_yaml_text
 
 SCORER_NAMES = ("gaussian", "ppca", "knn", "moderate", "random", "kcenter", "ccs")
 
@@ -155,7 +156,7 @@ def load_pipelines(path: Path) -> dict[str, dict[str, Any]]:
     if not path.exists():
         raise DedtError(f"pipelines file {path} not found; pass --pipelines FILE")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = load_yaml(read_yaml_text(path), str(path)) or {}
     except yaml.YAMLError as exc:
         raise DedtError(_yaml_error(path, exc)) from exc
     pipelines = data.get("pipelines") if isinstance(data, dict) else None
@@ -189,7 +190,7 @@ def apply_override(raw: dict[str, Any], assignment: str) -> dict[str, Any]:
         node[part] = dict(child)
         node = node[part]
     try:
-        node[parts[-1]] = yaml.safe_load(value) if value.strip() else None
+        node[parts[-1]] = load_yaml(value, f"--set {key}") if value.strip() else None
     except yaml.YAMLError as exc:
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise DedtError(f"--set {key}: the value {value!r} is not a plain YAML value ({problem}); "

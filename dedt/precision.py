@@ -14,9 +14,6 @@ from collections.abc import Iterator
 
 import torch
 
-# How metric features are computed on every device; part of the reference-statistics cache key.
-FEATURE_PRECISION = "fp32-ieee"
-
 
 @contextlib.contextmanager
 def tf32(enabled: bool) -> Iterator[None]:

@@ -12,17 +12,18 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from dedt.config import PipelineConfig, build_config, load_pipelines
 from dedt.errors import DedtError
+from dedt.safe_yaml import load_yaml, read_yaml_text
 from dedt.pipeline import Node, NodeResult
 from dedt.report import MODEL_LABELS, save_figure, summary_rows
 from dedt.store import StageDir, fingerprint, read_parquet, write_parquet
@@ -30,6 +31,16 @@ from dedt.store import StageDir, fingerprint, read_parquet, write_parquet
 VERSION = "2"  # bump when the comparison table or plots change
 COMPARISON, FD_PLOT, SPEEDUP_PLOT = "comparison.parquet", "fd_vs_keep_frac.png", "speedup_vs_fd.png"
 BRIEF_COLUMNS = ("point", "model", "images", "kimg", "cost_s", "fd", "speedup")  # what the CLI prints
+
+
+MAX_SWEEP_POINTS = 1000  # the frontier sweep has 96
+MAX_GRID_LIST = 16  # a list-valued grid value, e.g. evaluate.feature_spaces: [classifier, inception]
+_SCALARS = (str, int, float, bool, type(None))
+
+
+def _grid_value(value: Any) -> bool:
+    return isinstance(value, _SCALARS) or (isinstance(value, list) and len(value) <= MAX_GRID_LIST
+                                           and all(isinstance(v, _SCALARS) for v in value))
 
 
 class SweepConfig(BaseModel):
@@ -48,15 +59,24 @@ class SweepConfig(BaseModel):
 
     @field_validator("grid")
     @classmethod
-    def _non_empty(cls, grid: dict[str, list[Any]] | list[dict[str, list[Any]]]) -> Any:
-        for one in grid if isinstance(grid, list) else [grid]:
+    def _valid_grid(cls, grid: dict[str, list[Any]] | list[dict[str, list[Any]]]) -> Any:
+        """Non-empty, every value a scalar or a short list of scalars, at most MAX_SWEEP_POINTS points."""
+        grids = grid if isinstance(grid, list) else [grid]
+        for one in grids:
             if not one:
                 raise ValueError("an empty grid has no points; give at least one key, e.g. select.keep_frac: [0.1, 0.3]")
             empty = [key for key, values in one.items() if not values]
             if empty:
                 raise ValueError(f"grid keys {empty} have no values")
+            bad = [key for key, values in one.items() if not all(map(_grid_value, values))]
+            if bad:
+                raise ValueError(f"grid keys {bad[:3]}: each value must be a number, string, boolean or null, or a list of "
+                                 f"at most {MAX_GRID_LIST} of them")
         if isinstance(grid, list) and not grid:
             raise ValueError("an empty list of grids has no points")
+        points = sum(math.prod(len(values) for values in one.values()) for one in grids)
+        if points > MAX_SWEEP_POINTS:
+            raise ValueError(f"the grid has {points:,} points; a sweep runs at most {MAX_SWEEP_POINTS:,}, split it")
         return grid
 
     @property
@@ -85,7 +105,7 @@ class SweepNode:
 def load_sweeps(path: Path) -> dict[str, SweepConfig]:
     """Validated sweeps by name from the ``sweeps:`` mapping of a pipelines file (may be absent)."""
     load_pipelines(path)  # the file exists and has pipelines
-    raw = (yaml.safe_load(Path(path).read_text()) or {}).get("sweeps") or {}
+    raw = (load_yaml(read_yaml_text(path), str(path)) or {}).get("sweeps") or {}
     if not isinstance(raw, dict):
         raise DedtError(f"{path}: 'sweeps:' must map a sweep name to {{base, grid, ...}}")
     sweeps = {}

@@ -269,3 +269,59 @@ def test_faiss_gpu_makes_one_resource_set_per_device_and_uses_the_current_one(
     finally:
         knn_module._gpu_resources.cache_clear()
     assert len(made) == 1 and placed == [(made[0], 1)] * 3
+
+
+# --- evaluation features: IEEE fp32, cached per device class and precision -----------------------------
+
+
+def test_reference_statistics_are_cached_per_device_class_and_precision(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dedt.evaluate import refstats_dir
+    from dedt.metrics.registry import FEATURE_PRECISION, feature_space
+
+    on_cpu = feature_space("inception", device="cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    on_gpu = feature_space("inception", device="auto")  # a GPU worker's default
+    assert on_cpu.identity["device"] == "cpu" and on_gpu.identity["device"] == "cuda"
+    assert on_cpu.identity["precision"] == on_gpu.identity["precision"] == FEATURE_PRECISION
+    assert refstats_dir(tmp_path, "f" * 64, "train", on_cpu).path != refstats_dir(tmp_path, "f" * 64, "train", on_gpu).path
+    weights = tmp_path / "classifier.safetensors"
+    weights.write_bytes(b"weights")
+    assert feature_space("classifier", classifier=weights).identity["device"] == "cpu"  # always on the CPU
+
+
+def test_inception_features_are_ieee_fp32_whatever_the_caller_enabled() -> None:
+    from dedt.metrics.inception import FEATURE_DIM, inception_features
+
+    seen = []
+
+    def model(x: torch.Tensor) -> torch.Tensor:
+        seen.append((torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+                     torch.is_autocast_enabled("cpu"), x.dtype))
+        return torch.zeros(len(x), FEATURE_DIM)
+
+    images = np.zeros((2, 8, 8, 3), dtype=np.uint8)
+    with tf32(True), torch.autocast("cpu", dtype=torch.bfloat16):
+        inception_features(images, model)
+    assert seen == [(False, False, False, torch.float32)]
+
+
+def test_clip_and_dinov2_metric_features_run_without_bf16_autocast(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The encode stage's encoders autocast to bf16 on CUDA; as a metric's feature space they must not."""
+    import dedt.encoders
+    from dedt.encoders.torch_models import TorchEncoder
+    from dedt.metrics.registry import _encoder_extractor
+
+    seen = []
+
+    def network(x: torch.Tensor) -> torch.Tensor:
+        seen.append((torch.backends.cudnn.allow_tf32, torch.is_autocast_enabled("cpu")))
+        return x.flatten(1)[:, :4]
+
+    encoder = TorchEncoder("clip:test", 4, "none", network, lambda x: x, torch.device("cpu"), autocast=True)
+    monkeypatch.setattr(dedt.encoders, "get_encoder", lambda *args, **kwargs: encoder)
+    extract = _encoder_extractor("open_clip:test", None, "cpu")
+    with tf32(True), torch.autocast("cpu", dtype=torch.bfloat16):
+        features = extract(np.zeros((3, 3, 4, 4), dtype=np.float32))
+    assert features.shape == (3, 4) and not encoder.autocast and seen == [(False, False)]

@@ -178,8 +178,14 @@ def image_files(directory: str | os.PathLike[str]) -> list[str]:
 def _features(
     images: Iterator[np.ndarray], count: int, model: Callable[[torch.Tensor], torch.Tensor], batch_size: int
 ) -> np.ndarray:
-    """Run (H, W, 3) uint8 images through clean_resize and the model in batches -> (count, 2048) float32."""
+    """Run (H, W, 3) uint8 images through clean_resize and the model in batches -> (count, 2048) float32.
+
+    In IEEE fp32 whatever the caller enabled (``ieee_fp32``): FID is defined on fp32 features, and
+    cuDNN's default TF32 convolutions would shift them on a GPU.
+    """
     import torch
+
+    from dedt.precision import ieee_fp32
 
     if batch_size < 1:
         raise DedtError(f"inception batch_size must be >= 1, got {batch_size}")
@@ -188,7 +194,7 @@ def _features(
     for start in range(0, count, batch_size):
         batch = np.stack([clean_resize(next(images)) for _ in range(min(batch_size, count - start))])
         x = torch.from_numpy(batch).to(device)
-        with torch.inference_mode():
+        with torch.inference_mode(), ieee_fp32():
             # clean-fid's InceptionV3W normalisation: [0, 255] -> [-1, 0.9921875].
             feats = model((x - 128.0) / 128.0)
         out[start : start + len(batch)] = feats.reshape(len(batch), FEATURE_DIM).float().cpu().numpy()

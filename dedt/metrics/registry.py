@@ -9,8 +9,11 @@
     dinov2:<size>[:<file>]      DINOv2 ViT/14 CLS features (small, base, large, giant); weights from
                                 the local torch-hub / Hugging Face caches or the file
 
-Random-init networks are refused: a Fréchet distance in an untrained network's features measures
-nothing. Weights are located when a name is validated (config load), so a missing file stops a
+Every network runs in IEEE fp32 on every device (``dedt.precision.ieee_fp32``: no TF32, no bf16
+autocast): FID is defined on fp32 Inception features, and TF32 convolutions or bf16 shift them. A
+space's identity names the device class and this precision, so statistics computed on a CPU and on
+a GPU are cached apart. Random-init networks are refused: a Fréchet distance in an untrained
+network's features measures nothing. Weights are located when a name is validated (config load), so a missing file stops a
 pipeline before its first stage, not after hours of training; the message names the file and
 where to put it. Models load on the first ``extract`` call, so a cache hit on the reference
 statistics never pays for one. Validating ``classifier`` or ``inception`` imports no torch.
@@ -38,6 +41,7 @@ FAMILIES = {
 }
 DEFAULT_CLIP_TAG = "openai"
 ENCODER_BATCH = 128  # images per forward pass of the CLIP / DINOv2 encoders
+FEATURE_PRECISION = "fp32-ieee"  # how every feature space computes, on every device (dedt.precision.ieee_fp32)
 
 Extractor = Callable[[np.ndarray], np.ndarray]
 
@@ -46,8 +50,9 @@ Extractor = Callable[[np.ndarray], np.ndarray]
 class FeatureSpace:
     """One named feature space: what keys its cached reference statistics, and its extractor.
 
-    ``identity`` is everything besides the images that its features depend on (the weights file);
-    it goes into the reference-statistics cache key, so swapped weights never reuse stale features.
+    ``identity`` is everything besides the images that its features depend on (the weights file, the
+    device class, the precision); it goes into the reference-statistics cache key, so swapped weights
+    never reuse stale features and a GPU's statistics never mix with a CPU's.
     """
 
     name: str
@@ -113,13 +118,14 @@ def feature_space(name: str, *, classifier: Path | None = None, device: str = "a
     if family == "classifier":
         if classifier is None or not Path(classifier).is_file():
             raise DedtError(f"feature space classifier: {classifier} not found; run the classifier stage first")
-        return FeatureSpace(name, {"classifier_sha256": _sha256(Path(classifier))},
+        return FeatureSpace(name, {"classifier_sha256": _sha256(Path(classifier)), **_numerics("cpu")},
                             lambda: _classifier_extractor(Path(classifier)))
     if family == "inception":
         # load_inception refuses any file but the standard one, so its checksum is the identity.
-        return FeatureSpace(name, {"weights_sha1": WEIGHTS_SHA1, "preprocessing": "clean-fid clean, uint8"},
-                            lambda: _inception_extractor(weights, device))
-    identity = {"weights": str(weights), "bytes": weights.stat().st_size, "mtime": int(weights.stat().st_mtime)}
+        return FeatureSpace(name, {"weights_sha1": WEIGHTS_SHA1, "preprocessing": "clean-fid clean, uint8",
+                                   **_numerics(device)}, lambda: _inception_extractor(weights, device))
+    identity = {"weights": str(weights), "bytes": weights.stat().st_size, "mtime": int(weights.stat().st_mtime),
+                **_numerics(device)}
     if family == "clip":
         model, pretrained = _clip_parts(arg)
         encoder_name = f"open_clip:{model}:{pretrained}"
@@ -179,11 +185,26 @@ def _dinov2_weights(size: str, file: str) -> Path:
     return first_existing(f"dinov2:{size}", dinov2_candidates(size), fix)
 
 
+def _numerics(device: str) -> dict[str, str]:
+    """The device class ("cpu" or "cuda") a network runs on and its precision, for the identity."""
+    if device == "cpu":  # the classifier always runs on the CPU: no torch import needed
+        return {"device": "cpu", "precision": FEATURE_PRECISION}
+    from dedt.encoders.torch_models import resolve_device
+
+    return {"device": resolve_device(device).type, "precision": FEATURE_PRECISION}
+
+
 def _classifier_extractor(path: Path) -> Extractor:
     from dedt.metrics.classifier import features, load_classifier
+    from dedt.precision import ieee_fp32
 
     model = load_classifier(path)
-    return lambda images: features(model, images)
+
+    def extract(images: np.ndarray) -> np.ndarray:
+        with ieee_fp32():
+            return features(model, images)
+
+    return extract
 
 
 def _inception_extractor(weights: Path, device: str) -> Extractor:
@@ -196,11 +217,20 @@ def _inception_extractor(weights: Path, device: str) -> Extractor:
 
 def _encoder_extractor(name: str, weights: str | None, device: str) -> Extractor:
     from dedt.encoders import get_encoder
+    from dedt.encoders.torch_models import TorchEncoder
+    from dedt.precision import ieee_fp32
 
     encoder = get_encoder(name, weights=weights, device=device)
-    return lambda images: np.concatenate(
-        [encoder.encode_batch(images[i : i + ENCODER_BATCH]) for i in range(0, len(images), ENCODER_BATCH)]
-    )
+    if isinstance(encoder, TorchEncoder):
+        encoder.autocast = False  # the encode stage's bf16 is fine for scoring, not for metrics
+
+    def extract(images: np.ndarray) -> np.ndarray:
+        with ieee_fp32():
+            return np.concatenate(
+                [encoder.encode_batch(images[i : i + ENCODER_BATCH]) for i in range(0, len(images), ENCODER_BATCH)]
+            )
+
+    return extract
 
 
 def _sha256(path: Path) -> str:
