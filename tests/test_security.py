@@ -57,6 +57,49 @@ def test_yaml_python_tags_are_refused(tmp_path: Path) -> None:
     assert not marker.exists()
 
 
+def _laughs(levels: int) -> str:
+    """YAML anchors a0..a<levels>, each a list of ten aliases of the one before: 10^levels values."""
+    lines = ["x0: &a0 [1, 1, 1, 1, 1, 1, 1, 1, 1, 1]"]
+    lines += [f"x{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, levels + 1)]
+    return "\n".join(lines) + "\n"
+
+
+SWEEP_BOMBS = {  # name: (pipelines file text, what the one error line must say)
+    "alias-bomb-in-the-grid": (_laughs(9) + "pipelines: {p: {seed: 0}}\nsweeps: {s: {base: p, grid: {seed: *a8}}}\n",
+                               "aliases expand to more than"),
+    "recursive-alias": ("pipelines: {p: {seed: 0}}\nsweeps: {s: {base: p, grid: &g {seed: [0, *g]}}}\n",
+                        "recursive alias"),
+    "million-points": ("pipelines: {p: {seed: 0}}\nvalues: &v [" + ", ".join(map(str, range(100))) + "]\n"
+                       "sweeps: {s: {base: p, grid: {seed: *v, train.budget_kimg: *v, select.keep_frac: *v}}}\n",
+                       "1,000,000 points"),
+    "nested-grid-values": (_laughs(2) + "pipelines: {p: {seed: 0}}\nsweeps: {s: {base: p, grid: {seed: [*a2]}}}\n",
+                           "each value must be"),
+    "deep-nesting": ("pipelines: {p: {seed: 0}}\nsweeps: {s: {base: p, grid: {seed: " + "[" * 5000 + "]" * 5000 + "}}}\n",
+                     "nested too deeply"),
+}
+
+
+@pytest.mark.parametrize("name", list(SWEEP_BOMBS))
+def test_hostile_sweep_yaml_is_one_line_exit_2(tmp_path: Path, name: str) -> None:
+    """`dedt sweep --dry-run` on a crafted pipelines file, under an address-space cap and a time limit."""
+    from tests.test_bad_input import CAPPED, LIMIT_AS, LIMIT_S
+
+    text, needle = SWEEP_BOMBS[name]
+    (tmp_path / "pipelines.yaml").write_text(text)
+    proc = subprocess.run([sys.executable, "-c", CAPPED, str(LIMIT_AS), "sweep", "s", "--dry-run", "--pipelines",
+                           str(tmp_path / "pipelines.yaml")], capture_output=True, text=True, cwd=REPO, timeout=LIMIT_S,
+                          env={**os.environ, "DEDT_HOME": str(tmp_path / "store")})
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("dedt: error: "), proc.stderr[-2000:]
+    assert needle in lines[0], lines[0]
+    assert not (tmp_path / "store").exists()
+
+
+def test_alias_bomb_in_a_set_value_is_refused() -> None:
+    with pytest.raises(DedtError, match="aliases expand to more than"):
+        apply_override({}, "seed=[" + _laughs(6).replace("\n", ", ").replace(": ", "_: ").rstrip(", ") + "]")
+
+
 def test_yaml_only_safe_loaders_in_the_code() -> None:
     unsafe = {"yaml.load", "yaml.unsafe_load", "yaml.full_load", "yaml.load_all", "yaml.unsafe_load_all"}
     found = [f"{p.relative_to(REPO)}:{node.lineno} {name}" for p in python_files(*CODE_DIRS)
