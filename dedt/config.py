@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from dedt.diffusion.options import SampleOptions, TrainOptions
 from dedt.errors import DedtError
+from dedt.reweight import DEFAULT_ETA
 from dedt.safe_yaml import load_yaml, read_yaml_text
 
 SCORER_NAMES = ("gaussian", "ppca", "knn", "moderate", "random", "kcenter", "ccs")
@@ -75,7 +76,14 @@ class SelectConfig(Section):
 class ReweightConfig(Section):
     method: Literal["doremi", "uniform", "none"] = Field(
         "doremi", description="doremi: group DRO class weights; uniform/none: no reweighting")
-    eta: float = Field(1.0, gt=0.0, description="DRO step size (DoReMi default 1.0)")
+    eta: float | None = Field(
+        None, gt=0.0, description=f"DRO step size; None = the default of reweight.excess, {DEFAULT_ETA}")
+    excess: Literal["raw", "normalized"] = Field(
+        "raw", description="raw: l_proxy - l_ref (DoReMi); normalized: divided by the reference's mean loss "
+        "in the sample's timestep band, so every noise level counts")
+    timesteps: Literal["common", "independent"] = Field(
+        "common", description="common: one stratified pool of (t, noise) per proxy step, the i-th member of "
+        "every group gets the i-th draw; independent: one draw per sample")
     smoothing: float = Field(1e-3, ge=0.0, lt=1.0, description="mix with uniform each step (DoReMi default 1e-3)")
     reference_kimg: float = Field(64.0, gt=0.0, description="reference DM budget on the full data, kimg")
     proxy_kimg: float = Field(32.0, gt=0.0, description="proxy DM budget on the subset, kimg")

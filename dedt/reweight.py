@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
@@ -22,6 +22,13 @@ if TYPE_CHECKING:
     from dedt.diffusion.options import TrainOptions
 
 COLLAPSE_MAX_WEIGHT = 0.9
+Excess = Literal["raw", "normalized"]
+Pairing = Literal["common", "independent"]
+# Bands of the normalized excess: 20 of DDPM's T = 1000 steps, 50 each (our choice). The reference
+# loss falls ~200x from t < 50 to t >= 700 (digits, issue 22), so it must be nearly flat within a band.
+TIMESTEP_BANDS = 20
+# eta by excess: raw is DoReMi's released 1.0 (per-token nats); normalized: see README, measured.
+DEFAULT_ETA: dict[str, float] = {"raw": 1.0, "normalized": 1.0}
 
 
 def doremi_update(alpha: np.ndarray, excess: np.ndarray, *, eta: float, smoothing: float) -> np.ndarray:
@@ -77,7 +84,7 @@ def stratified_batch(groups: np.ndarray, batch_size: int, rng: np.random.Generat
 
 @dataclass
 class DroResult:
-    weights: np.ndarray  # (k,) average of alpha_0..alpha_T
+    weights: np.ndarray  # (k,) average of alpha_0..alpha_T; 0 for a group absent from the data
     alphas: np.ndarray  # (T + 1, k) trajectory, alpha_0 first
     excess: np.ndarray  # (T + 1, k) per-group clipped excess used at each step (zeros at step 0)
     seconds: float
@@ -85,80 +92,171 @@ class DroResult:
     warning: str | None
 
 
+def member_slots(groups: np.ndarray) -> np.ndarray:
+    """Each sample's rank among the batch's members of its own group: (B,) int64, 0 for the first."""
+    order = np.argsort(groups, kind="stable")
+    ordered = groups[order]
+    slots = np.empty(len(groups), np.int64)
+    slots[order] = np.arange(len(groups)) - np.searchsorted(ordered, ordered)
+    return slots
+
+
+def stratified_timesteps(n: int, num_timesteps: int, generator: "torch.Generator | None" = None) -> "torch.Tensor":
+    """n timesteps, one uniform draw in each of n equal strata of [0, T), in random order: (n,) int64.
+
+    The order is shuffled so that an extra (n-th) member of a group does not always get the top stratum.
+    """
+    import torch
+
+    u = torch.rand(n, generator=generator, dtype=torch.float64)
+    t = ((torch.arange(n, dtype=torch.float64) + u) * num_timesteps / n).long().clamp_max(num_timesteps - 1)
+    return t[torch.randperm(n, generator=generator)]
+
+
 class ProxyTrainer:
     """The proxy DM, its optimizer and the DRO state: ``step(indices)`` is one DoReMi step.
 
-    images float32 (N, C, H, W) in [-1, 1]; labels int64 (N,) conditioning classes (ignored by an
-    unconditional model); groups int (N,) in [0, k). ``t_range`` = (lo, hi) fractions of T: only
-    samples whose timestep falls in [lo * T, hi * T) count towards the excess (all by default).
+    images float32 (N, C, H, W) in [-1, 1]; labels int64 (N,) conditioning classes of both models
+    (ignored by an unconditional one); groups int (N,) in [0, num_groups). A group with no sample
+    gets weight 0 and stays off the simplex. ``t_range`` = (lo, hi) fractions of T: only samples
+    whose timestep falls in [lo * T, hi * T) count towards the excess (all by default).
+
+    ``timesteps="common"`` draws one stratified pool of (t, eps) per step and gives the i-th member
+    of every group the pool's i-th draw: every group's mean excess is then taken over the same noise
+    levels and noises, the diffusion form of DoReMi's per-domain averaging (which averages over
+    thousands of tokens per domain; here t alone explains most of a sample's excess, issue 22).
+    ``"independent"`` draws (t, eps) per sample (dedt before issue 22). ``excess="normalized"``
+    divides each sample's excess by the reference's running mean loss in its timestep band (see
+    ``TIMESTEP_BANDS``), so that every noise level counts, not only the small-t ones whose loss is
+    two orders of magnitude larger; ``"raw"`` is DoReMi's excess as is.
+    Both models run in train mode with the same dropout masks (DoReMi runs both models the same way).
     """
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, groups: np.ndarray, reference: "torch.nn.Module",
                  options: "TrainOptions", *, num_classes: int, eta: float, smoothing: float, seed: int,
-                 t_range: tuple[float, float] = (0.0, 1.0), initial: np.ndarray | None = None) -> None:
+                 t_range: tuple[float, float] = (0.0, 1.0), initial: np.ndarray | None = None,
+                 num_groups: int | None = None, excess: Excess = "raw", timesteps: Pairing = "common") -> None:
         import torch
 
         from dedt.diffusion.presets import build_model, build_scheduler
 
         doremi_update(np.full(2, 0.5), np.zeros(2), eta=eta, smoothing=smoothing)  # validates eta, smoothing
-        self.k = int(groups.max()) + 1
+        if excess not in DEFAULT_ETA or timesteps not in ("common", "independent"):
+            raise DedtError(f"excess must be raw|normalized and timesteps common|independent; got {excess!r}, "
+                            f"{timesteps!r}")
+        self.k = int(groups.max()) + 1 if num_groups is None else num_groups
+        if groups.min() < 0 or groups.max() >= self.k:
+            raise DedtError(f"groups must lie in [0, {self.k}); got [{groups.min()}, {groups.max()}]")
+        self.present = np.bincount(groups, minlength=self.k) > 0
         self.eta, self.smoothing, self.options = eta, smoothing, options
+        self.excess_mode, self.timesteps = excess, timesteps
         torch.manual_seed(seed)
         self.proxy = build_model(options.preset, in_channels=images.shape[1], resolution=images.shape[2],
                                  num_classes=num_classes if options.conditional else None)
-        self.scheduler = build_scheduler(options.preset)
-        self.reference = reference.eval().requires_grad_(False)
-        self.reference_conditional = getattr(reference.config, "num_class_embeds", None) is not None
+        self.scheduler = build_scheduler(options.preset, latent=options.latent)
+        self.reference = reference.train().requires_grad_(False)  # train mode: see the class docstring
+        embeds = getattr(getattr(reference, "config", None), "num_class_embeds", None)
+        if embeds is not None and labels.max() >= embeds:
+            raise DedtError(f"the reference is conditioned on {embeds} classes but the labels reach {labels.max()}; "
+                            "condition the reference on the same classes as the proxy")
+        self.reference_conditional = embeds is not None
         from dedt.diffusion.train import _make_optimizer
 
         self.optimizer = _make_optimizer(self.proxy, options)  # the same optimiser as final training
+        self.nimg = 0  # images seen, for the trainer's learning-rate warm-up
         self.x, self.y = torch.from_numpy(images), torch.from_numpy(labels)
         self.g = torch.from_numpy(groups.astype(np.int64))
         T = self.scheduler.config.num_train_timesteps
         self.t_lo, self.t_hi = int(t_range[0] * T), max(int(t_range[0] * T) + 1, int(t_range[1] * T))
-        self.alpha = np.full(self.k, 1.0 / self.k) if initial is None else np.asarray(initial, np.float64)
+        # Running per-band sums and counts of the reference loss (normalized excess).
+        self.band_sum, self.band_count = np.zeros(TIMESTEP_BANDS), np.zeros(TIMESTEP_BANDS)
+        uniform = self.present / self.present.sum()
+        self.alpha = uniform if initial is None else np.where(self.present, np.asarray(initial, np.float64), 0.0)
+        self.alpha = self.alpha / self.alpha.sum()
         self.excess = np.zeros(self.k)
+
+    def learning_rate(self) -> float:
+        """The final trainer's linear warm-up (``Trainer.learning_rate``) at this proxy's images seen."""
+        from dedt.diffusion.train import Trainer
+
+        return Trainer.learning_rate(self)  # type: ignore[arg-type]  # reads options and nimg only
+
+    def draw(self, g: "torch.Tensor") -> tuple["torch.Tensor", "torch.Tensor"]:
+        """(t, eps) of a batch with groups g (B,): a common pool over groups, or one draw per sample."""
+        import torch
+
+        T = self.scheduler.config.num_train_timesteps
+        shape = (len(g), *self.x.shape[1:])
+        if self.timesteps == "independent":
+            return torch.randint(0, T, (len(g),)), torch.randn(shape)
+        slots = torch.from_numpy(member_slots(g.numpy()))
+        pool = int(slots.max()) + 1
+        return stratified_timesteps(pool, T)[slots], torch.randn((pool, *shape[1:]))[slots]
+
+    def sample_excess(self, loss: "torch.Tensor", ref: "torch.Tensor", t: "torch.Tensor") -> "torch.Tensor":
+        """Per-sample excess l_proxy - l_ref (B,), float64; normalized: over the reference's band mean."""
+        import torch
+
+        gap = loss.detach().double() - ref.double()
+        if self.excess_mode == "raw":
+            return gap
+        bands = (t.numpy() * TIMESTEP_BANDS) // self.scheduler.config.num_train_timesteps
+        np.add.at(self.band_sum, bands, ref.double().numpy())  # this step first: no band is ever empty
+        np.add.at(self.band_count, bands, 1.0)
+        return gap / torch.from_numpy(self.band_sum[bands] / self.band_count[bands])
 
     def step(self, indices: np.ndarray) -> None:
         import torch
 
-        idx = torch.from_numpy(indices)
-        x0, y, g = self.x[idx], self.y[idx], self.g[idx]
-        t = torch.randint(0, self.scheduler.config.num_train_timesteps, (len(idx),))
-        noise = torch.randn_like(x0)  # one draw of (t, eps), shared by proxy and reference
         from dedt.diffusion.train import per_sample_loss
 
+        idx = torch.from_numpy(indices)
+        x0, y, g = self.x[idx], self.y[idx], self.g[idx]
+        t, noise = self.draw(g)  # one draw of (t, eps), shared by proxy and reference
+        dropout = torch.get_rng_state()
         loss = per_sample_loss(self.proxy, self.scheduler, x0, y if self.options.conditional else None, t, noise)
+        torch.set_rng_state(dropout)  # the same dropout masks for the reference
         with torch.no_grad():
             ref = per_sample_loss(self.reference, self.scheduler, x0, y if self.reference_conditional else None, t, noise)
         counted = (t >= self.t_lo) & (t < self.t_hi)
-        gap = (loss.detach() - ref).clamp_min(0).double() * counted  # clipped excess, DoReMi Eq. 1
+        gap = self.sample_excess(loss, ref, t).clamp_min(0) * counted  # clipped excess, DoReMi Eq. 1
         sums = torch.zeros(self.k, dtype=torch.float64).index_add_(0, g, gap)
         counts = torch.bincount(g, weights=counted.double(), minlength=self.k)
-        present = counts > 0
+        seen = (counts > 0).numpy()
         self.excess = self.excess.copy()
-        self.excess[present.numpy()] = (sums[present] / counts[present]).numpy()  # absent: keep previous
-        self.alpha = doremi_update(self.alpha, self.excess, eta=self.eta, smoothing=self.smoothing)
+        self.excess[seen] = (sums / counts.clamp_min(1)).numpy()[seen]  # absent from the batch: keep previous
+        self.alpha = self.alpha.copy()
+        self.alpha[self.present] = doremi_update(self.alpha[self.present], self.excess[self.present], eta=self.eta,
+                                                 smoothing=self.smoothing)
         # The proxy minimises the alpha-weighted mean loss of the groups in this batch.
         members = torch.bincount(g, minlength=self.k)
         group_mean = torch.zeros(self.k, dtype=loss.dtype).index_add_(0, g, loss) / members.clamp_min(1)
         objective = (torch.from_numpy(self.alpha).to(loss.dtype) * group_mean)[members > 0].sum()
+        for param_group in self.optimizer.param_groups:
+            param_group["lr"] = self.learning_rate()
         self.optimizer.zero_grad(set_to_none=True)
         objective.backward()
         if self.options.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.proxy.parameters(), self.options.grad_clip)
         self.optimizer.step()
+        self.nimg += len(indices)
 
 
 def train_proxy(images: np.ndarray, labels: np.ndarray, groups: np.ndarray, reference: "torch.nn.Module",
-                options: "TrainOptions", *, num_classes: int, budget_kimg: float, eta: float, smoothing: float,
-                seed: int, t_range: tuple[float, float] = (0.0, 1.0), initial: np.ndarray | None = None,
-                progress: bool = False) -> DroResult:
-    """Group DRO as PAPER.md section 4; returns alpha averaged over all steps (alpha_0 included)."""
+                options: "TrainOptions", *, num_classes: int, budget_kimg: float, eta: float | None = None,
+                smoothing: float, seed: int, t_range: tuple[float, float] = (0.0, 1.0),
+                initial: np.ndarray | None = None, num_groups: int | None = None, excess: Excess = "raw",
+                timesteps: Pairing = "common", progress: bool = False) -> DroResult:
+    """Group DRO as PAPER.md section 4; returns alpha averaged over all steps (alpha_0 included).
+
+    ``eta=None`` takes ``DEFAULT_ETA[excess]``; the other arguments are ``ProxyTrainer``'s.
+    """
     from tqdm import tqdm
 
+    eta = DEFAULT_ETA.get(excess, 1.0) if eta is None else eta
     trainer = ProxyTrainer(images, labels, groups, reference, options, num_classes=num_classes, eta=eta,
-                           smoothing=smoothing, seed=seed, t_range=t_range, initial=initial)
+                           smoothing=smoothing, seed=seed, t_range=t_range, initial=initial, num_groups=num_groups,
+                           excess=excess, timesteps=timesteps)
     rng = np.random.default_rng(seed)
     steps = max(1, round(budget_kimg * 1000 / options.batch_size))
     alphas, excesses = [trainer.alpha], [trainer.excess]
@@ -170,26 +268,54 @@ def train_proxy(images: np.ndarray, labels: np.ndarray, groups: np.ndarray, refe
     seconds = time.perf_counter() - start
     trajectory = np.stack(alphas)
     weights = trajectory.mean(axis=0)
-    warning = collapse_warning(weights, batch_size=options.batch_size, eta=eta, steps=steps)
+    warning = collapse_warning(weights[trainer.present], batch_size=options.batch_size, eta=eta, steps=steps)
     return DroResult(weights, trajectory, np.stack(excesses), seconds, steps * options.batch_size / seconds, warning)
 
 
-def kmeans_groups(embeddings: np.ndarray, k: int, *, seed: int) -> np.ndarray:
-    """Groups for unlabelled data: FAISS k-means clusters of the embeddings, int64 (N,)."""
+def train_reference(images: np.ndarray, labels: np.ndarray, groups: np.ndarray, weights: np.ndarray,
+                    options: "TrainOptions", *, num_classes: int, seed: int) -> "torch.nn.Module":
+    """A reference for a further DRO round: the final trainer's model and steps for ``options.budget_kimg``,
+    with batches drawn from the group mixture ``weights`` (P(group g) = w_g, uniform inside a group).
+
+    Conditioned on ``labels`` (classes) like the proxy and the first reference, whatever the groups
+    (classes or clusters): the excess then compares models that see the same conditioning.
+    Returns the EMA model on the CPU.
+    """
+    from dedt.diffusion.sampler import BatchSampler
+    from dedt.diffusion.train import Trainer, _derive_seed, _fork_rng, World
+
+    with _fork_rng(options.device, World()):
+        trainer = Trainer(images, labels, options, num_classes=num_classes, seed=seed)
+        trainer.sampler = BatchSampler(groups, batch_size=options.batch_size, num_classes=len(weights),
+                                       class_weights=weights, seed=_derive_seed(seed, "sampler"))
+        while trainer.nimg < options.budget_kimg * 1000:
+            trainer.step()
+    return trainer.ema.module.cpu()
+
+
+def kmeans_groups(embeddings: np.ndarray, k: int, *, seed: int, fit: np.ndarray | None = None) -> np.ndarray:
+    """Groups for unlabelled data: FAISS k-means clusters of the embeddings, int64 (N,).
+
+    ``fit`` (bool (N,)) picks the rows the centroids are fitted on (default all); every row is then
+    assigned to its nearest centroid, so samples outside the subset get groups too (iterated DRO).
+    Group ids are numbered by first appearance among the fitted rows.
+    """
     import faiss
 
-    if not 2 <= k <= len(embeddings):
-        raise DedtError(f"reweight.clusters must lie in [2, {len(embeddings)}] (the number of samples); got {k}")
+    fit = np.ones(len(embeddings), bool) if fit is None else np.asarray(fit, bool)
+    if not 2 <= k <= fit.sum():
+        raise DedtError(f"reweight.clusters must lie in [2, {fit.sum()}] (the number of samples); got {k}")
     x = np.ascontiguousarray(embeddings, np.float32)
     km = faiss.Kmeans(x.shape[1], k, niter=25, seed=seed, verbose=False, min_points_per_centroid=1)
-    km.train(x)
+    km.train(x[fit])
     _, assign = km.index.search(x, 1)
     # Relabel by first appearance: group ids then do not depend on FAISS's centroid order.
     raw = assign[:, 0]
-    uniq, first = np.unique(raw, return_index=True)
-    rank = np.empty(len(uniq), np.int64)
-    rank[np.argsort(first)] = np.arange(len(uniq))
-    return rank[np.searchsorted(uniq, raw)]
+    first = np.full(k, np.iinfo(np.int64).max)
+    np.minimum.at(first, raw[fit], np.flatnonzero(fit))
+    rank = np.empty(k, np.int64)
+    rank[np.argsort(first, kind="stable")] = np.arange(k)
+    return rank[raw]
 
 
 def load_reference(path: str, *, in_channels: int, resolution: int) -> "torch.nn.Module":

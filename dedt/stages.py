@@ -165,41 +165,54 @@ def run_reference_checkpoint(cfg: PipelineConfig, inputs: dict[str, StageDir], o
 
 
 def run_reweight(cfg: PipelineConfig, inputs: dict[str, StageDir], out: StageDir) -> dict[str, Any]:
-    """Group DRO (PAPER.md section 4), optionally iterated: each round's reference is re-trained
-    on the same data with the previous round's weights."""
-    from dedt.diffusion.train import load_model, train
-    from dedt.reweight import kmeans_groups, load_reference, train_proxy
+    """Group DRO (PAPER.md section 4), optionally iterated: each further round re-trains the reference
+    on the full train split, drawn by the previous round's weights, then re-runs the proxy.
+
+    Every model is conditioned on the class labels (when conditional); the groups, classes or
+    k-means clusters, only say what is weighted. A group with no sample in the proxy's data gets
+    weight 0.
+    """
+    import time
+
+    from dedt.diffusion.train import load_model
+    from dedt.reweight import DEFAULT_ETA, kmeans_groups, load_reference, train_proxy, train_reference
 
     ids, images, labels, num_classes = _subset_arrays(inputs)
     rw = cfg.reweight
-    groups = labels
+    eta = DEFAULT_ETA[rw.excess] if rw.eta is None else rw.eta
+    groups, k = labels, num_classes
     if rw.groups == "kmeans":
         from dedt.encoders.streaming import read_embeddings
 
         emb_ids, embeddings, _ = read_embeddings(inputs["encode"].file(EMBEDDINGS))
-        groups = kmeans_groups(embeddings[np.isin(emb_ids, ids)], rw.clusters, seed=cfg.seed)
+        all_groups = kmeans_groups(embeddings, rw.clusters, seed=cfg.seed, fit=np.isin(emb_ids, ids))
+        groups, k = all_groups[np.isin(emb_ids, ids)], rw.clusters
         write_parquet(pa.table({"sample_id": ids, "group": groups}), out.file(GROUPS))
-    k = int(groups.max()) + 1
     if rw.reference_path:
         reference = load_reference(rw.reference_path, in_channels=images.shape[1], resolution=images.shape[2])
     else:
         reference = load_model(inputs["reference"].path, ema=True)
     rounds, weights, seconds = [], None, 0.0
     for r in range(rw.rounds):
-        if r > 0:
+        if r > 0:  # the reference's data is the full train split, as in the first round
+            start = time.perf_counter()
+            full_ids, full_images, full_labels, _ = _subset_arrays({role: stage for role, stage in inputs.items()
+                                                                        if role != "select"})
+            full_groups = full_labels if rw.groups == "class" else all_groups[np.isin(emb_ids, full_ids)]
             ref_options = cfg.train.model_copy(update={"budget_kimg": rw.reference_kimg})
-            ref_dir = out.path / f"round{r}-reference"
-            seconds += train(images, groups, ref_options, ref_dir, num_classes=k, class_weights=weights,
-                             seed=cfg.seed + r, progress=False)["seconds"]
-            reference = load_model(ref_dir, ema=True)
+            reference = train_reference(full_images, full_labels, full_groups, weights, ref_options,
+                                        num_classes=num_classes, seed=cfg.seed + r)
+            seconds += time.perf_counter() - start
         result = train_proxy(images, labels, groups, reference, cfg.train, num_classes=num_classes,
-                             budget_kimg=rw.proxy_kimg, eta=rw.eta, smoothing=rw.smoothing, seed=cfg.seed + r,
-                             t_range=(rw.t_min_frac, rw.t_max_frac))
+                             budget_kimg=rw.proxy_kimg, eta=eta, smoothing=rw.smoothing, seed=cfg.seed + r,
+                             t_range=(rw.t_min_frac, rw.t_max_frac), num_groups=k,
+                             excess=rw.excess, timesteps=rw.timesteps)
         weights, seconds = result.weights, seconds + result.seconds
         rounds.append(result)
     counts = np.bincount(groups, minlength=k)
     write_parquet(pa.table({"group": np.arange(k, dtype=np.int32), "weight": weights,
-                            "samples_in_subset": counts.astype(np.int64)}), out.file(WEIGHTS), {"eta": rw.eta})
+                            "samples_in_subset": counts.astype(np.int64)}), out.file(WEIGHTS),
+                  {"eta": eta, "excess": rw.excess})
     steps = np.concatenate([np.repeat(np.arange(len(res.alphas), dtype=np.int64), k) for res in rounds])
     write_parquet(pa.table({
         "round": np.concatenate([np.full(res.alphas.size, r, np.int32) for r, res in enumerate(rounds)]),
