@@ -325,3 +325,61 @@ def test_clip_and_dinov2_metric_features_run_without_bf16_autocast(monkeypatch: 
     with tf32(True), torch.autocast("cpu", dtype=torch.bfloat16):
         features = extract(np.zeros((3, 3, 4, 4), dtype=np.float32))
     assert features.shape == (3, 4) and not encoder.autocast and seen == [(False, False)]
+
+
+# --- sampling and decoding ------------------------------------------------------------------------------
+
+
+def test_ddpm_on_the_cpu_keeps_each_samples_own_stream() -> None:
+    """On the CPU the per-step noise continues each sample's start-noise generator (what the
+    artifacts of CPU runs hold); a GPU draws it from per-sample generators on the GPU instead."""
+    from diffusers.utils.torch_utils import randn_tensor
+
+    from dedt.diffusion.presets import build_scheduler
+    from dedt.diffusion.sample import _sample_seed, make_sampling_scheduler, sample
+
+    torch.manual_seed(0)
+    model = build_model("digits-tiny", in_channels=1, resolution=8, num_classes=None).eval()
+    scheduler = build_scheduler("digits-tiny")
+    got = sample(model, scheduler, None, num=3, method="ddpm", steps=4, seed=5, batch_size=2, progress=False)
+    sampler = make_sampling_scheduler(scheduler, "ddpm", 4)
+    expected = []
+    with torch.inference_mode():
+        for i in range(3):
+            generator = [torch.Generator("cpu").manual_seed(_sample_seed(5, i))]
+            x = randn_tensor((1, 1, 8, 8), generator=generator, device=torch.device("cpu"))
+            for t in sampler.timesteps:
+                x = sampler.step(model(x, t).sample, t, x, generator=generator).prev_sample
+            expected.append(x.clamp(-1, 1).numpy())
+    np.testing.assert_allclose(got, np.concatenate(expected), atol=1e-5)
+
+
+def test_vae_decode_halves_its_batch_when_the_gpu_runs_out_of_memory(tmp_path: Path) -> None:
+    from diffusers import AutoencoderKL
+
+    from dedt.diffusion.latents import decode_latents, encode_latents
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(
+        in_channels=1, out_channels=1, latent_channels=4, block_out_channels=(8, 16),
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        layers_per_block=1, norm_num_groups=4, sample_size=8,
+    )  # fmt: skip
+    latents = encode_latents(np.random.default_rng(0).uniform(-1, 1, (7, 1, 8, 8)).astype(np.float32), vae)
+    expected = decode_latents(latents, vae, batch_size=7)
+    real_decode, batches = vae.decode, []
+
+    def decode(z: torch.Tensor, *args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        batches.append(len(z))
+        if len(z) > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (test)")
+        return real_decode(z, *args, **kwargs)
+
+    vae.decode = decode
+    with pytest.warns(UserWarning, match="retrying with batch size 2"):
+        got = decode_latents(latents, vae, batch_size=4)
+    assert batches == [4, 2, 2, 2, 1]  # the failed batch of 4 again as two of 2, then the rest at 2
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+    vae.decode = lambda z, *args, **kwargs: (_ for _ in ()).throw(torch.OutOfMemoryError("always"))
+    with pytest.raises(torch.OutOfMemoryError), pytest.warns(UserWarning):
+        decode_latents(latents[:2], vae, batch_size=2)  # down to one image, then the error stands

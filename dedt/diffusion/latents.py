@@ -14,6 +14,8 @@ the config is validated, which must stay cheap.
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -137,11 +139,14 @@ def encode_latents(
     scale, shift = latent_scale(vae)
     shape = (vae.config.latent_channels, height // factor, width // factor)
     out = np.empty((n, *shape), dtype=np.float32)
+
+    def encode(start: int, stop: int) -> None:
+        x = torch.from_numpy(np.ascontiguousarray(images[start:stop], dtype=np.float32))
+        mean = vae.encode(x.to(device)).latent_dist.mode()
+        out[start:stop] = ((mean.float() - shift) * scale).cpu().numpy()
+
     with torch.inference_mode():
-        for start in range(0, n, batch_size):
-            x = torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size], dtype=np.float32))
-            mean = vae.encode(x.to(device)).latent_dist.mode()
-            out[start : start + len(x)] = ((mean.float() - shift) * scale).cpu().numpy()
+        _in_batches(n, batch_size, encode, "encode_latents")
     return out
 
 
@@ -168,12 +173,37 @@ def decode_latents(
     factor = downsample_factor(vae)
     n, _, height, width = latents.shape
     out = np.empty((n, vae.config.out_channels, height * factor, width * factor), dtype=np.float32)
+
+    def decode(start: int, stop: int) -> None:
+        z = torch.from_numpy(np.ascontiguousarray(latents[start:stop], dtype=np.float32))
+        images = vae.decode(z.to(device) / scale + shift).sample
+        out[start:stop] = images.float().clamp(-1, 1).cpu().numpy()
+
     with torch.inference_mode():
-        for start in range(0, n, batch_size):
-            z = torch.from_numpy(np.ascontiguousarray(latents[start : start + batch_size], dtype=np.float32))
-            images = vae.decode(z.to(device) / scale + shift).sample
-            out[start : start + len(z)] = images.float().clamp(-1, 1).cpu().numpy()
+        _in_batches(n, batch_size, decode, "decode_latents")
     return out
+
+
+def _in_batches(n: int, batch_size: int, run: Callable[[int, int], None], what: str) -> None:
+    """Call ``run(start, stop)`` over [0, n) in batches; on a GPU out-of-memory error, halve the batch
+    and retry (down to one image): the VAE's decoder at 256 x 256 px needs GBs of activations per
+    batch, and the samples it decodes took hours to make. The batch does not change the result
+    beyond float rounding."""
+    import torch
+
+    start = 0
+    while start < n:
+        stop = min(start + batch_size, n)
+        try:
+            run(start, stop)
+            start = stop
+            continue
+        except torch.OutOfMemoryError:
+            if stop - start == 1:
+                raise
+        batch_size = (stop - start) // 2
+        torch.cuda.empty_cache()  # outside the except block, which held the failed batch's tensors
+        warnings.warn(f"{what}: out of GPU memory, retrying with batch size {batch_size}", stacklevel=3)
 
 
 def write_latents(folder: Path, ids: np.ndarray, latents: np.ndarray) -> None:

@@ -62,8 +62,11 @@ def sample(
     ``clip_sample=True``); a latent schedule (``build_scheduler(..., latent=True)``) returns the
     latents unclamped, for ``dedt.diffusion.latents.decode_latents``. ``model`` is moved to
     ``device``; its train/eval mode is restored afterwards.
-    Sample i draws its start noise (and DDPM's per-step noise) from its own CPU generator seeded
-    from (seed, i), so results don't depend on batch_size or device, up to float rounding.
+    Sample i draws its start noise from its own CPU generator seeded from (seed, i), so DDIM's
+    results don't depend on batch_size or device, up to float rounding. DDPM's per-step noise comes
+    from the sample's own generator on the sampling device (on the CPU, the same generator):
+    independent of batch_size and deterministic, drawn where it is used (no host-to-device copy at
+    each of up to 1,000 steps), but a GPU's random stream is not the CPU's.
     """
     conditional = model.config.num_class_embeds is not None
     if labels is None:
@@ -95,12 +98,15 @@ def sample(
             for start in range(0, total, batch_size):
                 stop = min(start + batch_size, total)
                 generators = [torch.Generator("cpu").manual_seed(_sample_seed(seed, i)) for i in range(start, stop)]
+                step_generators = generators if device.type == "cpu" else [
+                    torch.Generator(device).manual_seed(_sample_seed(seed, i)) for i in range(start, stop)
+                ]  # fmt: skip
                 y = None if class_labels is None else torch.from_numpy(class_labels[start:stop]).to(device)
                 x = randn_tensor((stop - start, channels, size, size), generator=generators, device=device)
                 x = x * sampler.init_noise_sigma
                 for t in sampler.timesteps:
                     eps = model(x, t.to(device), class_labels=y).sample
-                    x = sampler.step(eps, t, x, generator=generators).prev_sample
+                    x = sampler.step(eps, t, x, generator=step_generators).prev_sample
                 out.append((x.clamp(-1, 1) if clamp else x).float().cpu().numpy())
                 bar.update(stop - start)
     finally:
