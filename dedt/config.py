@@ -108,6 +108,9 @@ class EvaluateConfig(Section):
                     "the first gives the summary's FD")
     prdc_k: int = Field(5, ge=1, description="k of the precision/recall/density/coverage radii (Naeem et al.: 5)")
     kid: bool = Field(True, description="also compute KID (100 subsets of up to 1,000)")
+    curves: Literal["all", "full"] = Field(
+        "all", description="with train.snapshots > 0, the models whose snapshots are evaluated (curve.parquet): "
+                           "every trained model, or only the full-data one (the yardstick of the equal-quality speed-up)")
 
     @field_validator("feature_spaces")
     @classmethod

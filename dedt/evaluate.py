@@ -37,7 +37,7 @@ from dedt.metrics import frechet_distance, gaussian_stats
 from dedt.metrics.fidelity import kid, nn_distance_stats, prdc
 from dedt.metrics.frechet import MIN_SAMPLES
 from dedt.metrics.registry import FeatureSpace
-from dedt.store import StageDir, atomic_path, fingerprint, write_parquet
+from dedt.store import StageDir, atomic_path, fingerprint, read_parquet, write_parquet
 
 REFSTATS_STAGE = "refstats"
 REFSTATS_VERSION = "1"  # bump when what a refstats folder holds changes
@@ -245,6 +245,12 @@ def write_metrics(rows: Iterable[Row], seed: int, path: Path) -> None:
         "n_real": np.asarray([r.n_real for r in rows], np.int64),
         "n_fake": np.asarray([r.n_fake for r in rows], np.int64),
         "seed": np.full(len(rows), seed, np.int64)}), path)
+
+
+def read_metrics(path: Path) -> list[Row]:
+    """The rows ``write_metrics`` wrote."""
+    return [Row(r["metric"], r["feature_space"], r["reference"], r["class"], r["value"], r["n_real"], r["n_fake"])
+            for r in read_parquet(path).to_pylist()]
 
 
 def lookup(rows: Iterable[Row], metric: str, space: str, reference: str = "full", cls: str = "all") -> float | None:

@@ -1,10 +1,12 @@
-"""The data-efficiency frontier report: a sweep's comparison rows -> docs/RESULTS.md and its plots.
+"""The time-to-quality report: a sweep's curves -> docs/RESULTS.md and its plots (PAPER.md section 7).
 
-Everything in the report is computed here from the rows ``dedt.sweep.comparison_rows`` wrote
-(no number is typed by hand): mean +- std over seeds per (budget policy, keep ratio, scorer,
-reweighting), the speed-ups of PAPER.md section 7 with their definitions, the frontier plot
-(FD vs wall-clock), per-class FD before/after reweighting, weights vs class difficulty, and a
-verdict on each of the paper's four claims.
+Everything is computed here from the artifacts (no number is typed by hand): each trained model's
+``curve.parquet`` (FD at log-spaced points of its own training, all models sampling one noise bank)
+and the calibrated per-image costs. The full-data curve is the yardstick: its own mean FD at B/4,
+B/2 and B, and 5% / 10% above F(B), are the targets; an arm's time to a target is when its mean
+curve first reaches it plus its one-off costs; speed-up = full-data time / arm time, with a 95%
+interval from resampling seeds, in two settings: reference pre-trained (the paper's) and from
+scratch. The verdict and the paper's four claims are restated on that basis.
 """
 
 from __future__ import annotations
@@ -13,270 +15,208 @@ import json
 import math
 import os
 import statistics
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from dedt.quality import Curve, Interval, per_doubling_fall, speedup_interval
 from dedt.report import plot_class_bars, save_figure
-from dedt.store import atomic_write_text
+from dedt.store import atomic_write_text, read_parquet
 
-QUALITY_TOL = 0.05  # "matches full-data quality": mean FD within 5% of the full-data mean
 PAPER_MIN_SPEEDUP = 2.34  # the paper's smallest CIFAR-10 speed-up
 DENSITY_SCORERS = ("gaussian", "knn")  # the density-based scorers of claim 1
-FRONTIER_PLOT, CLASS_FD_PLOT, WEIGHTS_PLOT = "frontier.png", "class_fd.png", "weights_vs_difficulty.png"
-
-DEFINITIONS = {
-    "train": "full-data training seconds / this model's training seconds (pruning and proxy costs ignored)",
-    "one-off": "full-data training seconds / (training + encode + score + select + proxy seconds): the paper's "
-               "setting, where the reference DM is pre-trained and costs nothing",
-    "scratch": "as one-off, plus the seconds dedt spent training the reference DM itself (reweighted models only; "
-               "uniform models need no reference)",
-    "steps": f"images seen by the full-data model / fewest images seen (among this sweep's budgets) at which the "
-             f"mean FD is within {QUALITY_TOL:.0%} of the full-data mean FD; two budgets are measured per method "
-             "(keep_frac x B under equal epochs, B under equal images), so this is a bracket, not a curve",
-}
+CURVES_PLOT, KIMG_PLOT, NOISE_PLOT = "fd_vs_seconds.png", "fd_vs_kimg.png", "sampling_noise.png"
+CLASS_FD_PLOT, WEIGHTS_PLOT = "class_fd.png", "weights_vs_difficulty.png"
+SETTINGS = {"pre-trained": "reference pre-trained (its cost excluded: the paper's setting)",
+            "scratch": "from scratch (training the DRO reference included)"}
 
 
-@dataclass(frozen=True)
-class Cell:
-    """One method at one budget: its rows over seeds."""
+@dataclass
+class Arm:
+    """One method (keep ratio, scorer, weighting) over seeds: its curves and one-off costs."""
 
-    policy: str  # images | epochs | "-" (keep_frac 1: both policies are the same run)
     keep_frac: float
-    scorer: str  # "-" at keep_frac 1 (nothing is scored)
+    scorer: str  # "-" for full data
     reweighting: str  # uniform | dro
-    rows: tuple[dict[str, Any], ...]
-
-    def values(self, column: str) -> list[float]:
-        return [r[column] for r in self.rows if r.get(column) is not None and not _isnan(r[column])]
-
-    def mean(self, column: str) -> float:
-        values = self.values(column)
-        return statistics.fmean(values) if values else math.nan
-
-    @property
-    def label(self) -> str:
-        return "full data" if self.is_full else f"{self.scorer}, {self.reweighting}"
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    curves: list[Curve] = field(default_factory=list)
+    finals: list[dict[str, Any]] = field(default_factory=list)  # the curve's final row per seed
 
     @property
     def is_full(self) -> bool:
         return self.keep_frac == 1.0 and self.reweighting == "uniform"
 
+    @property
+    def label(self) -> str:
+        return "full data" if self.is_full else f"{self.scorer} {self.keep_frac:g}, {self.reweighting}"
 
-def cells(rows: Iterable[dict[str, Any]]) -> list[Cell]:
-    """Group rows by method and budget, each (seed, method, budget) once.
+    def mean(self, column: str) -> float:
+        values = [r[column] for r in self.rows if r.get(column) is not None]
+        return statistics.fmean(values) if values else math.nan
 
-    The full-data model appears in every point and the keep_frac 1 models in every scorer's point:
-    they are one run each per seed, counted once (by the row with the most metrics).
-    """
-    groups: dict[tuple[str, float, str, str], dict[int, dict[str, Any]]] = {}
+    def final(self, column: str) -> list[float]:
+        return [f[column] for f in self.finals if f.get(column) is not None and f[column] == f[column]]
+
+    def overhead_s(self, setting: str, s_per_img: float, proxy_s_per_img: float) -> float:
+        """One-off seconds: selection (measured), the proxy and, from scratch, the reference (calibrated)."""
+        if self.is_full:
+            return 0.0
+        cost = self.mean("selection_s") + 1000.0 * self.mean("proxy_kimg") * proxy_s_per_img
+        if setting == "scratch":
+            cost += 1000.0 * self.mean("reference_kimg") * s_per_img
+        return cost
+
+
+def arms(rows: Sequence[dict[str, Any]]) -> list[Arm]:
+    """Group the comparison rows by method, each (method, seed) once, and read their curves."""
+    found: dict[tuple[float, str, str], dict[int, dict[str, Any]]] = {}
     for row in rows:
+        if not row.get("curve"):
+            continue
         keep = 1.0 if row["model"] == "full data" else float(row["keep_frac"])
         reweighting = "dro" if row["model"] == "pruned+reweighted" else "uniform"
-        policy, scorer = ("-", "-") if keep == 1.0 else (row["policy"], row["scorer"])
-        by_seed = groups.setdefault((policy, keep, scorer, reweighting), {})
-        seed = int(row["seed"])
-        # the same model evaluated twice (e.g. with Inception in one grid, without in another): keep the fuller row
-        if seed not in by_seed or (by_seed[seed].get("fid_inception") is None and row.get("fid_inception") is not None):
-            by_seed[seed] = row
-    return [Cell(*key, tuple(by_seed[s] for s in sorted(by_seed))) for key, by_seed in sorted(groups.items())]
-
-
-def speedups(cell: Cell, full: Cell) -> dict[str, float]:
-    """The three wall-clock speed-ups of DEFINITIONS (ratios of mean seconds)."""
-    t_full = full.mean("train_s")
-    if cell.is_full:  # the full-data model selects nothing
-        return {"train": 1.0, "one-off": 1.0, "scratch": 1.0}
-    train, oneoff = cell.mean("train_s"), cell.mean("train_s") + cell.mean("selection_s")
-    oneoff += cell.mean("proxy_s") if cell.reweighting == "dro" else 0.0
-    scratch = oneoff + (cell.mean("reference_s") if cell.reweighting == "dro" else 0.0)
-    return {"train": t_full / train, "one-off": t_full / oneoff, "scratch": t_full / scratch}
-
-
-def steps_to_quality(all_cells: Sequence[Cell], full: Cell) -> dict[tuple[float, str, str], str]:
-    """Per (keep, scorer, reweighting): the steps-to-quality bracket of DEFINITIONS, as text."""
-    target = (1 + QUALITY_TOL) * full.mean("fd")
-    full_kimg = full.mean("kimg")
-    out = {}
-    for key in {(c.keep_frac, c.scorer, c.reweighting) for c in all_cells if not c.is_full}:
-        budgets = sorted((c.mean("kimg"), c.mean("fd")) for c in all_cells
-                         if (c.keep_frac, c.scorer, c.reweighting) == key)
-        reached = [kimg for kimg, fd in budgets if fd <= target]
-        if not reached:
-            out[key] = f"not reached by {budgets[-1][0]:g} kimg"
-        else:
-            first = reached[0]
-            below = [kimg for kimg, _ in budgets if kimg < first]
-            upper = full_kimg / below[-1] if below else None
-            out[key] = f"{full_kimg / first:.2f}x–{upper:.2f}x" if upper else f"≥ {full_kimg / first:.2f}x"
-    return out
-
-
-def _isnan(value: Any) -> bool:
-    return isinstance(value, float) and math.isnan(value)
-
-
-def _pm(cell: Cell, column: str, digits: int = 1) -> str:
-    values = cell.values(column)
-    if not values:
-        return "–"
-    mean = statistics.fmean(values)
-    if len(values) == 1:
-        return f"{mean:.{digits}f}"
-    return f"{mean:.{digits}f} ± {statistics.stdev(values):.{digits}f}"
-
-
-def _per_class(cell: Cell, column: str = "fd_per_class") -> dict[str, float]:
-    """Mean over seeds of a per-class JSON column."""
-    acc: dict[str, list[float]] = {}
-    for row in cell.rows:
-        if row.get(column):
-            for c, v in json.loads(row[column]).items():
-                if v is not None and not _isnan(v):
-                    acc.setdefault(c, []).append(v)
-    return {c: statistics.fmean(v) for c, v in acc.items()}
-
-
-def _classes_improved(before: Cell, after: Cell) -> list[float]:
-    """Per seed: the fraction of classes whose FD fell from the uniform to the reweighted model."""
-    fractions = []
-    for b, a in zip(before.rows, after.rows):
-        fb, fa = json.loads(b["fd_per_class"]), json.loads(a["fd_per_class"])
-        classes = [c for c in fb if not _isnan(fb[c]) and not _isnan(fa.get(c, math.nan))]
-        if classes:
-            fractions.append(sum(fa[c] < fb[c] for c in classes) / len(classes))
-    return fractions
-
-
-def _spearman(a: Sequence[float], b: Sequence[float]) -> float:
-    from scipy.stats import spearmanr
-
-    return float(spearmanr(a, b).statistic)
-
-
-def _weights_vs_reference(cell: Cell, full: Cell) -> list[float]:
-    """Per seed: Spearman(weight of class c, full-data model's FD on class c)."""
-    refs = {int(r["seed"]): json.loads(r["fd_per_class"]) for r in full.rows}
-    rhos = []
-    for row in cell.rows:
-        if row.get("weights") and int(row["seed"]) in refs:
-            weights, ref = json.loads(row["weights"]), refs[int(row["seed"])]
-            classes = list(ref)
-            if len(weights) == len(classes):
-                pairs = [(w, ref[c]) for w, c in zip(weights, classes) if not _isnan(ref[c])]
-                rhos.append(_spearman(*zip(*pairs)))
-    return rhos
-
-
-def claims(all_cells: Sequence[Cell], full: Cell) -> list[tuple[str, str, str]]:
-    """(claim, held / did not hold, the numbers) for the paper's four claims."""
-    by = {(c.policy, c.keep_frac, c.scorer, c.reweighting): c for c in all_cells}
-    policies = sorted({c.policy for c in all_cells if c.policy != "-"})
-    low_keeps = sorted({c.keep_frac for c in all_cells if c.keep_frac <= 0.2})
+        scorer = "-" if keep == 1.0 and reweighting == "uniform" else row["scorer"]
+        found.setdefault((keep, scorer, reweighting), {}).setdefault(int(row["seed"]), row)
     out = []
-
-    # 1. density-based pruning beats random at keep <= 20%
-    comparisons, wins = [], 0
-    for policy in policies:
-        for keep in low_keeps:
-            rand = by.get((policy, keep, "random", "uniform"))
-            for scorer in DENSITY_SCORERS:
-                dens = by.get((policy, keep, scorer, "uniform"))
-                if rand and dens:
-                    wins += dens.mean("fd") < rand.mean("fd")
-                    comparisons.append(f"{scorer} {dens.mean('fd'):.1f} vs random {rand.mean('fd'):.1f} "
-                                       f"(keep {keep:g}, equal {policy})")
-    if comparisons:
-        verdict = "held" if wins == len(comparisons) else "held partly" if wins else "did not hold"
-        out.append(("1. Density-based pruning beats random at keep ≤ 20% (mean FD of the pruned, uniform model)",
-                    verdict, f"{wins} of {len(comparisons)} comparisons: " + "; ".join(comparisons)))
-
-    # 2. reweighting improves class-wise FD for most classes
-    fractions = []
-    for (policy, keep, scorer, rw), cell in by.items():
-        if rw == "dro" and keep < 1.0 and (policy, keep, scorer, "uniform") in by:
-            fractions += _classes_improved(by[policy, keep, scorer, "uniform"], cell)
-    if fractions:
-        mean = statistics.fmean(fractions)
-        most = sum(f > 0.5 for f in fractions)
-        out.append(("2. Reweighting improves class-wise FD for most classes", "held" if mean > 0.5 else "did not hold",
-                    f"on average {mean:.0%} of classes improved (pruned vs pruned+reweighted, same seed, "
-                    f"{len(fractions)} pairs); a majority improved in {most} of {len(fractions)} pairs"))
-
-    # 3. above-uniform weights go to the easily generated classes
-    rhos = [rho for c in all_cells if c.reweighting == "dro" and c.keep_frac < 1.0 and c.policy == policies[0]
-            for rho in _weights_vs_reference(c, full)]
-    rhos = [r for r in rhos if not math.isnan(r)]
-    if rhos:
-        mean = statistics.fmean(rhos)
-        out.append(("3. Above-uniform weights go to the easily generated classes (negative rank correlation of "
-                    "weight with the full-data model's per-class FD)", "held" if mean < 0 else "did not hold",
-                    f"Spearman rho {mean:+.2f} ± {statistics.pstdev(rhos):.2f} over {len(rhos)} reweighting runs; "
-                    f"negative in {sum(r < 0 for r in rhos)} of them"))
-
-    # 4. pruned + reweighted within 5% of full data at >= 2.34x less wall-clock
-    target = (1 + QUALITY_TOL) * full.mean("fd")
-    candidates = [(c, speedups(c, full)) for c in all_cells if c.reweighting == "dro" and c.keep_frac < 1.0]
-    if candidates:
-        matches = [(c, s) for c, s in candidates if c.mean("fd") <= target and s["one-off"] >= PAPER_MIN_SPEEDUP]
-        close = [(c, s) for c, s in candidates if c.mean("fd") <= target]
-        fast = [(c, s) for c, s in candidates if s["one-off"] >= PAPER_MIN_SPEEDUP]
-        parts = []
-        if matches:
-            parts.append("matched by " + _describe(*max(matches, key=lambda cs: cs[1]["one-off"]), full))
-        else:
-            if close:
-                parts.append("within 5% only at lower speed-ups, best " +
-                             _describe(*max(close, key=lambda cs: cs[1]["one-off"]), full))
-            if fast:
-                parts.append(f"at ≥ {PAPER_MIN_SPEEDUP}x the best FD is " +
-                             _describe(*min(fast, key=lambda cs: cs[0].mean("fd")), full))
-        out.append((f"4. At some keep ratio, pruned + reweighted matches full-data quality within "
-                    f"{QUALITY_TOL:.0%} at ≥ {PAPER_MIN_SPEEDUP}x less wall-clock (one-off definition)",
-                    "held" if matches else "did not hold", "; ".join(parts)))
+    for (keep, scorer, rw), by_seed in sorted(found.items()):
+        arm = Arm(keep, scorer, rw)
+        for seed in sorted(by_seed):
+            table = read_parquet(Path(by_seed[seed]["curve"])).to_pylist()
+            arm.rows.append(by_seed[seed])
+            arm.curves.append(Curve([t["kimg"] for t in table], [t["fd"] for t in table]))
+            arm.finals.append(table[-1])
+        out.append(arm)
     return out
 
 
-def _describe(cell: Cell, s: dict[str, float], full: Cell) -> str:
-    """One reweighted model's quality and speed-ups, for a claim's numbers."""
-    return (f"{cell.scorer} at keep {cell.keep_frac:g}, equal {cell.policy}: FD {cell.mean('fd'):.1f} vs full data "
-            f"{full.mean('fd'):.1f} ({cell.mean('fd') / full.mean('fd') - 1:+.0%}), speed-up {s['one-off']:.2f}x "
-            f"one-off, {s['scratch']:.2f}x scratch, {s['train']:.2f}x train")
+@dataclass(frozen=True)
+class Yardstick:
+    """The full-data curve and what a reader needs to judge it."""
+
+    curve: Curve
+    targets: dict[str, float]  # name -> FD
+    floor: float | None  # the real-data floor: held-out reals vs train reals
+    fall: float  # fraction the FD still falls per doubling at B
 
 
-def plot_frontier(all_cells: Sequence[Cell], full: Cell, path: Path) -> None:
-    """FD vs wall-clock (one-off definition), one curve per method (scorer x reweighting)."""
+def yardstick(full: Arm) -> Yardstick:
+    curve = Curve.mean(full.curves)
+    b = curve.kimg[-1]
+    targets = {f"F(B/{d})": curve.at(b / d) for d in (4, 2) if b / d >= curve.kimg[0]}
+    targets |= {"F(B)": float(curve.fd[-1]), "1.05 F(B)": 1.05 * curve.fd[-1], "1.10 F(B)": 1.10 * curve.fd[-1]}
+    floor = full.mean("floor_fd")
+    return Yardstick(curve, targets, None if math.isnan(floor) else floor, per_doubling_fall(curve))
+
+
+def speedups(arm: Arm, full: Arm, ys: Yardstick, costs: tuple[float, float]) -> dict[tuple[str, str], Interval]:
+    """(target, setting) -> speed-up with its interval."""
+    s_per_img, proxy_s_per_img = costs
+    out = {}
+    for name, target in ys.targets.items():
+        for setting in SETTINGS:
+            out[name, setting] = speedup_interval(
+                full.curves, arm.curves, target, full_s_per_kimg=1000 * s_per_img, arm_s_per_kimg=1000 * s_per_img,
+                arm_overhead_s=arm.overhead_s(setting, s_per_img, proxy_s_per_img))
+    return out
+
+
+def sampling_noise(all_arms: Sequence[Arm]) -> list[float]:
+    """|FD(bank 1) - FD(bank 2)| / mean, per final model: the FD's own sampling noise."""
+    return [abs(f["fd"] - f["fd_bank2"]) / ((f["fd"] + f["fd_bank2"]) / 2) for a in all_arms for f in a.finals
+            if f.get("fd_bank2") is not None and f["fd"]]
+
+
+def plot_curves(all_arms: Sequence[Arm], ys: Yardstick, s_per_img: float, proxy_s_per_img: float,
+                seconds_path: Path, kimg_path: Path) -> None:
+    """FD vs calibrated seconds (one-off costs included, reference pre-trained) and FD vs images seen:
+    mean over seeds with a min-max band, log-log; the lower envelope of all arms dotted."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    methods = sorted({(c.scorer, c.reweighting) for c in all_cells if c.keep_frac < 1.0})
-    scorers = sorted({m[0] for m in methods})
-    t_full = full.mean("train_s")
-    for scorer, rw in methods:
-        points = sorted((t_full / speedups(c, full)["one-off"], c.mean("fd")) for c in all_cells
-                        if (c.scorer, c.reweighting) == (scorer, rw))
-        ax.plot(*zip(*points), "-" if rw == "dro" else "--", marker="^" if rw == "dro" else "o",
-                color=f"C{scorers.index(scorer)}", label=f"{scorer}, {rw}")
-    ax.plot([t_full], [full.mean("fd")], "k*", ms=12, label="full data")
-    dro_full = [c for c in all_cells if c.keep_frac == 1.0 and c.reweighting == "dro"]
-    if dro_full:
-        ax.plot([t_full / speedups(dro_full[0], full)["one-off"]], [dro_full[0].mean("fd")], "kP", ms=9,
-                label="full data, dro")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set(xlabel="wall-clock seconds (training + encode/score/select + proxy)", ylabel="FD (mean over seeds, log)",
-           title="data-efficiency frontier")
-    ax.legend(fontsize=7, ncol=2)
+    for path, use_seconds in ((seconds_path, True), (kimg_path, False)):
+        fig, ax = plt.subplots(figsize=(7.5, 4.8))
+        envelope: list[tuple[float, float]] = []
+        for i, arm in enumerate(all_arms):
+            mean = Curve.mean(arm.curves)
+            fds = np.asarray([[c.at(k) for k in mean.kimg] for c in arm.curves])
+            shift = arm.overhead_s("pre-trained", s_per_img, proxy_s_per_img) if use_seconds else 0.0
+            x = mean.kimg * 1000 * s_per_img + shift if use_seconds else mean.kimg
+            style = dict(color="k", lw=2.2) if arm.is_full else dict(color=f"C{i % 10}", lw=1.2,
+                                                                      ls="-" if arm.reweighting == "dro" else "--")
+            ax.plot(x, mean.fd, marker=".", label=arm.label, **style)
+            ax.fill_between(x, fds.min(axis=0), fds.max(axis=0), alpha=0.12, color=style["color"])
+            envelope += list(zip(x, mean.fd))
+        envelope.sort()
+        best, lower = math.inf, []
+        for x, fd in envelope:
+            if fd < best:
+                best = fd
+                lower.append((x, fd))
+        ax.step(*zip(*lower), where="post", color="grey", ls=":", lw=1.5, label="lower envelope")
+        for name, target in ys.targets.items():
+            ax.axhline(target, color="grey", lw=0.5)
+            ax.annotate(name, (x_min(envelope), target), fontsize=6)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set(xlabel="calibrated seconds (training + one-off costs)" if use_seconds else "images seen (kimg)",
+               ylabel="FD (mean over seeds)", title="time to quality" if use_seconds else "FD vs images seen")
+        ax.legend(fontsize=6, ncol=2)
+        save_figure(fig, path)
+
+
+def x_min(points: Sequence[tuple[float, float]]) -> float:
+    return min(x for x, _ in points)
+
+
+def plot_noise(noise: Sequence[float], path: Path) -> None:
+    """Histogram of the relative FD difference between two noise banks, per final model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    ax.hist(np.asarray(noise) * 100, bins=min(20, max(5, len(noise) // 2)), color="C0")
+    ax.axvline(5, color="k", ls="--", lw=1, label="5% comparison level")
+    ax.set(xlabel="|FD(bank 1) - FD(bank 2)| / mean FD (%)", ylabel="models",
+           title="FD sampling noise (same model, two noise banks)")
+    ax.legend(fontsize=8)
     save_figure(fig, path)
 
 
-def plot_weights_vs_difficulty(all_cells: Sequence[Cell], full: Cell, path: Path) -> dict[str, float]:
+def verdict(all_arms: Sequence[Arm], table: dict[str, dict[tuple[str, str], Interval]],
+            ys: Yardstick) -> list[str]:
+    """Which arm is best at each target (reference pre-trained), and whether any beats full data."""
+    lines = []
+    for name in ys.targets:
+        scored = [(table[a.label][name, "pre-trained"], a) for a in all_arms if not a.is_full]
+        reached = [(iv, a) for iv, a in scored if iv.value is not None]
+        if not reached:
+            lines.append(f"- **{name}** (FD {ys.targets[name]:.2f}): no pruned arm reaches it within its run; "
+                         "full data is best.")
+            continue
+        iv, best = max(reached, key=lambda p: p[0].value)
+        beats = iv.value > 1 and iv.low > 1
+        lines.append(f"- **{name}** (FD {ys.targets[name]:.2f}): best pruned arm {best.label} at {iv}; "
+                     + ("it beats the full-data curve (interval above 1)." if beats else
+                        "it beats the full-data curve on the mean, but the interval includes 1." if iv.value > 1 else
+                        "full data trained for less time is faster (speed-up below 1)."))
+    wins = [a.label for a in all_arms if not a.is_full
+            for name in ys.targets if (iv := table[a.label][name, "pre-trained"]).value and iv.low > 1]
+    lines.append("- **Overall**: " + (f"arms that beat the full-data curve with the interval above 1 at some target: "
+                                      f"{', '.join(sorted(set(wins)))}." if wins else
+                                      "no arm beats the full-data curve at any target with its interval above 1: "
+                                      "on this benchmark, training on all the data for less time is as fast or "
+                                      "faster than every pruning recipe measured."))
+    return lines
+
+
+def plot_weights_vs_difficulty(all_arms: Sequence[Arm], full: Arm, path: Path) -> dict[str, float]:
     """Mean DRO weight per class (over every reweighting run) against the full-data per-class FD;
     returns the mean weights by class (empty without reweighting runs)."""
     import matplotlib
@@ -286,10 +226,12 @@ def plot_weights_vs_difficulty(all_cells: Sequence[Cell], full: Cell, path: Path
 
     ref = _per_class(full)
     classes = list(ref)
-    weights = [json.loads(r["weights"]) for c in all_cells if c.reweighting == "dro" and c.keep_frac < 1.0
-               for r in c.rows if r.get("weights")]
+    weights = [json.loads(r["weights"]) for a in all_arms if a.reweighting == "dro" for r in a.rows if r.get("weights")]
     fig, ax = plt.subplots(figsize=(5, 4))
     mean_w = np.zeros(0)
+    if not weights:
+        plt.close(fig)
+        return {}
     if weights and len(weights[0]) == len(classes):
         mean_w = np.mean(np.asarray(weights), axis=0)
         ax.scatter([ref[c] for c in classes], mean_w)
@@ -303,8 +245,115 @@ def plot_weights_vs_difficulty(all_cells: Sequence[Cell], full: Cell, path: Path
     return {c: float(w) for c, w in zip(classes, mean_w)}
 
 
+
+
+def _per_class(arm: Arm) -> dict[str, float]:
+    """Mean over seeds of the final per-class FD."""
+    acc: dict[str, list[float]] = {}
+    for f in arm.finals:
+        for c, v in json.loads(f["fd_per_class"]).items():
+            if v is not None and v == v:
+                acc.setdefault(c, []).append(v)
+    return {c: statistics.fmean(v) for c, v in acc.items()}
+
+
+def _classes_improved(before: Arm, after: Arm) -> list[float]:
+    """Per seed: the fraction of classes whose final FD fell from the uniform to the reweighted model."""
+    out = []
+    for b, a in zip(before.finals, after.finals):
+        fb, fa = json.loads(b["fd_per_class"]), json.loads(a["fd_per_class"])
+        classes = [c for c in fb if fb[c] is not None and fa.get(c) is not None]
+        if classes:
+            out.append(sum(fa[c] < fb[c] for c in classes) / len(classes))
+    return out
+
+
+def _spearman(a: Sequence[float], b: Sequence[float]) -> float:
+    from scipy.stats import spearmanr
+
+    return float(spearmanr(a, b).statistic)
+
+
+def _weights_vs_reference(arm: Arm, full: Arm) -> list[float]:
+    """Per seed: Spearman(weight of class c, full-data model's final FD on class c)."""
+    refs = {int(r["seed"]): json.loads(f["fd_per_class"]) for r, f in zip(full.rows, full.finals)}
+    rhos = []
+    for row in arm.rows:
+        ref = refs.get(int(row["seed"]))
+        if row.get("weights") and ref:
+            weights = json.loads(row["weights"])
+            pairs = [(w, ref[c]) for w, c in zip(weights, ref) if ref[c] is not None]
+            if len(weights) == len(ref) and len(pairs) > 2:
+                rhos.append(_spearman(*zip(*pairs)))
+    return [r for r in rhos if not math.isnan(r)]
+
+
+def claims(all_arms: Sequence[Arm], full: Arm, table: dict[str, dict[tuple[str, str], Interval]],
+           ys: Yardstick) -> list[tuple[str, str, str]]:
+    """(claim, held / did not hold, the numbers) for the paper's four claims, on time to quality."""
+    by = {(a.keep_frac, a.scorer, a.reweighting): a for a in all_arms}
+    out = []
+    loose = "1.10 F(B)"
+
+    comparisons, wins = [], 0
+    for (keep, scorer, rw), arm in sorted(by.items()):
+        rand = by.get((keep, "random", "uniform"))
+        if rw == "uniform" and scorer in DENSITY_SCORERS and keep <= 0.2 and rand:
+            d, r = statistics.fmean(arm.final("fd")), statistics.fmean(rand.final("fd"))
+            wins += d < r
+            comparisons.append(f"{scorer} {d:.1f} vs random {r:.1f} at keep {keep:g} (final FD, equal images; "
+                               f"time to {loose}: {table[arm.label][loose, 'pre-trained']} vs "
+                               f"{table[rand.label][loose, 'pre-trained']})")
+    if comparisons:
+        out.append(("1. Density-based pruning beats random at keep ≤ 20%",
+                    "held" if wins == len(comparisons) else "held partly" if wins else "did not hold",
+                    f"{wins} of {len(comparisons)}: " + "; ".join(comparisons)))
+
+    fractions = [f for (keep, scorer, rw), arm in by.items() if rw == "dro" and (keep, scorer, "uniform") in by
+                 for f in _classes_improved(by[keep, scorer, "uniform"], arm)]
+    if fractions:
+        mean = statistics.fmean(fractions)
+        out.append(("2. Reweighting improves class-wise FD for most classes", "held" if mean > 0.5 else "did not hold",
+                    f"on average {mean:.0%} of classes improved (final per-class FD, same seed, {len(fractions)} "
+                    f"pairs); a majority improved in {sum(f > 0.5 for f in fractions)} of them"))
+
+    rhos = [rho for a in all_arms if a.reweighting == "dro" for rho in _weights_vs_reference(a, full)]
+    if rhos:
+        mean = statistics.fmean(rhos)
+        out.append(("3. Above-uniform weights go to the easily generated classes (negative rank correlation of "
+                    "weight with the full-data model's per-class FD)", "held" if mean < 0 else "did not hold",
+                    f"Spearman rho {mean:+.2f} ± {statistics.pstdev(rhos):.2f} over {len(rhos)} runs; negative in "
+                    f"{sum(r < 0 for r in rhos)}"))
+
+    dro = [a for a in all_arms if a.reweighting == "dro"]
+    if dro:
+        parts, held = [], []
+        for setting in SETTINGS:
+            scored = [(table[a.label]["1.05 F(B)", setting], a) for a in dro]
+            reached = [(iv, a) for iv, a in scored if iv.value is not None]
+            if reached:
+                iv, a = max(reached, key=lambda p: p[0].value)
+                held.append(iv.value >= PAPER_MIN_SPEEDUP)
+                parts.append(f"{setting}: best {a.label} at {iv}")
+            else:
+                held.append(False)
+                parts.append(f"{setting}: no pruned+reweighted arm reaches 1.05 F(B) within its run")
+        out.append((f"4. Pruned + reweighted reaches F(B) within 5% with ≥ {PAPER_MIN_SPEEDUP}x speed-up "
+                    "(each setting)", "held" if all(held) else "held partly" if any(held) else "did not hold",
+                    "; ".join(parts)))
+    return out
+
+
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def _pm(values: Sequence[float], digits: int = 1) -> str:
+    if not values:
+        return "–"
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.fmean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
 def plots_dir(report: Path) -> Path:
@@ -312,86 +361,95 @@ def plots_dir(report: Path) -> Path:
     return report.parent / report.stem.lower()
 
 
+def ttq_table(all_arms: Sequence[Arm], table: dict[str, dict[tuple[str, str], Interval]], ys: Yardstick,
+              setting: str) -> tuple[list[str], list[list[str]]]:
+    """The time-to-quality table of one setting: header and body, one row per arm."""
+    header = ["arm", "seeds", "final FD", "recall", *ys.targets]
+    body = [[a.label, str(len(a.curves)), _pm(a.final("fd")), _pm(a.final("recall"), 2),
+             *(("1x (yardstick)" if a.is_full else str(table[a.label][t, setting])) for t in ys.targets)]
+            for a in all_arms]
+    return header, body
+
+
 def write_report(rows: list[dict[str, Any]], out: Path, *, title: str, command: str,
                  setup: Sequence[str] = ()) -> Path:
     """Write ``out`` (Markdown) and its plots beside it in ``<out stem>/``; return ``out``."""
-    all_cells = cells(rows)
-    fulls = [c for c in all_cells if c.is_full]
+    all_arms = arms(rows)
+    fulls = [a for a in all_arms if a.is_full]
     if not fulls:
-        raise ValueError("the sweep has no full-data model (evaluate.baselines: true) to compare against")
+        raise ValueError("the sweep has no full-data model with a curve (evaluate.baselines: true, "
+                         "train.snapshots > 0) to compare against")
     full = fulls[0]
+    all_arms = [full] + [a for a in all_arms if not a.is_full]
+    s_per_img = statistics.median(r["train_s_per_img"] for a in all_arms for r in a.rows)
+    proxy_s_per_img = statistics.median(r["proxy_s_per_img"] for a in all_arms for r in a.rows)
+    ys = yardstick(full)
+    table = {a.label: speedups(a, full, ys, (s_per_img, proxy_s_per_img)) for a in all_arms if not a.is_full}
+    noise = sampling_noise(all_arms)
     images = plots_dir(out)
     images.mkdir(parents=True, exist_ok=True)
     rel = lambda name: f"{images.name}/{name}"  # noqa: E731
-    steps = steps_to_quality(all_cells, full)
-    seeds = sorted({int(r["seed"]) for r in rows})
+    b = ys.curve.kimg[-1]
 
-    lines = [f"# {title}", "", f"Generated by `{command}` from the sweep's artifacts (comparison.parquet); "
-             "regenerate it rather than editing it.", ""]
-    lines += ["## Setup", "", *[f"- {s}" for s in setup],
-              f"- Seeds: {', '.join(map(str, seeds))}; every number is mean ± std over seeds.",
-              f"- Full-data model: {full.mean('kimg'):g} kimg, {_pm(full, 'train_s')} s of training, "
-              f"FD {_pm(full, 'fd', 2)}.", "", "## Speed-up definitions (PAPER.md section 7)", ""]
-    lines += [f"- **{name}**: {text}." for name, text in DEFINITIONS.items()]
+    lines = [f"# {title}", "", f"Generated by `{command}` from the sweep's artifacts (each model's curve.parquet and "
+             "the calibrate stage); regenerate it rather than editing it.", "", "## Setup", "",
+             *[f"- {s}" for s in setup],
+             f"- Calibrated costs (measured side by side, one run): {1 / s_per_img:,.0f} training images/s, "
+             f"{1 / proxy_s_per_img:,.0f} DRO proxy images/s; time = images seen x cost + one-off costs. The measured "
+             "wall-clock of each run is in its curve.parquet (train_seconds) but decides nothing.", "",
+             "## The yardstick: full data", "",
+             f"Full-data mean FD at B = {b:g} kimg: F(B) = {ys.curve.fd[-1]:.2f}"
+             + (f"; the real-data floor (held-out vs train reals) is {ys.floor:.2f}, so F(B) is "
+                f"{ys.curve.fd[-1] / ys.floor:.1f}x the floor" if ys.floor else "")
+             + f". The curve still falls {ys.fall:.0%} per doubling at B"
+             + (" (not levelled off: the targets are points on a falling curve, not a plateau)." if ys.fall > 0.1 else
+                " (close to levelled off)."), "",
+             *_table(["kimg", *(f"{k:g}" for k in ys.curve.kimg)],
+                     [["FD (mean)", *(f"{v:.2f}" for v in ys.curve.fd)]]), "",
+             "Targets: " + ", ".join(f"{k} = {v:.2f}" for k, v in ys.targets.items()) + ".", ""]
+    if noise:
+        lines += ["## FD sampling noise", "",
+                  f"Every final model is also sampled from a second noise bank: the FD moves by "
+                  f"{statistics.median(noise):.1%} (median), {max(noise):.1%} (max) over {len(noise)} models. "
+                  "Arms share one bank at every point (common random numbers), so their differences are smaller "
+                  "than this; a gap below it between two single models is noise.", "",
+                  f"![sampling noise]({rel(NOISE_PLOT)})", ""]
+        plot_noise(noise, images / NOISE_PLOT)
+    for setting, text in SETTINGS.items():
+        header, body = ttq_table(all_arms, table, ys, setting)
+        lines += [f"## Time to quality: {text}", "",
+                  "Speed-up = full-data time to the target / the arm's time (its mean curve's first crossing, "
+                  "log-log interpolated, plus its one-off costs); [95% interval over seeds]; 'not reached' = not "
+                  "within the arm's run.", "", *_table(header, body), ""]
+    plot_curves(all_arms, ys, s_per_img, proxy_s_per_img, images / CURVES_PLOT, images / KIMG_PLOT)
+    lines += ["## Curves", "", f"![FD vs seconds]({rel(CURVES_PLOT)})", "", f"![FD vs kimg]({rel(KIMG_PLOT)})", "",
+              "## Verdict", "", *verdict(all_arms, table, ys), ""]
 
-    for policy in sorted({c.policy for c in all_cells if c.policy != "-"}):
-        lines += ["", f"## Equal {policy}" + (" (budget = keep_frac × B)" if policy == "epochs" else
-                                              " (budget = B for every model)"), ""]
-        body = []
-        for c in [full, *[c for c in all_cells if c.keep_frac == 1.0 and c.reweighting == "dro"],
-                  *[c for c in all_cells if c.policy == policy]]:
-            s = speedups(c, full)
-            body.append([f"{c.keep_frac:g}", c.scorer, c.reweighting, f"{c.mean('kimg'):g}", _pm(c, "fd"),
-                         _pm(c, "fid_inception"), _pm(c, "precision", 2), _pm(c, "recall", 2), _pm(c, "train_s"),
-                         f"{s['train']:.2f}x", f"{s['one-off']:.2f}x", f"{s['scratch']:.2f}x",
-                         "–" if c.is_full else steps.get((c.keep_frac, c.scorer, c.reweighting), "–")])
-        lines += _table(["keep", "scorer", "weights", "kimg", "FD", "Inception FID", "precision", "recall",
-                         "train s", "speed-up train", "speed-up one-off", "speed-up scratch", "steps-to-quality"], body)
-
-    plot_frontier(all_cells, full, images / FRONTIER_PLOT)
-    lines += ["", "## Frontier", "", f"![FD vs wall-clock]({rel(FRONTIER_PLOT)})", "",
-              "Wall-clock on the x axis is the **one-off** definition (the paper's pre-trained reference setting)."]
-
-    pick = _figure2_cell(all_cells)
-    if pick is not None:
-        before, after = pick
+    pair = _figure2_pair(all_arms)
+    if pair:
+        before, after = pair
         series = {"full data": _per_class(full), "pruned": _per_class(before), "pruned+reweighted": _per_class(after)}
-        plot_class_bars(series, images / CLASS_FD_PLOT, title=f"per-class FD, {after.scorer}, keep "
-                        f"{after.keep_frac:g}, equal {after.policy}")
-        improved = _classes_improved(before, after)
-        lines += ["", "## Per-class FD before and after reweighting (the paper's Figure 2 analogue)", "",
-                  f"{after.scorer} scorer, keep {after.keep_frac:g}, equal {after.policy}; mean over seeds. "
-                  f"Classes improved per seed: {', '.join(f'{f:.0%}' for f in improved)}.", "",
+        plot_class_bars(series, images / CLASS_FD_PLOT,
+                        title=f"per-class FD, {after.scorer}, keep {after.keep_frac:g} (final models)")
+        lines += ["## Per-class FD before and after reweighting", "",
+                  f"{after.scorer}, keep {after.keep_frac:g}; final models, mean over seeds.", "",
                   f"![per-class FD]({rel(CLASS_FD_PLOT)})", ""]
-        lines += _table(["class", "full data", "pruned", "pruned+reweighted"],
-                        [[c, *(f"{series[s].get(c, math.nan):.1f}" for s in series)] for c in series["full data"]])
-
-    mean_w = plot_weights_vs_difficulty(all_cells, full, images / WEIGHTS_PLOT)
-    lines += ["", "## Weights vs class difficulty", "",
-              "Mean DRO weight per class over every reweighting run (keep < 1), against the full-data model's "
-              "per-class FD (mean over seeds; higher = harder to generate).", "",
-              f"![weights vs difficulty]({rel(WEIGHTS_PLOT)})", ""]
+    mean_w = plot_weights_vs_difficulty(all_arms, full, images / WEIGHTS_PLOT)
     if mean_w:
-        ref = _per_class(full)
-        lines += _table(["class", "full-data FD", "mean weight", "uniform"],
-                        [[c, f"{ref[c]:.1f}", f"{w:.3f}", f"{1 / len(mean_w):.3f}"] for c, w in mean_w.items()])
-
-    lines += ["", "## The paper's claims, here", ""]
-    lines += _table(["claim", "outcome", "numbers"], [list(c) for c in claims(all_cells, full)])
+        lines += ["## Weights vs class difficulty", "", f"![weights vs difficulty]({rel(WEIGHTS_PLOT)})", ""]
+    lines += ["## The paper's claims, on time to quality", ""]
+    lines += _table(["claim", "outcome", "numbers"], [list(c) for c in claims(all_arms, full, table, ys)])
     atomic_write_text(out, "\n".join(lines) + "\n")
     return out
 
 
-def _figure2_cell(all_cells: Sequence[Cell]) -> tuple[Cell, Cell] | None:
-    """(uniform, dro) cells of the Figure 2 analogue: keep 0.2 (else the smallest), gaussian (else the
-    first scorer), equal epochs (else the other policy)."""
-    by = {(c.policy, c.keep_frac, c.scorer, c.reweighting): c for c in all_cells}
-    pairs = [(k[:3], by[k[:3] + ("uniform",)], c) for k, c in by.items()
-             if k[3] == "dro" and k[1] < 1.0 and k[:3] + ("uniform",) in by]
+def _figure2_pair(all_arms: Sequence[Arm]) -> tuple[Arm, Arm] | None:
+    """(uniform, dro) arms of the Figure 2 analogue: keep 0.2 (else the smallest), gaussian first."""
+    by = {(a.keep_frac, a.scorer, a.reweighting): a for a in all_arms}
+    pairs = [(k, by[k[0], k[1], "uniform"], a) for k, a in by.items() if k[2] == "dro" and (k[0], k[1], "uniform") in by]
     if not pairs:
         return None
-    rank = lambda p: (p[0][1] != 0.2, p[0][1], p[0][2] != "gaussian", p[0][2], p[0][0] != "epochs")  # noqa: E731
-    _, before, after = min(pairs, key=rank)
+    _, before, after = min(pairs, key=lambda p: (p[0][0] != 0.2, p[0][0], p[0][1] != "gaussian", p[0][1]))
     return before, after
 
 
@@ -403,11 +461,16 @@ def describe_setup(points: Sequence[Any], sweep: Any) -> list[str]:
     return [
         f"Data: `{cfg.dataset.source}` at {cfg.dataset.resolution or 'native'} px, holdout {cfg.dataset.holdout_frac:g} "
         f"per class; encoder `{cfg.encode.encoder}`; scores per class: {cfg.score.per_class}.",
-        f"Model: preset `{cfg.train.preset}`, batch {cfg.train.batch_size}, lr {cfg.train.lr:g}, EMA half-life "
-        f"{cfg.train.ema_halflife_kimg:g} kimg; full-data budget B = {cfg.reweight.reference_kimg:g} kimg "
+        f"Model: preset `{cfg.train.preset}`, batch {cfg.train.batch_size}, lr {cfg.train.lr:g}, "
+        + (f"power-function EMA sigma_rel {cfg.train.ema_sigma_rel:g}" if cfg.train.ema == "power" else
+           f"EMA half-life {cfg.train.ema_halflife_kimg:g} kimg")
+        + f", {cfg.train.snapshots} snapshots per run (every halving back from the end); "
+        f"full-data budget B = {cfg.reweight.reference_kimg:g} kimg "
         f"(the full-data model is also the DRO reference); proxy {cfg.reweight.proxy_kimg:g} kimg, "
-        f"eta {cfg.reweight.eta:g}, smoothing {cfg.reweight.smoothing:g}.",
-        f"Evaluation: {cfg.sample.per_class} samples per class ({cfg.sample.method.upper()}-{cfg.sample.steps}); FD, "
+        f"eta {'default' if cfg.reweight.eta is None else format(cfg.reweight.eta, 'g')}, "
+        f"smoothing {cfg.reweight.smoothing:g}.",
+        f"Evaluation: {cfg.sample.per_class} samples per class ({cfg.sample.method.upper()}-{cfg.sample.steps}) "
+        f"from one noise bank (seed {cfg.sample.bank_seed}) for every model and point; FD, "
         f"per-class FD and precision/recall (k = {cfg.evaluate.prdc_k}) in the {cfg.evaluate.feature_spaces[0]} "
         f"feature space against the full train split"
         + "".join(f"; {space} too at {n} of {len(points)} points" for space, n in _extra_spaces(points).items()) + ".",

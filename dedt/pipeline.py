@@ -31,7 +31,7 @@ StageFn = Callable[[PipelineConfig, dict[str, StageDir], StageDir], dict[str, An
 
 # Bump a stage's version when its code changes what it writes: its fingerprint changes with it.
 VERSIONS = {"data": "1", "encode": "1", "score": "1", "select": "1", "reference": "1", "reweight": "1",
-            "train": "1", "classifier": "1", "evaluate": "2", "latents": "1"}
+            "train": "1", "classifier": "1", "evaluate": "3", "latents": "1", "calibrate": "1", "curve": "1"}
 
 
 @dataclass(frozen=True)
@@ -132,15 +132,41 @@ def nodes(cfg: PipelineConfig) -> list[Node]:
                                                           "evaluate": metrics, "seed": cfg.seed},
                           {"data": "data", "classifier": "classifier", "model": model.key} | subset,
                           stages.run_evaluate))
+    graph += _curve_nodes(cfg, models, {n.key for n in graph})
     if cfg.train.vae_path:  # latent diffusion: every model (reference, proxy, final) trains on the VAE latents
         from dedt.diffusion.latents import vae_identity
 
         latents = Node("latents", "latents", {"vae": vae_identity(cfg.train.vae_path)}, {"data": "data"},
                        stages.run_latents)
-        on_latents = (stages.run_train, stages.run_reweight, stages.run_reference_checkpoint)
+        on_latents = (stages.run_train, stages.run_reweight, stages.run_reference_checkpoint, stages.run_calibrate)
         graph = [graph[0], latents] + [replace(n, inputs=n.inputs | {"latents": "latents"}) if n.run in on_latents
                                        else n for n in graph[1:]]
     return graph
+
+
+def _curve_nodes(cfg: PipelineConfig, models: dict[str, Node], present: set[str]) -> list[Node]:
+    """Time to quality: the calibration of per-image costs (whenever a full-data model is measured, the
+    yardstick of every equal-quality speed-up) and, with train.snapshots > 0, each model's curve."""
+    out = []
+    if "reference" in models:
+        speed = cfg.train.model_dump(include={"preset", "batch_size", "precision", "channels_last", "compile", "tf32",
+                                              "conditional", "optimizer", "device"})
+        out.append(Node("calibrate", "calibrate", {"train": speed}, {"data": "data"}, stages.run_calibrate))
+    if cfg.train.snapshots == 0:
+        return out
+    for key, model in models.items():
+        if cfg.evaluate.curves == "full" and key != "reference":
+            continue
+        # The one-off costs a model carries: what selected its data and, reweighted, the proxy and its reference.
+        costs = [r for r in ("encode", "score", "select") if r in present and "select" in model.inputs]
+        costs += ["reweight", "reference"] if "reweight" in model.inputs else []
+        out.append(Node(f"curve:{key}", "curve", {"sample": cfg.sample.model_dump(exclude={"batch_size"}),
+                                                  "evaluate": cfg.evaluate.model_dump(include={"feature_spaces",
+                                                                                               "prdc_k"}),
+                                                  "seed": cfg.seed},
+                        {"data": "data", "classifier": "classifier", "model": model.key,
+                         "evaluate": f"evaluate:{key}"} | {r: r for r in costs}, stages.run_curve))
+    return out
 
 
 def plan(cfg: PipelineConfig, root: Path) -> dict[str, Node]:

@@ -72,30 +72,67 @@ def plot_class_fd(before: Mapping[str, float], after: Mapping[str, float], path:
                     title="per-class FD before / after reweighting")
 
 
-def summary_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
-    """One row per trained model: images used, wall-clock, FD overall/worst/best, speed-up.
+def full_data_curve(results: dict[str, Any]) -> Any:
+    """The full-data model's FD curve (``dedt.quality.Curve``): its snapshots' curve stage when the
+    pipeline has one, else its final point alone; None without a measured full-data model."""
+    from dedt.quality import Curve
 
-    Speed-up = full-data training time / (subset training + selection (encode, score, select)
-    + proxy time): the one-off cost of pruning and reweighting is charged to the subset runs.
+    if "curve:reference" in results:
+        summary = results["curve:reference"].summary
+        return Curve(summary["kimg"], summary["fd"])
+    if "evaluate:reference" in results and "reference" in results:
+        return Curve([results["reference"].summary["nimg"] / 1000], [results["evaluate:reference"].summary["fd"]])
+    return None
+
+
+def summary_rows(results: dict[str, Any], *, proxy_kimg: float = 0.0) -> list[dict[str, Any]]:
+    """One row per trained model: images used, FD overall/worst/best, cost and equal-quality speed-up.
+
+    Equal-quality speed-up (PAPER.md section 7) = the full-data curve's time to reach this model's FD
+    / this model's cost, both in calibrated seconds (images seen x the per-image cost of the
+    calibrate stage): below 1, plain shorter training on all the data would have been better. The
+    cost counts selection (encode, score, select: measured seconds) and, reweighted, the DRO proxy
+    (``proxy_kimg`` at the calibrated proxy cost); "from scratch" adds the reference DM's training,
+    which the paper's setting takes as pre-trained. ≥ / ≤ mark bounds, where the full-data curve
+    does not bracket the FD (better than its end / worse than its first point).
     """
+    from dedt.quality import equal_quality_speedup
+
     selection = sum(results[k].seconds for k in SELECTION_STAGES if k in results)
-    proxy = results["reweight"].seconds if "reweight" in results else 0.0
-    full = results["reference"].seconds if "reference" in results else None
+    full = full_data_curve(results)
+    costs = results["calibrate"].summary if "calibrate" in results else None
     rows = []
     for key, label in MODEL_LABELS.items():
         if f"evaluate:{key}" not in results:
             continue
         train, ev = results[key].summary, results[f"evaluate:{key}"].summary
-        cost = train["seconds"] + (0.0 if key == "reference" else selection) + (proxy if key == "train" else 0.0)
         per_class = {c: v for c, v in ev["fd_per_class"].items() if v == v}  # drop NaN (too few samples)
-        worst, best = max(per_class, key=per_class.get), min(per_class, key=per_class.get)
-        rows.append({
-            "model": label, "images": train["n_images"], "kimg": round(train["nimg"] / 1000, 1),
-            "train_s": round(train["seconds"], 1), "cost_s": round(cost, 1), "fd": ev["fd"],
-            "worst_class": f"{worst} ({per_class[worst]:.2f})", "best_class": f"{best} ({per_class[best]:.2f})",
-            "speedup": round(full / cost, 2) if full else None,
-        })
+        row = {"model": label, "images": train["n_images"], "kimg": round(train["nimg"] / 1000, 1),
+               "train_s": round(train["seconds"], 1), "fd": ev["fd"], "cost_s": None, "speedup": None,
+               "speedup_scratch": None}
+        if costs is not None and full is not None:
+            s_per_kimg = 1000.0 * costs["train_s_per_img"]
+            cost = train["nimg"] / 1000 * s_per_kimg
+            if key != "reference":
+                cost += selection
+            if key == "train":
+                cost += proxy_kimg * 1000.0 * costs["proxy_s_per_img"]
+            row["cost_s"] = round(cost, 1)
+            if key == "reference":  # the yardstick itself: 1x by definition (its FD is its curve's end)
+                row["speedup"] = row["speedup_scratch"] = "1.00x"
+                rows.append(row | _extremes(per_class))
+                continue
+            row["speedup"] = str(equal_quality_speedup(full, s_per_kimg, ev["fd"], cost))
+            scratch = cost + (full.kimg[-1] * s_per_kimg if key == "train" else 0.0)
+            row["speedup_scratch"] = str(equal_quality_speedup(full, s_per_kimg, ev["fd"], scratch))
+        rows.append(row | _extremes(per_class))
     return rows
+
+
+def _extremes(per_class: dict[str, float]) -> dict[str, str]:
+    """The worst and best class by FD, as table cells."""
+    worst, best = max(per_class, key=per_class.get), min(per_class, key=per_class.get)
+    return {"worst_class": f"{worst} ({per_class[worst]:.2f})", "best_class": f"{best} ({per_class[best]:.2f})"}
 
 
 def weights_vs_difficulty(results: dict[str, Any]) -> dict[str, Any] | None:

@@ -17,11 +17,11 @@ from dedt.config import PipelineConfig
 from dedt.data.manifest import class_names, holdout_mask, load_split, prepare_images, write_manifest
 from dedt.data.sources import load_source
 from dedt.errors import DedtError
-from dedt.store import StageDir, read_parquet, write_parquet
+from dedt.store import StageDir, atomic_write_text, read_parquet, write_parquet
 
 MANIFEST, EMBEDDINGS, SCORES, SUBSET = "manifest.parquet", "embeddings.parquet", "scores.parquet", "subset.parquet"
 WEIGHTS, TRAJECTORY, METRICS, SAMPLES = "weights.parquet", "trajectory.parquet", "metrics.parquet", "samples.parquet"
-GROUPS = "groups.parquet"
+GROUPS, CURVE = "groups.parquet", "curve.parquet"
 
 
 def run_data(cfg: PipelineConfig, inputs: dict[str, StageDir], out: StageDir) -> dict[str, Any]:
@@ -259,11 +259,8 @@ def run_evaluate(cfg: PipelineConfig, inputs: dict[str, StageDir], out: StageDir
     """
     from dedt import evaluate
     from dedt.data.manifest import encode_png
-    from dedt.diffusion.presets import build_scheduler
-    from dedt.diffusion.sample import sample, save_grid
-    from dedt.diffusion.train import load_model, resolve_device
-    from dedt.metrics.classifier import load_classifier
-    from dedt.metrics.classifier import predict as classifier_predict
+    from dedt.diffusion.sample import save_grid
+    from dedt.diffusion.train import load_model
     from dedt.metrics.registry import feature_space, to_uint8
     from dedt.report import MODEL_LABELS, plot_class_bars
     from dedt.store import atomic_write_text
@@ -281,17 +278,8 @@ def run_evaluate(cfg: PipelineConfig, inputs: dict[str, StageDir], out: StageDir
     spaces = [feature_space(name, classifier=classifier_file) for name in ev.feature_spaces]
     model_config = json.loads(inputs["model"].file("config.json").read_text())
     model = load_model(inputs["model"].path, ema=True)
-    conditional = model.config.num_class_embeds is not None
-    latent = cfg.train.latent  # latent diffusion: unclipped latents, decoded to images before any metric
-    fake = sample(model, build_scheduler(model_config["train"]["preset"], latent=latent),
-                  fake_labels if conditional else None, num=len(fake_labels), method=s.method, steps=s.steps,
-                  seed=cfg.seed, batch_size=s.batch_size, device=resolve_device(cfg.train.device), progress=False)
-    if latent:
-        from dedt.diffusion.latents import decode_latents
-
-        fake = decode_latents(fake, cfg.train.vae_path, s.batch_size, device=resolve_device(cfg.train.device))
-    if not conditional:  # unconditional samples are bucketed into classes by the classifier
-        fake_labels = classifier_predict(load_classifier(classifier_file), fake)
+    fake, fake_labels = generate(cfg, model, model_config["train"]["preset"], fake_labels, classifier_file,
+                                 s.bank_seed)
     save_grid(fake[np.concatenate([np.flatnonzero(fake_labels == c)[:8] for c in range(len(names))])],
               out.file("grid.png"), nrow=8)
     source = evaluate.RealSource(out.root, inputs["data"].fingerprint, lambda split: load_split(manifest, split),
@@ -310,3 +298,132 @@ def run_evaluate(cfg: PipelineConfig, inputs: dict[str, StageDir], out: StageDir
     atomic_write_text(out.file("report.md"), evaluate.report_markdown(
         rows, title=title, seed=cfg.seed, images={"samples": "grid.png", "per-class FD": "class_fd.png"}))
     return {**evaluate.summary(rows, ev.feature_spaces), "n_fake": len(fake)}
+
+
+def generate(cfg: PipelineConfig, model: Any, preset: str, labels: np.ndarray, classifier_file: Any,
+             bank_seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Samples of ``model`` from the noise bank ``bank_seed`` (sample i's start noise depends on (seed, i)
+    only: every model drawing from one bank sees the same noises), as images with their class labels;
+    an unconditional model's samples are labelled by the classifier."""
+    from dedt.diffusion.presets import build_scheduler
+    from dedt.diffusion.sample import sample
+    from dedt.diffusion.train import resolve_device
+    from dedt.metrics.classifier import load_classifier
+    from dedt.metrics.classifier import predict as classifier_predict
+
+    s, device = cfg.sample, resolve_device(cfg.train.device)
+    conditional = model.config.num_class_embeds is not None
+    latent = cfg.train.latent  # latent diffusion: unclipped latents, decoded to images before any metric
+    fake = sample(model, build_scheduler(preset, latent=latent), labels if conditional else None, num=len(labels),
+                  method=s.method, steps=s.steps, seed=bank_seed, batch_size=s.batch_size, device=device,
+                  progress=False)
+    if latent:
+        from dedt.diffusion.latents import decode_latents
+
+        fake = decode_latents(fake, cfg.train.vae_path, s.batch_size, device=device)
+    if not conditional:
+        labels = classifier_predict(load_classifier(classifier_file), fake)
+    return fake, labels
+
+
+def run_calibrate(cfg: PipelineConfig, inputs: dict[str, StageDir], out: StageDir) -> dict[str, Any]:
+    """Seconds per training image and per DRO proxy image, measured side by side (``dedt.calibrate``):
+    the exchange rate from images seen to seconds of every time-to-quality figure."""
+    from dedt.calibrate import measure_costs
+
+    shape = json.loads(inputs["data"].file("summary.json").read_text())["shape"]
+    if "latents" in inputs:
+        shape = json.loads(inputs["latents"].file("summary.json").read_text())["shape"]
+    else:  # the manifest's (h, w, c) -> (c, h, w)
+        shape = [shape[2], shape[0], shape[1]]
+    num_classes = len(class_names(inputs["data"].file(MANIFEST)))
+    return measure_costs(tuple(shape), num_classes, cfg.train, seed=cfg.seed)
+
+
+def run_curve(cfg: PipelineConfig, inputs: dict[str, StageDir], out: StageDir) -> dict[str, Any]:
+    """The model's time-to-quality curve: FD, precision, recall and per-class FD of each EMA snapshot
+    (first feature space, against the full train split), every one sampled from the same noise bank
+    as the evaluate stage, whose metrics give the final point; the final model is also sampled from a
+    second bank, to measure the FD's own sampling noise. Writes curve.parquet.
+
+    Points already computed (``points/<nimg>.json``) are kept, so a killed stage resumes."""
+    from dedt import evaluate
+    from dedt.diffusion.snapshots import list_snapshots
+    from dedt.diffusion.train import load_model
+    from dedt.metrics.registry import feature_space
+
+    manifest = inputs["data"].file(MANIFEST)
+    names = class_names(manifest)
+    counts = json.loads(inputs["data"].file("summary.json").read_text())
+    ev = cfg.evaluate
+    classifier_file = inputs["classifier"].file("classifier.safetensors")
+    space = feature_space(ev.feature_spaces[0], classifier=classifier_file)
+    source = evaluate.RealSource(out.root, inputs["data"].fingerprint, lambda split: load_split(manifest, split),
+                                 None, counts["n_holdout"])
+    model_dir = inputs["model"].path
+    preset = json.loads(inputs["model"].file("config.json").read_text())["train"]["preset"]
+    labels = np.repeat(np.arange(len(names), dtype=np.int64), cfg.sample.per_class)
+    train_summary = json.loads(inputs["model"].file("summary.json").read_text())
+    final = {"nimg": int(train_summary["nimg"]), "seconds": float(train_summary["seconds"])}
+    points_dir = out.path / "points"
+    points_dir.mkdir(exist_ok=True)
+
+    def measure(weights: Any, bank_seed: int) -> dict[str, Any]:
+        model = load_model(model_dir, ema=True)
+        if weights is not None:
+            from safetensors.torch import load_file
+
+            model.load_state_dict(load_file(weights))
+        fake, fake_labels = generate(cfg, model, preset, labels, classifier_file, bank_seed)
+        rows = evaluate.evaluate_samples(fake, fake_labels, [space], source, names, prdc_k=ev.prdc_k,
+                                         with_kid=False, seed=cfg.seed)
+        return _curve_point(rows, space.name)
+
+    def cached(name: str, compute: Any) -> dict[str, Any]:
+        path = points_dir / f"{name}.json"
+        if path.exists():
+            return json.loads(path.read_text())
+        value = compute()
+        atomic_write_text(path, json.dumps(value, sort_keys=True))
+        return value
+
+    records = []
+    for snap in list_snapshots(model_dir):
+        point = cached(f"{snap.nimg:012d}", lambda snap=snap: measure(snap.weights, cfg.sample.bank_seed))
+        records.append({"nimg": snap.nimg, "seconds": snap.seconds, **point, "fd_bank2": None, "final": False})
+    end = _curve_point(evaluate.read_metrics(inputs["evaluate"].file(METRICS)), ev.feature_spaces[0])
+    second = cached("final-bank2", lambda: measure(None, cfg.sample.bank_seed + 1))
+    records.append({**final, **end, "fd_bank2": second["fd"], "final": True})
+
+    def stage_seconds(*roles: str) -> float:
+        return sum(json.loads(inputs[r].file("summary.json").read_text())["seconds"] for r in roles if r in inputs)
+
+    overhead = stage_seconds("encode", "score", "select", "reweight")
+    reference = stage_seconds("reference")
+    table = pa.table({
+        "kimg": [r["nimg"] / 1000 for r in records],
+        "train_seconds": [r["seconds"] for r in records],
+        "overhead_seconds": [overhead] * len(records),
+        "reference_seconds": [reference] * len(records),
+        "fd": [r["fd"] for r in records],
+        "precision": [r["precision"] for r in records],
+        "recall": [r["recall"] for r in records],
+        "fd_per_class": [json.dumps(r["fd_per_class"]) for r in records],
+        "fd_bank2": pa.array([r["fd_bank2"] for r in records], pa.float64()),
+        "final": [r["final"] for r in records],
+    })
+    write_parquet(table, out.file(CURVE), {"feature_space": ev.feature_spaces[0], "n_fake": len(labels),
+                                           "bank_seed": cfg.sample.bank_seed})
+    return {"points": len(records), "kimg": table.column("kimg").to_pylist(), "fd": table.column("fd").to_pylist(),
+            "fd_bank2": second["fd"], "overhead_seconds": overhead, "reference_seconds": reference}
+
+
+def _curve_point(rows: list[Any], space: str) -> dict[str, Any]:
+    from dedt import evaluate
+
+    def value(metric: str) -> float | None:
+        found = evaluate.lookup(rows, metric, space)
+        return None if found is None else float(found)
+
+    return {"fd": value("fd"), "precision": value("precision"), "recall": value("recall"),
+            "fd_per_class": {c: (None if v != v else float(v)) for c, v in evaluate.per_class_fd(rows, space).items()}}

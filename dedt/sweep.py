@@ -26,10 +26,11 @@ from dedt.errors import DedtError
 from dedt.safe_yaml import load_yaml, read_yaml_text
 from dedt.pipeline import Node, NodeResult
 from dedt.report import MODEL_LABELS, save_figure, summary_rows
+from dedt.stages import CURVE
 from dedt.store import StageDir, fingerprint, read_parquet, write_parquet
 
-VERSION = "2"  # bump when the comparison table or plots change
-COMPARISON, FD_PLOT, SPEEDUP_PLOT = "comparison.parquet", "fd_vs_keep_frac.png", "speedup_vs_fd.png"
+VERSION = "3"  # bump when the comparison table or plots change
+COMPARISON, FD_PLOT, COST_PLOT = "comparison.parquet", "fd_vs_keep_frac.png", "fd_vs_cost.png"
 BRIEF_COLUMNS = ("point", "model", "images", "kimg", "cost_s", "fd", "speedup")  # what the CLI prints
 
 
@@ -172,8 +173,9 @@ def comparison_rows(points: list[GridPoint], results: list[dict[str, NodeResult]
         knobs = {"point": point.label, "keep_frac": cfg.select.keep_frac, "scorer": cfg.score.method,
                  "encoder": cfg.encode.encoder, "reweight": cfg.reweight.method, "seed": cfg.seed}
         details = {row["model"]: row for row in _model_details(cfg, point_results)}
-        rows += [knobs | {k: row[k] for k in ("model", "images", "kimg", "cost_s", "fd", "speedup")}
-                 | details[row["model"]] for row in summary_rows(point_results)]
+        rows += [knobs | {k: row[k] for k in ("model", "images", "kimg", "cost_s", "fd", "speedup", "speedup_scratch")}
+                 | details[row["model"]]
+                 for row in summary_rows(point_results, proxy_kimg=cfg.reweight.proxy_kimg * cfg.reweight.rounds)]
     return rows
 
 
@@ -189,6 +191,8 @@ def _model_details(cfg: PipelineConfig, results: dict[str, NodeResult]) -> list[
         space = results[f"evaluate:{key}"].summary.get("fd_space", "classifier")
         full = overall.get(space, {}).get("full", {})
         weights = results["reweight"].summary["weights"] if key == "train" and "reweight" in results else None
+        costs = results["calibrate"].summary if "calibrate" in results else {}
+        curve = results.get(f"curve:{key}")
         out.append({
             "model": label, "policy": "images" if key == "reference" else cfg.train.budget_policy,
             "train_s": round(results[key].seconds, 2),
@@ -198,6 +202,11 @@ def _model_details(cfg: PipelineConfig, results: dict[str, NodeResult]) -> list[
             "precision": full.get("precision"), "recall": full.get("recall"),
             "fd_per_class": json.dumps(results[f"evaluate:{key}"].summary["fd_per_class"]),
             "weights": None if weights is None else json.dumps(weights),
+            "curve": str(Path(curve.path) / CURVE) if curve else None,
+            "train_s_per_img": costs.get("train_s_per_img"), "proxy_s_per_img": costs.get("proxy_s_per_img"),
+            "proxy_kimg": cfg.reweight.proxy_kimg * cfg.reweight.rounds if key == "train" else 0.0,
+            "reference_kimg": cfg.reweight.reference_kimg if key == "train" else 0.0,
+            "floor_fd": results["classifier"].summary.get("real_floor_fd") if "classifier" in results else None,
         })
     return out
 
@@ -211,9 +220,9 @@ def _mean_fd(rows: list[dict[str, Any]], **match: Any) -> list[tuple[float, floa
     return [(keep, statistics.fmean(fds)) for keep, fds in sorted(by_keep.items())]
 
 
-def plot_comparison(rows: list[dict[str, Any]], fd_path: Path, speedup_path: Path) -> None:
+def plot_comparison(rows: list[dict[str, Any]], fd_path: Path, cost_path: Path) -> None:
     """FD vs keep_frac per scorer, pruned (dashed) and pruned+reweighted (solid), full data dotted;
-    and speed-up vs FD, one marker per model, labelled by keep_frac."""
+    and FD vs calibrated cost, one marker per model, labelled by keep_frac."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -237,16 +246,17 @@ def plot_comparison(rows: list[dict[str, Any]], fd_path: Path, speedup_path: Pat
     fig, ax = plt.subplots(figsize=(6, 4))
     for i, scorer in enumerate(scorers):
         for model, (_, marker) in styles.items():
-            chosen = [r for r in rows if r["scorer"] == scorer and r["model"] == model and r["speedup"] is not None]
-            ax.scatter([r["speedup"] for r in chosen], [r["fd"] for r in chosen], marker=marker, color=f"C{i}",
+            chosen = [r for r in rows if r["scorer"] == scorer and r["model"] == model and r["cost_s"] is not None]
+            ax.scatter([r["cost_s"] for r in chosen], [r["fd"] for r in chosen], marker=marker, color=f"C{i}",
                        label=f"{scorer}, {model}" if chosen else None)
             for r in chosen:
-                ax.annotate(f"{r['keep_frac']:g}", (r["speedup"], r["fd"]), fontsize=7, xytext=(3, 3),
+                ax.annotate(f"{r['keep_frac']:g}", (r["cost_s"], r["fd"]), fontsize=7, xytext=(3, 3),
                             textcoords="offset points")
-    ax.axvline(1.0, color="k", ls=":", lw=1)
-    ax.set(xlabel="speed-up vs full data (x)", ylabel="FD (classifier features)", title="speed-up vs FD")
+    full = [r for r in rows if r["model"] == "full data" and r["cost_s"] is not None]
+    ax.scatter([r["cost_s"] for r in full], [r["fd"] for r in full], marker="*", color="k", label="full data")
+    ax.set(xscale="log", xlabel="cost (calibrated seconds)", ylabel="FD (classifier features)", title="FD vs cost")
     ax.legend(fontsize=7)
-    save_figure(fig, speedup_path)
+    save_figure(fig, cost_path)
 
 
 def comparison_dir(root: Path, name: str, points: list[GridPoint], plans: list[dict[str, Node]]) -> StageDir:
@@ -262,6 +272,6 @@ def compare(out: StageDir, points: list[GridPoint], results: list[dict[str, Node
         if not out.is_complete():
             rows = comparison_rows(points, results)
             write_parquet(pa.Table.from_pylist(rows), out.file(COMPARISON), {"points": [p.label for p in points]})
-            plot_comparison(rows, out.file(FD_PLOT), out.file(SPEEDUP_PLOT))
-            out.mark_complete([COMPARISON, FD_PLOT, SPEEDUP_PLOT], {"points": [p.label for p in points]})
+            plot_comparison(rows, out.file(FD_PLOT), out.file(COST_PLOT))
+            out.mark_complete([COMPARISON, FD_PLOT, COST_PLOT], {"points": [p.label for p in points]})
     return read_parquet(out.file(COMPARISON)).to_pylist()

@@ -120,7 +120,9 @@ def _run(args: argparse.Namespace) -> None:
     computed = [s["stage"] for s in stages if s["status"] == "computed"]
     print(f"\n{len(stages) - len(computed)} of {len(stages)} stages cached"
           + ("; nothing recomputed" if not computed else f"; computed: {', '.join(computed)}"))
-    print("\nSummary (speed-up = full-data training time / (subset training + selection + proxy))\n"
+    print("\nSummary. speed-up = equal-quality speed-up: the time the full-data model needs to reach this model's FD "
+          "on its own curve / this model's cost (selection and proxy included; calibrated seconds). Below 1x, "
+          "training on all the data for less time was better. 'scratch' also counts training the DRO reference.\n"
           + result["summary_markdown"])
     if result["weights"]:
         print("\nClass weights: " + ", ".join(f"{w:.3f}" for w in result["weights"]))

@@ -30,7 +30,7 @@ def pipeline_flow(name: str, pipelines_file: str = "pipelines.yaml", overrides: 
         result = NodeResult(**stage_task(node, cfg)(cfg, key, str(store)))
         results[key] = result
         print(f"{key:<22} {'cached' if result.cached else 'computed':<9} {result.seconds:8.1f}s  {result.path}")
-    rows = summary_rows(results)
+    rows = summary_rows(results, proxy_kimg=cfg.reweight.proxy_kimg * cfg.reweight.rounds)
     publish_run_artifacts(cfg, results, rows)
     return {"stages": stage_table(results), "summary": rows, "summary_markdown": markdown_table(rows),
             "weights": results["reweight"].summary["weights"] if "reweight" in results else None,

@@ -57,7 +57,7 @@ def sweep_flow(name: str, pipelines_file: str = "pipelines.yaml", root: str | No
     publish_sweep_artifacts(name, folder.path, rows)
     print(f"comparison: {folder.file('comparison.parquet')}")
     if report:
-        path = write_report(rows, Path(report), title=f"Data-efficiency frontier: sweep {name}",
+        path = write_report(rows, Path(report), title=f"Time to quality: sweep {name}",
                             command=f"dedt sweep {name} --report {report}", setup=describe_setup(points, sweep))
         publish_report_artifact(name, path)
         print(f"report: {path}")

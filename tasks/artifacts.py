@@ -117,7 +117,7 @@ def publish_sweep_artifacts(name: str, folder: Path, rows: list[dict[str, Any]])
     """The sweep's comparison table, its two plots, and a summary linking the Parquet file."""
     s = slug(name)
     create_table_artifact(key=f"{s}-comparison", table=rows, description=f"Sweep {name}: one row per point and model")
-    for png in ("fd_vs_keep_frac.png", "speedup_vs_fd.png"):
+    for png in ("fd_vs_keep_frac.png", "fd_vs_cost.png"):
         create_image_artifact(image_url=data_uri(folder / png), key=f"{s}-{slug(png.removesuffix('.png'))}",
                               description=f"Sweep {name}: {png.removesuffix('.png').replace('_', ' ')}")
     table = folder / "comparison.parquet"
@@ -125,7 +125,7 @@ def publish_sweep_artifacts(name: str, folder: Path, rows: list[dict[str, Any]])
                              markdown=f"# dedt sweep: {name}\n\n{markdown_table(rows)}\n\n"
                                       f"Table: [{table.name}]({table.as_uri()}) (`{table}`)"
                                       + _png_markdown(folder / "fd_vs_keep_frac.png", "FD vs keep_frac")
-                                      + _png_markdown(folder / "speedup_vs_fd.png", "speed-up vs FD"))
+                                      + _png_markdown(folder / "fd_vs_cost.png", "FD vs cost"))
 
 
 def publish_report_artifact(name: str, report: Path) -> None:

@@ -1,10 +1,15 @@
-"""Exponential moving average of model weights, with the decay set by a half-life in images."""
+"""Exponential moving average of model weights: a half-life in images (EDM) or EDM2's power function."""
 
 from __future__ import annotations
 
 import copy
+import math
 
+import numpy as np
 import torch
+
+# gamma = 0 (a uniform average of the whole run) has relative std sqrt(1/12): the largest sigma_rel.
+MAX_SIGMA_REL = math.sqrt(1.0 / 12.0)
 
 
 def ema_beta(batch_size: int, *, halflife_kimg: float, decay: float | None = None) -> float:
@@ -36,3 +41,30 @@ class EMA:
         torch._foreach_lerp_(self._ema, self._live, 1.0 - beta)
         for ema_buffer, live_buffer in zip(self._ema_buffers, self._live_buffers):
             ema_buffer.copy_(live_buffer)
+
+
+def sigma_rel_to_gamma(sigma_rel: float) -> float:
+    """The exponent gamma of EDM2's power-function EMA profile whose relative std is ``sigma_rel``.
+
+    The profile p(t) ~ t^gamma over [0, T] has relative std sqrt((g+1) / ((g+2)^2 (g+3))) (Karras et
+    al. 2024, Eq. 3 and appendix C.1); solving for gamma is the cubic g^3 + 7g^2 + (16 - s^-2) g +
+    (12 - s^-2) = 0, whose largest real root is taken (EDM2's ``std_to_exp``).
+    """
+    if not 0.0 < sigma_rel < MAX_SIGMA_REL:
+        raise ValueError(f"sigma_rel must be in (0, {MAX_SIGMA_REL:.4f}) (gamma >= 0), got {sigma_rel}")
+    inv = float(sigma_rel) ** -2
+    return float(np.roots([1.0, 7.0, 16.0 - inv, 12.0 - inv]).real.max())
+
+
+def power_ema_beta(sigma_rel: float, images_seen: int, batch_size: int) -> float:
+    """Per-step decay of EDM2's power-function EMA after ``images_seen`` images (this step included).
+
+    beta = (1 - B / t)^(gamma + 1) (EDM2 ``power_function_beta``): the average's length grows in
+    proportion to the training length, so the EMA is equally fair at every point of a run, which a
+    fixed half-life is not (too short late, too long early). The first step gives beta 0: the EMA
+    starts as the live weights.
+    """
+    if images_seen < batch_size:
+        raise ValueError(f"images_seen ({images_seen}) must include the step's batch ({batch_size})")
+    gamma = sigma_rel_to_gamma(sigma_rel)
+    return (1.0 - batch_size / images_seen) ** (gamma + 1.0)

@@ -42,6 +42,22 @@ class TrainOptions(BaseModel):
         lt=1,
         description="fixed per-step EMA decay instead of the half-life (Ho et al.: 0.9999); None uses the half-life",
     )
+    ema: Literal["halflife", "power"] = Field(
+        "halflife",
+        description="'halflife': EMA with a fixed half-life (ema_halflife_kimg or ema_decay); 'power': EDM2's "
+        "power-function EMA (Karras et al. 2024), whose averaging length grows with the run (ema_sigma_rel), so the "
+        "EMA is equally fair at every point: the benchmark pipelines' choice, since their curves compare snapshots",
+    )
+    ema_sigma_rel: float = Field(
+        0.10, gt=0, lt=0.2886, description="power EMA's length relative to the run (EDM2 tracks 0.05 and 0.10)"
+    )
+    snapshots: int = Field(
+        0,
+        ge=0,
+        le=16,
+        description="EMA snapshots at log-spaced points: after budget/2, budget/4, ... budget/2^snapshots images; "
+        "a pipeline evaluates each (the model's time-to-quality curve, curve.parquet); 0 = the final model only",
+    )
     checkpoint_every_kimg: float = Field(16.0, gt=0, description="write a resumable checkpoint every this many kimg")
     keep_checkpoints: int = Field(2, ge=1, description="how many of the newest checkpoints to keep")
     log_every_kimg: float = Field(4.0, gt=0, description="append a line to log.jsonl every this many kimg")
@@ -99,6 +115,8 @@ class TrainOptions(BaseModel):
     def _one_ema_rule(self) -> TrainOptions:
         if self.ema_decay is not None and "ema_halflife_kimg" in self.model_fields_set:
             raise ValueError("set either ema_decay or ema_halflife_kimg, not both")
+        if self.ema == "power" and ({"ema_decay", "ema_halflife_kimg"} & self.model_fields_set):
+            raise ValueError("ema 'power' is set by ema_sigma_rel; ema_decay and ema_halflife_kimg are for 'halflife'")
         return self
 
 
@@ -114,3 +132,9 @@ class SampleOptions(BaseModel):
     steps: int = Field(20, ge=1, le=1000, description="denoising steps, spread over the T = 1000 training steps")
     per_class: int = Field(100, ge=1, description="samples per class (or in all, for an unconditional model)")
     batch_size: int = Field(256, ge=1, description="samples per forward pass; does not change the samples")
+    bank_seed: int = Field(
+        0,
+        ge=0,
+        description="seed of the bank of start noises every model samples from (common random numbers: models "
+        "differ by their weights, not by the sampler's draws); independent of the training seed",
+    )

@@ -35,13 +35,14 @@ from safetensors.torch import load_file, save_file
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm.auto import tqdm
 
-from dedt.diffusion.ema import EMA, ema_beta
+from dedt.diffusion.ema import EMA, ema_beta, power_ema_beta
 from dedt.diffusion.options import TrainOptions
 from dedt.diffusion.presets import build_model, build_scheduler, count_parameters
 from dedt.diffusion.sampler import BatchSampler, check_class_weights
+from dedt.diffusion.snapshots import snapshot_points, write_snapshot
 from dedt.errors import DedtError
-from dedt.store import atomic_path, atomic_write_text, file_sha256
 from dedt.precision import tf32
+from dedt.store import atomic_path, atomic_write_text, file_sha256
 
 # Options that may change between a run and its resumption: they don't change what is computed.
 RESUMABLE_CHANGES = frozenset({"budget_kimg", "checkpoint_every_kimg", "keep_checkpoints", "log_every_kimg"})
@@ -241,7 +242,10 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_(self.params, options.grad_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        self.ema.update(self.ema_beta)
+        if self.options.ema == "power":  # the decay depends on how far the run is (EDM2)
+            self.ema.update(power_ema_beta(options.ema_sigma_rel, self.nimg + options.batch_size, options.batch_size))
+        else:
+            self.ema.update(self.ema_beta)
 
         self._loss_sum += loss.detach()
         self._loss_steps += 1
@@ -391,6 +395,7 @@ def _run(
     budget_nimg = math.ceil(options.budget_kimg * 1000)
     every_log = max(1, round(options.log_every_kimg * 1000))
     every_ckpt = max(1, round(options.checkpoint_every_kimg * 1000))
+    snapshot_at = set(snapshot_points(budget_nimg, batch, options.snapshots))
     peak = peak_flops(trainer.device, options.precision, options.tf32)
     train_flops = None
     if peak is not None:  # backward ~ 2x forward, so a step costs ~3x the forward FLOPs (Kaplan et al. 2020)
@@ -425,6 +430,9 @@ def _run(
                 log.append(record)
                 bar.set_postfix(loss=f"{last_loss:.4f}", refresh=False)
                 interval_start, interval_nimg = now, trainer.nimg
+            if trainer.nimg in snapshot_at and is_main:
+                write_snapshot(run_dir, trainer.nimg, seconds + time.perf_counter() - session_start,
+                               _state_dict(trainer.ema.module))
             if save:
                 elapsed = seconds + time.perf_counter() - session_start
                 state = trainer.training_state()  # collective under DDP: every rank calls it
@@ -684,18 +692,18 @@ def _load_checkpoint(trainer: Trainer, path: Path, identity: dict[str, Any]) -> 
     return float(state["seconds"]), float(state["loss"])
 
 
+def _without_device(identity: dict[str, Any]) -> dict[str, Any]:
+    """``identity`` without the device fields that earlier checkpoints recorded in it."""
+    options = {k: v for k, v in identity.get("options", {}).items() if k != "device"}
+    return {k: v for k, v in identity.items() if k != "device_type"} | {"options": options}
+
+
 def _write_final(
     trainer: Trainer, run_dir: Path, options: TrainOptions, channels: int, resolution: int, num_classes: int
 ) -> None:
     """The trained weights and the config that rebuilds the UNet (``load_model``)."""
     with atomic_path(run_dir / "model.safetensors") as tmp:
         save_file(_state_dict(trainer.model), str(tmp))
-
-
-def _without_device(identity: dict[str, Any]) -> dict[str, Any]:
-    """``identity`` without the device fields that earlier checkpoints recorded in it."""
-    options = {k: v for k, v in identity.get("options", {}).items() if k != "device"}
-    return {k: v for k, v in identity.items() if k != "device_type"} | {"options": options}
     with atomic_path(run_dir / "ema.safetensors") as tmp:
         save_file(_state_dict(trainer.ema.module), str(tmp))
     config = {
