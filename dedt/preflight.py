@@ -128,6 +128,10 @@ def check_encoder(cfg: PipelineConfig) -> None:
         raise DedtError(f"encode.weights {enc.weights} does not exist; put the encoder's weights file there, "
                         "or drop encode.weights to use the default local weights")
     validate_encoder_name(enc.encoder, weights=enc.weights)
+    if enc.encoder == "inception":  # a TorchScript file runs code: only the known FID weights, by hash
+        from dedt.encoders.torch_models import inception_weights
+
+        inception_weights(enc.weights)
 
 
 def check_reference(cfg: PipelineConfig, shape: tuple[int, int, int]) -> None:

@@ -389,6 +389,8 @@ CASES: dict[str, Callable[[Path], Case]] = {
     "weights-encoder-file-missing": simple(TINY, "encode.weights", "encode.encoder=resnet18",
                                            "encode.weights=/nonexistent/resnet18.pth"),
     "weights-reference-missing": _reference_missing,
+    "weights-inception-other-torchscript": lambda w: (w / "my_inception.pt").write_bytes(b"PK\x03\x04 not FID's") and Case(
+        TINY, "sha1", ["encode.encoder=inception", f"encode.weights={w / 'my_inception.pt'}"]),
     "weights-reference-other-architecture": _reference_other_arch,
     # store
     "store-root-is-a-file": _store_is_file,

