@@ -383,3 +383,18 @@ def test_vae_decode_halves_its_batch_when_the_gpu_runs_out_of_memory(tmp_path: P
     vae.decode = lambda z, *args, **kwargs: (_ for _ in ()).throw(torch.OutOfMemoryError("always"))
     with pytest.raises(torch.OutOfMemoryError), pytest.warns(UserWarning):
         decode_latents(latents[:2], vae, batch_size=2)  # down to one image, then the error stands
+
+
+# --- the CUDA worker's install --------------------------------------------------------------------------
+
+
+def test_cuda_image_has_a_c_compiler_and_installs_no_cuda12_faiss() -> None:
+    """torch.compile's Triton backend builds a C launcher on first use; faiss-gpu 1.15.1 links CUDA 12
+    while torch 2.14.1 brings CUDA 13, so GPU workers use CPU FAISS and dedt's torch CUDA kNN."""
+    import tomllib
+
+    dockerfile = (REPO / "docker" / "Dockerfile.cuda").read_text()
+    assert any("apt-get install" in line and "gcc" in line for line in dockerfile.splitlines())
+    assert "580" in dockerfile  # the driver the CUDA 13.0 wheels need is named
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert not any(dep.startswith("faiss-gpu") for dep in extras["gpu"]) and extras["gpu"] == extras["cpu"]
