@@ -137,6 +137,7 @@ def _measure(budget: str, tmp: Path) -> dict[str, Any]:
     os.environ["DEDT_SERVER_HOME"] = str(tmp / "server")
     info = server.start(server.free_port(), [server.DEFAULT_POOL], query_seconds=1.0)
     api = info["api_url"]
+    os.environ["PREFECT_API_AUTH_STRING"] = info["auth"]  # for the commands below and server.get_json
     env = os.environ | {"PREFECT_API_URL": api, "PREFECT_HOME": str(tmp / "client")}
     out: dict[str, Any] = {}
     try:

@@ -135,12 +135,18 @@ def _run(args: argparse.Namespace) -> None:
 
 
 def _use_local_server() -> None:
-    """Report to the running `dedt server` unless PREFECT_API_URL names another server."""
-    from flows.server import running_api_url
+    """Report to the running `dedt server` unless PREFECT_API_URL names another server; send its auth
+    string when PREFECT_API_URL is that server's and no PREFECT_API_AUTH_STRING is set."""
+    from flows.server import LOOPBACK_API, running_server
 
-    url = None if os.environ.get("PREFECT_API_URL") else running_api_url()
-    if url:
-        os.environ["PREFECT_API_URL"] = url
+    url = os.environ.get("PREFECT_API_URL")
+    if url and not LOOPBACK_API.fullmatch(url):
+        return
+    state = running_server()
+    if state and (url or state["api_url"]) == state["api_url"]:
+        os.environ["PREFECT_API_URL"] = state["api_url"]
+        if state.get("auth"):
+            os.environ.setdefault("PREFECT_API_AUTH_STRING", state["auth"])
 
 
 def _sweep(args: argparse.Namespace) -> None:
@@ -181,6 +187,12 @@ def _deploy(args: argparse.Namespace) -> None:
         print(f"\n{len(specs)} deployments applied to {os.environ['PREFECT_API_URL']}")
 
 
+def _exports(info: dict) -> str:
+    """The variables a shell needs for `prefect` commands against this server (its auth string is secret)."""
+    auth = f" PREFECT_API_AUTH_STRING='{info['auth']}'" if info.get("auth") else ""
+    return f"PREFECT_API_URL={info['api_url']}{auth}"
+
+
 def _server(args: argparse.Namespace) -> None:
     from flows import server
 
@@ -188,7 +200,7 @@ def _server(args: argparse.Namespace) -> None:
         info = server.start(args.port, args.pools or [server.DEFAULT_POOL], args.query_seconds)
         print(f"Prefect server  {info['ui_url']}  (state {info['state']}, store {info['store']})")
         print("workers         " + ", ".join(k.removeprefix("worker:") for k in info["pids"] if k != "server"))
-        print(f"\nexport PREFECT_API_URL={info['api_url']}   # for `prefect` commands in this shell")
+        print(f"\nexport {_exports(info)}   # for `prefect` commands in this shell")
     elif args.action == "stop":
         stopped = server.stop()
         print("stopped: " + ", ".join(stopped) if stopped else "no dedt server was running")
@@ -200,7 +212,7 @@ def _server(args: argparse.Namespace) -> None:
         print(f"Prefect server  {info['ui_url']}  {'healthy' if info['healthy'] else 'NOT answering'}")
         for name, alive in info["alive"].items():
             print(f"  {name:<24} pid {info['pids'][name]:<8} {'running' if alive else 'stopped'}")
-        print(f"state {info['state']}  store {info['store']}\nexport PREFECT_API_URL={info['api_url']}")
+        print(f"state {info['state']}  store {info['store']}\nexport {_exports(info)}")
 
 
 def main(argv: list[str] | None = None) -> int:

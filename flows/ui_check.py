@@ -87,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="dedt-ui-check-") as tmp:
         os.environ["DEDT_SERVER_HOME"] = f"{tmp}/server"
-        info = server.start(server.free_port(), [server.DEFAULT_POOL], query_seconds=1.0)
+        # Without auth: headless Chromium cannot type the auth string into the UI's login page.
+        info = server.start(server.free_port(), [server.DEFAULT_POOL], query_seconds=1.0, auth=False)
         env = os.environ | {"PREFECT_API_URL": info["api_url"], "PREFECT_HOME": f"{tmp}/client"}
         try:
             run_id = run_as_deployment(args.pipelines, args.pipeline, info["api_url"], env, args.timeout)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import os
 import re
+import stat
 import subprocess
 import sys
 import time
@@ -95,13 +96,17 @@ class Server:
     def dedt(self, *args: str) -> str:
         return self.cli(sys.executable, "-m", "flows.cli", *args)
 
+    def auth(self) -> tuple[str, str]:
+        user, password = self.env["PREFECT_API_AUTH_STRING"].split(":", 1)
+        return user, password
+
     def post(self, path: str, body: dict[str, Any]) -> Any:
-        response = httpx.post(f"{self.api}{path}", json=body, timeout=30)
+        response = httpx.post(f"{self.api}{path}", json=body, timeout=30, auth=self.auth())
         response.raise_for_status()
         return response.json()
 
     def get(self, path: str) -> Any:
-        response = httpx.get(f"{self.api}{path}", timeout=30)
+        response = httpx.get(f"{self.api}{path}", timeout=30, auth=self.auth())
         response.raise_for_status()
         return response.json()
 
@@ -127,6 +132,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     srv.dedt("server", "start", "--port", str(srv.port), "--pool", "dedt-default", "--pool", "gpu",
              "--query-seconds", "1")
     state = yaml.safe_load((Path(srv.env["DEDT_SERVER_HOME"]) / "server.json").read_text())
+    srv.env["PREFECT_API_AUTH_STRING"] = state["auth"]  # what `dedt server start` printed for this shell
     try:
         yield srv
     finally:
@@ -156,6 +162,16 @@ def test_server_status_and_pools(server: Server) -> None:
     assert "healthy" in out and "worker:gpu" in out and server.api in out
     pools = {p["name"]: p["type"] for p in server.post("/work_pools/filter", {})}
     assert pools.get("dedt-default") == "process" and pools.get("gpu") == "process"
+
+
+@pytest.mark.server
+def test_the_api_wants_the_auth_string_and_the_state_is_private(server: Server) -> None:
+    """Another local user can neither call the API (its workers run what it is given) nor read the secret."""
+    assert httpx.post(f"{server.api}/work_pools/filter", json={}, timeout=30).status_code == 401
+    assert httpx.post(f"{server.api}/work_pools/filter", json={}, timeout=30, auth=("dedt", "guess")).status_code == 401
+    state = Path(server.env["DEDT_SERVER_HOME"])
+    assert stat.S_IMODE(state.stat().st_mode) == 0o700
+    assert stat.S_IMODE((state / "server.json").stat().st_mode) == 0o600
 
 
 @pytest.mark.server

@@ -476,6 +476,37 @@ def test_pipeline_runs_with_the_network_blocked(tmp_path: Path) -> None:
     assert len(warned) == 1 and warned[0].startswith("dedt: warning: "), proc.stderr[-3000:]
 
 
+def test_server_state_is_trusted_only_when_private_and_loopback(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """server.json sends dedt's commands (and the API's auth string) to its URL: only a file of the
+    user's own, in a folder of the user's own (made 0700), naming 127.0.0.1, is believed."""
+    from flows import server
+
+    state = tmp_path / "state"
+    state.mkdir(mode=0o755)
+    monkeypatch.setenv("DEDT_SERVER_HOME", str(state))
+    assert server.read_state() is None
+    good = {"api_url": "http://127.0.0.1:4200/api", "pids": {}, "auth": "dedt:x"}
+    (state / "server.json").write_text(json.dumps(good))
+    os.chmod(state / "server.json", 0o600)
+    assert server.read_state() == good and os.stat(state).st_mode & 0o777 == 0o700
+    for url in ("http://evil.example:4200/api", "http://127.0.0.1.evil.example:80/api", "https://127.0.0.1:4200/api"):
+        (state / "server.json").write_text(json.dumps(good | {"api_url": url}))
+        with pytest.raises(DedtError, match="api_url"):
+            server.read_state()
+    (state / "server.json").write_text(json.dumps(good))
+    os.chmod(state / "server.json", 0o666)
+    with pytest.raises(DedtError, match="not yours alone"):
+        server.read_state()
+    if os.getuid() == 0:  # only root can give a file away
+        os.chmod(state / "server.json", 0o600)
+        os.chown(state / "server.json", 12345, 12345)
+        with pytest.raises(DedtError, match="not yours alone"):
+            server.read_state()
+        os.chown(state, 12345, 12345)
+        with pytest.raises(DedtError, match="not a folder of yours"):
+            server.read_state()
+
+
 def test_local_prefect_server_binds_loopback() -> None:
     """`dedt server` starts Prefect on 127.0.0.1, and the embedded server's default host is loopback."""
     server = (REPO / "flows" / "server.py").read_text()
