@@ -398,3 +398,19 @@ def test_cuda_image_has_a_c_compiler_and_installs_no_cuda12_faiss() -> None:
     assert "580" in dockerfile  # the driver the CUDA 13.0 wheels need is named
     extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     assert not any(dep.startswith("faiss-gpu") for dep in extras["gpu"]) and extras["gpu"] == extras["cpu"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU the script runs the whole check")
+def test_gpu_check_script_parses_and_says_so_without_a_gpu(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    script = REPO / "bench" / "gpu_check.sh"
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    done = subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=300,
+                          env={"PATH": "/usr/bin:/bin", "PYTHON": sys.executable, "TMPDIR": str(tmp_path)})
+    assert done.returncode == 0, done.stderr
+    assert "No CUDA GPU: nothing measured" in done.stdout
+    rows = [line for line in done.stdout.splitlines() if line.startswith("| ") and "not run" in line]
+    assert len(rows) == 11 and any(line.startswith("| knn |") for line in rows)
+    assert "No CUDA GPU" in (tmp_path / "gpu_check.log").read_text()  # the log a device run brings back
