@@ -102,17 +102,19 @@ def time_to_target(curve: Curve, target: float, s_per_kimg: float, overhead_s: f
 class Interval:
     """A speed-up at a target with a 95% percentile-bootstrap interval over seeds; ``value`` None
     when the arm's mean curve does not reach the target, ``reached`` the fraction of resamples
-    in which it does (an unreached resample counts as speed-up 0)."""
+    in which it does (an unreached resample counts as speed-up 0); ``lower_bound`` when the arm is
+    already past the target at its first evaluation point, so its true time may be shorter."""
 
     value: float | None
     low: float
     high: float
     reached: float
+    lower_bound: bool = False
 
     def __str__(self) -> str:
         if self.value is None:
             return "not reached"
-        return f"{self.value:.2f}x [{self.low:.2f}, {self.high:.2f}]"
+        return f"{'≥' if self.lower_bound else ''}{self.value:.2f}x [{self.low:.2f}, {self.high:.2f}]"
 
 
 def speedup_interval(full: Sequence[Curve], arm: Sequence[Curve], target: float, *, full_s_per_kimg: float,
@@ -142,7 +144,8 @@ def speedup_interval(full: Sequence[Curve], arm: Sequence[Curve], target: float,
         a = [arm[i] for i in rng.integers(0, len(arm), len(arm))]
         draws[b] = ratio(Curve.mean(f), Curve.mean(a))
     low, high = np.percentile(draws, [2.5, 97.5])
-    return Interval(value, float(low), float(high), float(np.mean(draws > 0)))
+    early = value is not None and point_arm.fd[0] < target
+    return Interval(value, float(low), float(high), float(np.mean(draws > 0)), early)
 
 
 def per_doubling_fall(curve: Curve) -> float:
