@@ -153,7 +153,7 @@ class _U8:
 
 
 @dataclass
-class _Bytes2D:
+class _U8Array:
     """A uint8 array as described by the pickle: its shape and its raw bytes, nothing allocated."""
 
     shape: tuple[int, ...] | None = None
@@ -170,10 +170,10 @@ def _call(func: Any, args: Any) -> Any:
     if key == ("numpy", "dtype") and args and isinstance(args[0], (str, bytes)) and args[0] in _U8_NAMES:
         return _U8()
     if key in _RECONSTRUCT and len(args) == 3 and args[0] == _Name("numpy", "ndarray"):
-        return _Bytes2D()
+        return _U8Array()
     if key in _FROMBUFFER and len(args) == 4 and isinstance(args[0], bytes) and isinstance(args[1], _U8) \
             and args[3] == "C":
-        return _Bytes2D(args[2], args[0])
+        return _U8Array(args[2], args[0])
     raise ValueError(f"a call of {func.module}.{func.name} that is not a uint8 array")
 
 
@@ -182,7 +182,7 @@ def _build(obj: Any, state: Any) -> None:
     flat = isinstance(state, tuple) and all(x is None or type(x) in (int, str, bytes) for x in state)  # cheap to hash
     if isinstance(obj, _U8) and flat and state in _U8_STATES:
         return
-    if isinstance(obj, _Bytes2D) and obj.raw is None and isinstance(state, tuple) and len(state) == 5 \
+    if isinstance(obj, _U8Array) and obj.raw is None and isinstance(state, tuple) and len(state) == 5 \
             and isinstance(state[2], _U8) and state[3] is False and isinstance(state[4], bytes):
         obj.shape, obj.raw = state[1], state[4]
         return
@@ -201,7 +201,7 @@ def _walk_pickle(data: bytes) -> Any:
     ``pickle.load`` would hand numpy's reconstructors attacker-chosen dtypes, strides and shapes
     (object arrays over raw pointers, zero-stride giants); here plain values (dict, list, tuple,
     bytes, str, int, float, bool, None) come out as themselves and numpy's rebuilders only as
-    descriptions of a uint8 array (``_Bytes2D``). Everything else is refused with a ValueError.
+    descriptions of a uint8 array (``_U8Array``). Everything else is refused with a ValueError.
     """
     stack: list[Any] = []
     marks: list[int] = []
@@ -302,7 +302,7 @@ def _cifar_batch(file: Path) -> tuple[np.ndarray, list[int]]:
     """(uint8 images (N, 32, 32, 3), labels) of one batch: only a (N, 3072) uint8 array and N labels 0..9."""
     batch = _read_cifar_pickle(file)
     data, labels = batch.get("data"), batch.get("labels")
-    if not isinstance(data, _Bytes2D) or data.raw is None or not isinstance(data.shape, tuple) \
+    if not isinstance(data, _U8Array) or data.raw is None or not isinstance(data.shape, tuple) \
             or len(data.shape) != 2 or data.shape[1] != 3072 or type(data.shape[0]) is not int \
             or data.shape[0] * 3072 != len(data.raw):
         raise DedtError(f"{file}: 'data' is not a uint8 array of shape (N, 3072) holding its N x 3072 bytes; "
