@@ -371,6 +371,25 @@ def ttq_table(all_arms: Sequence[Arm], table: dict[str, dict[tuple[str, str], In
     return header, body
 
 
+def time_to_quality_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The time-to-quality table as records (one per arm and setting), for a table artifact; empty
+    without a full-data curve."""
+    all_arms = arms(rows)
+    full = next((a for a in all_arms if a.is_full), None)
+    if full is None:
+        return []
+    costs = (statistics.median(r["train_s_per_img"] for a in all_arms for r in a.rows),
+             statistics.median(r["proxy_s_per_img"] for a in all_arms for r in a.rows))
+    ys = yardstick(full)
+    out = []
+    for arm in all_arms:
+        if not arm.is_full:
+            table = speedups(arm, full, ys, costs)
+            out += [{"arm": arm.label, "setting": setting, "seeds": len(arm.curves)}
+                    | {name: str(table[name, setting]) for name in ys.targets} for setting in SETTINGS]
+    return out
+
+
 def write_report(rows: list[dict[str, Any]], out: Path, *, title: str, command: str,
                  setup: Sequence[str] = ()) -> Path:
     """Write ``out`` (Markdown) and its plots beside it in ``<out stem>/``; return ``out``."""

@@ -24,6 +24,32 @@ def save_figure(fig: Any, path: Path) -> None:
     plt.close(fig)
 
 
+def quality_curves_png(curves: Mapping[str, Any], s_per_img: float) -> bytes:
+    """FD against images seen and against calibrated seconds, one line per model curve
+    (``dedt.quality.Curve``), log-log, as PNG bytes: what the Prefect UI shows of time to quality."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+    for label, curve in curves.items():
+        axes[0].plot(curve.kimg, curve.fd, marker=".", label=label)
+        axes[1].plot(curve.kimg * 1000 * s_per_img, curve.fd, marker=".", label=label)
+    axes[0].set(xlabel="images seen (kimg)", ylabel="FD", title="FD vs images seen")
+    axes[1].set(xlabel="calibrated training seconds", ylabel="FD", title="FD vs time")
+    for ax in axes:
+        ax.set(xscale="log", yscale="log")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100, metadata={"Software": None})
+    plt.close(fig)
+    return buffer.getvalue()
+
+
 def plot_weights(weights: np.ndarray, alphas: np.ndarray, path: Path) -> None:
     """Two panels: the DRO trajectory per group and the final weights against uniform."""
     import matplotlib

@@ -254,7 +254,9 @@ def plot_comparison(rows: list[dict[str, Any]], fd_path: Path, cost_path: Path) 
                             textcoords="offset points")
     full = [r for r in rows if r["model"] == "full data" and r["cost_s"] is not None]
     ax.scatter([r["cost_s"] for r in full], [r["fd"] for r in full], marker="*", color="k", label="full data")
-    ax.set(xscale="log", xlabel="cost (calibrated seconds)", ylabel="FD (classifier features)", title="FD vs cost")
+    if any(r["cost_s"] for r in rows):  # no full-data model measured: no calibrated cost, nothing to plot
+        ax.set_xscale("log")
+    ax.set(xlabel="cost (calibrated seconds)", ylabel="FD (classifier features)", title="FD vs cost")
     ax.legend(fontsize=7)
     save_figure(fig, cost_path)
 

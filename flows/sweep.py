@@ -21,7 +21,7 @@ from prefect.task_runners import ProcessPoolTaskRunner
 from dedt.pipeline import NodeResult, plan
 from dedt.report import markdown_table
 from dedt.store import default_root
-from dedt.frontier import describe_setup, write_report
+from dedt.frontier import describe_setup, time_to_quality_rows, write_report
 from dedt.sweep import BRIEF_COLUMNS, compare, comparison_dir, expand, node_id, resolve_sweep, unique_nodes
 from tasks.artifacts import publish_report_artifact, publish_sweep_artifacts
 from tasks.stages import stage_task
@@ -54,7 +54,7 @@ def sweep_flow(name: str, pipelines_file: str = "pipelines.yaml", root: str | No
     results = [{key: done[node_id(node)] for key, node in planned.items()} for planned in plans]
     folder = comparison_dir(store, name, points, plans)
     rows = compare(folder, points, results)
-    publish_sweep_artifacts(name, folder.path, rows)
+    publish_sweep_artifacts(name, folder.path, rows, time_to_quality_rows(rows))
     print(f"comparison: {folder.file('comparison.parquet')}")
     if report:
         path = write_report(rows, Path(report), title=f"Time to quality: sweep {name}",

@@ -19,7 +19,8 @@ from prefect.artifacts import create_image_artifact, create_markdown_artifact, c
 
 from dedt.config import PipelineConfig
 from dedt.pipeline import NodeResult
-from dedt.report import MODEL_LABELS, markdown_table
+from dedt.quality import Curve
+from dedt.report import MODEL_LABELS, markdown_table, quality_curves_png
 
 
 def slug(name: str) -> str:
@@ -96,6 +97,15 @@ def publish_run_artifacts(cfg: PipelineConfig, results: dict[str, NodeResult], r
     curve = training_curves_png(logs) if logs else None
     if curve:
         create_image_artifact(image_url=data_uri(curve), key=f"{s}-training-curve", description="Loss vs kimg per model")
+    curves = {MODEL_LABELS.get(k.removeprefix("curve:"), k): Curve(r.summary["kimg"], r.summary["fd"])
+              for k, r in results.items() if k.startswith("curve:")}
+    quality = quality_curves_png(curves, results["calibrate"].summary["train_s_per_img"]) if curves else None
+    if quality:
+        create_image_artifact(image_url=data_uri(quality), key=f"{s}-time-to-quality",
+                              description="FD vs images seen and vs calibrated seconds (each model's curve)")
+        create_table_artifact(key=f"{s}-curves", description="FD at each evaluated point of each model's training",
+                              table=[{"model": label, "kimg": round(float(k), 3), "fd": round(float(f), 4)}
+                                     for label, c in curves.items() for k, f in zip(c.kimg, c.fd)])
     models = {k.removeprefix("evaluate:"): r for k, r in results.items() if k.startswith("evaluate:")}
     grids = {k: enlarged_png(Path(r.path) / "grid.png") for k, r in models.items()}
     if models:
@@ -108,14 +118,21 @@ def publish_run_artifacts(cfg: PipelineConfig, results: dict[str, NodeResult], r
     images = "".join(_png_markdown(png, f"samples: {MODEL_LABELS.get(k, k)}") for k, png in grids.items())
     images += _png_markdown(weights_png, "class weights") if weights_png else ""
     images += _png_markdown(curve, "training curves") if curve else ""
+    images += _png_markdown(quality, "time to quality") if quality else ""
     create_markdown_artifact(key=f"{s}-summary", description=f"dedt summary of {cfg.name}",
                              markdown=f"# dedt: {cfg.name}\n\n{markdown_table(rows)}\n\n"
                                       f"## Artifacts (Parquet files in the store)\n{_parquet_links(results)}{images}")
 
 
-def publish_sweep_artifacts(name: str, folder: Path, rows: list[dict[str, Any]]) -> None:
-    """The sweep's comparison table, its two plots, and a summary linking the Parquet file."""
+def publish_sweep_artifacts(name: str, folder: Path, rows: list[dict[str, Any]],
+                            time_to_quality: list[dict[str, Any]]) -> None:
+    """The sweep's comparison table, its time-to-quality table, its two plots, and a summary linking
+    the Parquet file."""
     s = slug(name)
+    if time_to_quality:
+        create_table_artifact(key=f"{s}-time-to-quality", table=time_to_quality,
+                              description=f"Sweep {name}: speed-up to each target of the full-data curve "
+                                          "[95% interval over seeds], per arm and setting")
     create_table_artifact(key=f"{s}-comparison", table=rows, description=f"Sweep {name}: one row per point and model")
     for png in ("fd_vs_keep_frac.png", "fd_vs_cost.png"):
         create_image_artifact(image_url=data_uri(folder / png), key=f"{s}-{slug(png.removesuffix('.png'))}",
