@@ -371,6 +371,18 @@ def ttq_table(all_arms: Sequence[Arm], table: dict[str, dict[tuple[str, str], In
     return header, body
 
 
+def calibrated_costs(all_arms: Sequence[Arm]) -> tuple[float, float]:
+    """Seconds per training image and per proxy image: the median over the sweep's calibrate stages
+    (one per dataset split), so every arm is converted at one rate."""
+    def median(column: str) -> float:
+        values = [r[column] for a in all_arms for r in a.rows if r.get(column)]
+        if not values:
+            raise ValueError(f"no calibrated {column} in the sweep (a calibrate stage runs with each full-data model)")
+        return statistics.median(values)
+
+    return median("train_s_per_img"), median("proxy_s_per_img")
+
+
 def time_to_quality_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The time-to-quality table as records (one per arm and setting), for a table artifact; empty
     without a full-data curve."""
@@ -378,8 +390,7 @@ def time_to_quality_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     full = next((a for a in all_arms if a.is_full), None)
     if full is None:
         return []
-    costs = (statistics.median(r["train_s_per_img"] for a in all_arms for r in a.rows),
-             statistics.median(r["proxy_s_per_img"] for a in all_arms for r in a.rows))
+    costs = calibrated_costs(all_arms)
     ys = yardstick(full)
     out = []
     for arm in all_arms:
@@ -400,8 +411,7 @@ def write_report(rows: list[dict[str, Any]], out: Path, *, title: str, command: 
                          "train.snapshots > 0) to compare against")
     full = fulls[0]
     all_arms = [full] + [a for a in all_arms if not a.is_full]
-    s_per_img = statistics.median(r["train_s_per_img"] for a in all_arms for r in a.rows)
-    proxy_s_per_img = statistics.median(r["proxy_s_per_img"] for a in all_arms for r in a.rows)
+    s_per_img, proxy_s_per_img = calibrated_costs(all_arms)
     ys = yardstick(full)
     table = {a.label: speedups(a, full, ys, (s_per_img, proxy_s_per_img)) for a in all_arms if not a.is_full}
     noise = sampling_noise(all_arms)
