@@ -58,7 +58,7 @@ def _train_config(cfg: PipelineConfig, budget_kimg: float | None) -> dict[str, A
     """The train options that change the weights (not where they run), with the budget the model
     really gets (None: a proxy, whose budget is reweight.proxy_kimg). The VAE enters through the
     latents stage's fingerprint (its files), not its path: pixel pipelines keep their fingerprints."""
-    options = cfg.train.model_dump(exclude={"device", "vae_path", "budget_policy", "budget_kimg"})
+    options = cfg.train.identity(exclude={"device", "vae_path", "budget_policy", "budget_kimg"})
     if budget_kimg is not None:
         options["budget_kimg"] = budget_kimg
     return {"train": options, "seed": cfg.seed}

@@ -139,6 +139,7 @@ class ProxyTrainer:
         import torch
 
         from dedt.diffusion.presets import build_model, build_scheduler
+        from dedt.diffusion.weighting import timestep_weight_table
 
         doremi_update(np.full(2, 0.5), np.zeros(2), eta=eta, smoothing=smoothing)  # validates eta, smoothing
         if excess not in DEFAULT_ETA or timesteps not in ("common", "independent"):
@@ -154,6 +155,10 @@ class ProxyTrainer:
         self.proxy = build_model(options.preset, in_channels=images.shape[1], resolution=images.shape[2],
                                  num_classes=num_classes if options.conditional else None)
         self.scheduler = build_scheduler(options.preset, latent=options.latent)
+        # The final training's timestep weighting (train.timestep_weighting) in the proxy's and the
+        # reference's losses alike: the excess then compares the losses that training minimises.
+        self.timestep_weight = timestep_weight_table(options.timestep_weighting, self.scheduler.alphas_cumprod,
+                                                     snr_gamma=options.snr_gamma)
         self.reference = reference.train().requires_grad_(False)  # train mode: see the class docstring
         embeds = getattr(getattr(reference, "config", None), "num_class_embeds", None)
         if embeds is not None and labels.max() >= embeds:
@@ -218,6 +223,8 @@ class ProxyTrainer:
         torch.set_rng_state(dropout)  # the same dropout masks for the reference
         with torch.no_grad():
             ref = per_sample_loss(self.reference, self.scheduler, x0, y if self.reference_conditional else None, t, noise)
+        if self.timestep_weight is not None:
+            loss, ref = loss * self.timestep_weight[t], ref * self.timestep_weight[t]
         counted = (t >= self.t_lo) & (t < self.t_hi)
         gap = self.sample_excess(loss, ref, t).clamp_min(0) * counted  # clipped excess, DoReMi Eq. 1
         sums = torch.zeros(self.k, dtype=torch.float64).index_add_(0, g, gap)

@@ -6,11 +6,15 @@ Budgets and intervals are counted in images seen (``*_kimg`` = thousands of imag
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from dedt.diffusion.presets import PRESETS
+
+
+# Fields added after stores held fingerprints (the training levers of issue 15).
+LATER_FIELDS = frozenset({"timestep_weighting", "snr_gamma", "timestep_sampling", "posthoc_ema", "posthoc_snapshots"})
 
 
 class TrainOptions(BaseModel):
@@ -57,6 +61,26 @@ class TrainOptions(BaseModel):
         le=16,
         description="EMA snapshots at log-spaced points: after budget/2, budget/4, ... budget/2^snapshots images; "
         "a pipeline evaluates each (the model's time-to-quality curve, curve.parquet); 0 = the final model only",
+    )
+    timestep_weighting: Literal["uniform", "min-snr"] = Field(
+        "uniform",
+        description="loss weight per noise level: 'uniform' = Ho et al.'s L_simple; 'min-snr' = min(SNR(t), "
+        "snr_gamma) / SNR(t) (Min-SNR-gamma, Hang et al. 2023), also in the DRO proxy's and reference's losses",
+    )
+    snr_gamma: float = Field(5.0, gt=0, description="gamma of 'min-snr' (Hang et al.: 5)")
+    timestep_sampling: Literal["uniform", "loss-aware"] = Field(
+        "uniform",
+        description="how t is drawn: 'uniform', or 'loss-aware' = p(t) ~ RMS of t's last 10 losses with a 0.1% "
+        "uniform floor, each loss scaled by 1 / (T p(t)) so the objective is unchanged (Nichol & Dhariwal 2021)",
+    )
+    posthoc_ema: bool = Field(
+        False,
+        description="also track EDM2's two power EMAs (sigma_rel 0.05, 0.10) and save them at posthoc_snapshots "
+        "points, the snapshots' points and the end, so that any sigma_rel can be reconstructed after training "
+        "(dedt.diffusion.posthoc.reconstruct_ema)",
+    )
+    posthoc_snapshots: int = Field(
+        16, ge=1, le=1024, description="evenly spaced snapshot points of the post-hoc EMAs over the budget"
     )
     checkpoint_every_kimg: float = Field(16.0, gt=0, description="write a resumable checkpoint every this many kimg")
     keep_checkpoints: int = Field(2, ge=1, description="how many of the newest checkpoints to keep")
@@ -117,7 +141,18 @@ class TrainOptions(BaseModel):
             raise ValueError("set either ema_decay or ema_halflife_kimg, not both")
         if self.ema == "power" and ({"ema_decay", "ema_halflife_kimg"} & self.model_fields_set):
             raise ValueError("ema 'power' is set by ema_sigma_rel; ema_decay and ema_halflife_kimg are for 'halflife'")
+        if self.timestep_weighting != "min-snr" and "snr_gamma" in self.model_fields_set:
+            raise ValueError("snr_gamma is for timestep_weighting 'min-snr'")
+        if not self.posthoc_ema and "posthoc_snapshots" in self.model_fields_set:
+            raise ValueError("posthoc_snapshots needs posthoc_ema: true")
         return self
+
+    def identity(self, *, exclude: set[str]) -> dict[str, Any]:
+        """The fields that define what a run computes, for fingerprints and checkpoint identities;
+        ``LATER_FIELDS`` at their defaults are left out, so runs that don't use them keep the
+        identities they had before those fields existed (stores and checkpoints stay valid)."""
+        dump = self.model_dump(exclude=exclude)
+        return {k: v for k, v in dump.items() if not (k in LATER_FIELDS and v == TrainOptions.model_fields[k].default)}
 
 
 class SampleOptions(BaseModel):

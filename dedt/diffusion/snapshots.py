@@ -38,19 +38,22 @@ def snapshot_points(budget_nimg: int, batch_size: int, count: int) -> list[int]:
     return sorted(p for p in points if 0 < p < budget_nimg)
 
 
-def write_snapshot(run_dir: Path, nimg: int, seconds: float, ema_state: dict[str, torch.Tensor]) -> None:
-    """Weights first, then the record that vouches for them (a killed write leaves no record)."""
+def write_snapshot(
+    run_dir: Path, nimg: int, seconds: float, ema_state: dict[str, torch.Tensor], *, name: str = "ema"
+) -> None:
+    """Weights first, then the record that vouches for them (a killed write leaves no record).
+    ``name`` tells EMA profiles apart: post-hoc EMA's tracked ones (``dedt.diffusion.posthoc``)."""
     folder = Path(run_dir) / FOLDER
     folder.mkdir(parents=True, exist_ok=True)
-    with atomic_path(folder / f"ema-{nimg:012d}.safetensors") as tmp:
+    with atomic_path(folder / f"{name}-{nimg:012d}.safetensors") as tmp:
         save_file(ema_state, str(tmp))
-    atomic_write_text(folder / f"ema-{nimg:012d}.json", json.dumps({"nimg": nimg, "seconds": seconds}))
+    atomic_write_text(folder / f"{name}-{nimg:012d}.json", json.dumps({"nimg": nimg, "seconds": seconds}))
 
 
-def list_snapshots(run_dir: Path) -> list[Snapshot]:
-    """The run's complete snapshots, fewest images first."""
+def list_snapshots(run_dir: Path, *, name: str = "ema") -> list[Snapshot]:
+    """The run's complete snapshots of EMA ``name``, fewest images first."""
     found = []
-    for record in sorted((Path(run_dir) / FOLDER).glob("ema-*.json")):
+    for record in sorted((Path(run_dir) / FOLDER).glob(f"{name}-*.json")):
         weights = record.with_suffix(".safetensors")
         if weights.is_file():
             info = json.loads(record.read_text())

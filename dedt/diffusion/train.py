@@ -37,9 +37,12 @@ from tqdm.auto import tqdm
 
 from dedt.diffusion.ema import EMA, ema_beta, power_ema_beta
 from dedt.diffusion.options import TrainOptions
+from dedt.diffusion.posthoc import PROFILES, posthoc_points
 from dedt.diffusion.presets import build_model, build_scheduler, count_parameters
 from dedt.diffusion.sampler import BatchSampler, check_class_weights
 from dedt.diffusion.snapshots import snapshot_points, write_snapshot
+from dedt.diffusion.timestep_sampler import LossAwareTimesteps
+from dedt.diffusion.weighting import timestep_weight_table
 from dedt.errors import DedtError
 from dedt.precision import tf32
 from dedt.store import atomic_path, atomic_write_text, file_sha256
@@ -161,7 +164,17 @@ class Trainer:
         self.model.train()
         self.ema = EMA(self.model)
         self.ema_beta = ema_beta(options.batch_size, halflife_kimg=options.ema_halflife_kimg, decay=options.ema_decay)
+        # Post-hoc EMA (EDM2): the tracked power-function profiles, by snapshot name.
+        self.posthoc = {name: EMA(self.model) for name in PROFILES} if options.posthoc_ema else {}
         self.scheduler = build_scheduler(options.preset, latent=options.latent)
+        self.timestep_weight = timestep_weight_table(
+            options.timestep_weighting, self.scheduler.alphas_cumprod.to(self.device), snr_gamma=options.snr_gamma
+        )
+        self.loss_aware = (
+            LossAwareTimesteps(self.scheduler.config.num_train_timesteps, self.device)
+            if options.timestep_sampling == "loss-aware"
+            else None
+        )
         self.optimizer = _make_optimizer(self.model, options)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=options.precision == "fp16")
         torch.manual_seed(_derive_seed(seed, "dropout", world.rank))
@@ -216,7 +229,11 @@ class Trainer:
         labels = self.labels.index_select(0, index)
         full = (options.batch_size, *x0.shape[1:])
         steps = self.scheduler.config.num_train_timesteps
-        t = torch.randint(0, steps, full[:1], generator=self.generator, device=device)
+        if self.loss_aware is None:
+            t, t_scale = torch.randint(0, steps, full[:1], generator=self.generator, device=device), None
+        else:
+            t, t_scale = self.loss_aware.sample(options.batch_size, self.generator)
+        t_all = t
         noise = torch.randn(full, generator=self.generator, device=device)
         t, noise = t[rows], noise[rows]
         if options.hflip:
@@ -230,6 +247,11 @@ class Trainer:
             losses = per_sample_loss(
                 self.forward_model, self.scheduler, x0, labels if options.conditional else None, t, noise
             )
+        if self.timestep_weight is not None:  # Min-SNR-gamma (dedt.diffusion.weighting)
+            losses = losses * self.timestep_weight[t]
+        if self.loss_aware is not None and t_scale is not None:  # the weighted losses feed the history
+            self.loss_aware.update(t_all, _gather_batch(losses.detach(), self.world))
+            losses = losses * t_scale[rows]  # 1 / (T p(t)): the uniform objective in expectation
         loss = (losses * self.loss_weight[labels]).mean() if self.loss_weight is not None else losses.mean()
 
         self.last_lr = self.learning_rate()
@@ -246,6 +268,8 @@ class Trainer:
             self.ema.update(power_ema_beta(options.ema_sigma_rel, self.nimg + options.batch_size, options.batch_size))
         else:
             self.ema.update(self.ema_beta)
+        for name, ema in self.posthoc.items():
+            ema.update(power_ema_beta(PROFILES[name], self.nimg + options.batch_size, options.batch_size))
 
         self._loss_sum += loss.detach()
         self._loss_steps += 1
@@ -273,6 +297,8 @@ class Trainer:
         }
         if self.device.type == "cuda":
             state["cuda_rng"] = _gather(torch.cuda.get_rng_state(self.device), self.world)
+        if self.loss_aware is not None:
+            state["timestep_sampler"] = self.loss_aware.state_dict()
         return state
 
     def load_training_state(self, state: dict[str, Any]) -> None:
@@ -283,6 +309,8 @@ class Trainer:
         torch.set_rng_state(state["torch_rng"][self.world.rank])
         if self.device.type == "cuda":
             torch.cuda.set_rng_state(state["cuda_rng"][self.world.rank], self.device)
+        if self.loss_aware is not None:
+            self.loss_aware.load_state_dict(state["timestep_sampler"])
 
 
 def check_inputs(
@@ -396,6 +424,7 @@ def _run(
     every_log = max(1, round(options.log_every_kimg * 1000))
     every_ckpt = max(1, round(options.checkpoint_every_kimg * 1000))
     snapshot_at = set(snapshot_points(budget_nimg, batch, options.snapshots))
+    posthoc_at = snapshot_at | set(posthoc_points(budget_nimg, batch, options.posthoc_snapshots))
     peak = peak_flops(trainer.device, options.precision, options.tf32)
     train_flops = None
     if peak is not None:  # backward ~ 2x forward, so a step costs ~3x the forward FLOPs (Kaplan et al. 2020)
@@ -433,6 +462,10 @@ def _run(
             if trainer.nimg in snapshot_at and is_main:
                 write_snapshot(run_dir, trainer.nimg, seconds + time.perf_counter() - session_start,
                                _state_dict(trainer.ema.module))
+            if trainer.nimg in posthoc_at and is_main:
+                for name, ema in trainer.posthoc.items():
+                    write_snapshot(run_dir, trainer.nimg, seconds + time.perf_counter() - session_start,
+                                   _state_dict(ema.module), name=name)
             if save:
                 elapsed = seconds + time.perf_counter() - session_start
                 state = trainer.training_state()  # collective under DDP: every rank calls it
@@ -514,6 +547,15 @@ def _init_world(device: str) -> tuple[World, bool]:
     return World(dist.get_rank(), dist.get_world_size(), local_rank), created
 
 
+def _gather_batch(values: torch.Tensor, world: World) -> torch.Tensor:
+    """The global batch's values from every rank's slice, in rank order (the slices' order)."""
+    if world.size == 1:
+        return values
+    parts = [torch.empty_like(values) for _ in range(world.size)]
+    dist.all_gather(parts, values)
+    return torch.cat(parts)
+
+
 def _gather(tensor: torch.Tensor, world: World) -> list[torch.Tensor]:
     """Every rank's copy of a small CPU tensor (an RNG state), in rank order."""
     if world.size == 1:
@@ -562,7 +604,7 @@ def _identity(
         digest.update(np.ascontiguousarray(array).data)
     if class_weights is not None:
         digest.update(np.asarray(class_weights, dtype=np.float64).tobytes())
-    fixed = {k: v for k, v in options.model_dump().items() if k not in RESUMABLE_CHANGES | {"device"}}
+    fixed = options.identity(exclude=set(RESUMABLE_CHANGES | {"device"}))
     return {
         "format": CHECKPOINT_FORMAT,
         "options": fixed,
@@ -640,11 +682,15 @@ def _write_checkpoint(
         save_file(_state_dict(trainer.model), str(tmp))
     with atomic_path(partial / "ema.safetensors") as tmp:
         save_file(_state_dict(trainer.ema.module), str(tmp))
+    for name, ema in trainer.posthoc.items():
+        with atomic_path(partial / f"{name}.safetensors") as tmp:
+            save_file(_state_dict(ema.module), str(tmp))
     with atomic_path(partial / "training_state.pt") as tmp:
         torch.save(training_state, tmp)
+    files = ("model.safetensors", "ema.safetensors", *(f"{name}.safetensors" for name in trainer.posthoc),
+             "training_state.pt")
     state = {"step": trainer.step_count, "nimg": trainer.nimg, "seconds": seconds, "loss": loss, "identity": identity,
-             "sha256": {name: file_sha256(partial / name)
-                        for name in ("model.safetensors", "ema.safetensors", "training_state.pt")}}
+             "sha256": {name: file_sha256(partial / name) for name in files}}
     atomic_write_text(partial / "state.json", json.dumps(state, indent=2, sort_keys=True))
     os.replace(partial, final)
     complete = sorted(
@@ -675,6 +721,8 @@ def _load_checkpoint(trainer: Trainer, path: Path, identity: dict[str, Any]) -> 
         )
     trainer.model.load_state_dict(load_file(path / "model.safetensors"))
     trainer.ema.module.load_state_dict(load_file(path / "ema.safetensors"))
+    for name, ema in trainer.posthoc.items():
+        ema.module.load_state_dict(load_file(path / f"{name}.safetensors"))
     training_state = torch.load(path / "training_state.pt", map_location="cpu", weights_only=True)
     step, on_cuda = int(state["step"]), trainer.device.type == "cuda"
     if ("cuda_rng" in training_state) != on_cuda:  # only a CUDA run saves the CUDA RNG
