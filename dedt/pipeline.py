@@ -65,8 +65,19 @@ def _train_config(cfg: PipelineConfig, budget_kimg: float | None) -> dict[str, A
 
 
 def _keeps_all(cfg: PipelineConfig) -> bool:
-    """keep_frac 1: the subset is the whole train split, whatever the scorer (nothing to score)."""
-    return cfg.select.keep_frac == 1.0
+    """keep_frac 1 without cleaning: the subset is the whole train split, whatever the scorer (nothing to score)."""
+    return cfg.select.keep_frac == 1.0 and not cfg.select.cleans
+
+
+def _dataset_config(cfg: PipelineConfig) -> dict[str, Any]:
+    """The data stage's options; contamination enters only when it changes the data (clean pipelines keep
+    their fingerprints)."""
+    return cfg.dataset.model_dump(exclude=set() if cfg.dataset.contaminate.active else {"contaminate"})
+
+
+def _select_config(cfg: PipelineConfig) -> dict[str, Any]:
+    """The select stage's options; dedup and trimming enter only when on (other pipelines keep their fingerprints)."""
+    return cfg.select.model_dump(exclude=set() if cfg.select.cleans else {"dedup_threshold", "trim_outliers_frac"})
 
 
 def _checkpoint_identity(path: str) -> dict[str, Any]:
@@ -82,7 +93,7 @@ def _checkpoint_identity(path: str) -> dict[str, Any]:
 
 def nodes(cfg: PipelineConfig) -> list[Node]:
     """The pipeline's stages in dependency order (before fingerprints are attached)."""
-    data = Node("data", "data", {"dataset": cfg.dataset.model_dump(), "seed": cfg.seed}, {}, stages.run_data)
+    data = Node("data", "data", {"dataset": _dataset_config(cfg), "seed": cfg.seed}, {}, stages.run_data)
     encode = Node("encode", "encode", {"encode": cfg.encode.model_dump(exclude={"batch_size", "shard_size", "device"}),
                                        "seed": cfg.seed}, {"data": "data"}, stages.run_encode)
     score = Node("score", "score", {"score": cfg.score.model_dump(), "seed": cfg.seed},
@@ -90,7 +101,9 @@ def nodes(cfg: PipelineConfig) -> list[Node]:
     if _keeps_all(cfg):  # every scorer keeps everything: one select for all of them, no encode or score
         select = Node("select", "select", {"select": {"keep_frac": 1.0}}, {"data": "data"}, stages.run_select)
     else:
-        select = Node("select", "select", {"select": cfg.select.model_dump()}, {"score": "score"}, stages.run_select)
+        cleaning = {"encode": "encode"} if cfg.select.cleans else {}  # dedup and trimming read the embeddings
+        select = Node("select", "select", {"select": _select_config(cfg)}, {"score": "score"} | cleaning,
+                      stages.run_select)
     if cfg.reweight.reference_path:
         reference = Node("reference", "reference", {"reference": _checkpoint_identity(cfg.reweight.reference_path)},
                          {"data": "data"}, stages.run_reference_checkpoint)

@@ -21,17 +21,24 @@ from dedt.store import StageDir, atomic_write_text, read_parquet, write_parquet
 
 MANIFEST, EMBEDDINGS, SCORES, SUBSET = "manifest.parquet", "embeddings.parquet", "scores.parquet", "subset.parquet"
 WEIGHTS, TRAJECTORY, METRICS, SAMPLES = "weights.parquet", "trajectory.parquet", "metrics.parquet", "samples.parquet"
-GROUPS, CURVE = "groups.parquet", "curve.parquet"
+GROUPS, CURVE, DUPLICATES = "groups.parquet", "curve.parquet", "duplicates.parquet"
 
 
 def run_data(cfg: PipelineConfig, inputs: dict[str, StageDir], out: StageDir) -> dict[str, Any]:
     ds = cfg.dataset
     raw = load_source(ds.source, ds.path)
-    images = prepare_images(raw, ds.resolution, ds.channels)
     holdout = holdout_mask(raw.labels, ds.holdout_frac, cfg.seed)
-    write_manifest(raw, images, holdout, out.file(MANIFEST), {"source": ds.source, "resize": "PIL bicubic"})
+    columns, contamination = {}, {}
+    if ds.contaminate.active:  # dirty data on purpose, with its ground truth columns (dedt.data.contaminate)
+        from dedt.data.contaminate import contaminate
+
+        dirty = contaminate(raw, holdout, ds.contaminate)
+        raw, holdout, columns, contamination = dirty.raw, dirty.holdout, dirty.columns(), {"contaminants": dirty.counts()}
+    images = prepare_images(raw, ds.resolution, ds.channels)
+    write_manifest(raw, images, holdout, out.file(MANIFEST), {"source": ds.source, "resize": "PIL bicubic"} | contamination,
+                   columns)
     return {"n_train": int((~holdout).sum()), "n_holdout": int(holdout.sum()), "shape": list(images.shape[1:]),
-            "classes": len(raw.class_names)}
+            "classes": len(raw.class_names), **contamination}
 
 
 def run_encode(cfg: PipelineConfig, inputs: dict[str, StageDir], out: StageDir) -> dict[str, Any]:
@@ -72,15 +79,37 @@ def run_select(cfg: PipelineConfig, inputs: dict[str, StageDir], out: StageDir) 
     else:  # keep_frac 1: everything is kept, so nothing was scored; all scores tie (rank = sample id order)
         ids, _, labels = _train_labels(inputs["data"])
         scores = np.zeros(len(ids))
-    kept = select(scores, labels, cfg.select.keep_frac, per_class=cfg.select.per_class)
+    pool, cleaning = np.arange(len(ids)), {}
+    if cfg.select.cleans:  # near-duplicate removal and outlier trimming before the keep rule (dedt.dedup)
+        pool, cleaning = _clean(cfg, inputs["encode"], ids, labels, scores, out)
+    kept = pool[select(scores[pool], labels[pool], cfg.select.keep_frac, per_class=cfg.select.per_class)]
     order = np.lexsort((ids, -scores))  # rank 0 = highest score, ties by sample id
     rank = np.empty(len(ids), np.int64)
     rank[order] = np.arange(len(ids))
     per_class = {str(k): int(v) for k, v in kept_per_class(kept, labels).items()}
     subset = pa.table({"sample_id": ids[kept], "label": labels[kept].astype(np.int32),
                        "score": scores[kept], "rank": rank[kept]})
-    write_parquet(subset, out.file(SUBSET), {"keep_frac": cfg.select.keep_frac, "kept_per_class": per_class})
-    return {"kept": len(kept), "of": len(ids), "kept_per_class": per_class}
+    write_parquet(subset, out.file(SUBSET), {"keep_frac": cfg.select.keep_frac, "kept_per_class": per_class} | cleaning)
+    return {"kept": len(kept), "of": len(ids), "kept_per_class": per_class, **cleaning}
+
+
+def _clean(cfg: PipelineConfig, encode: StageDir, ids: np.ndarray, labels: np.ndarray, scores: np.ndarray,
+           out: StageDir) -> tuple[np.ndarray, dict[str, int]]:
+    """Rows left for the keep rule after near-duplicate removal and trimming, and what each removed; the
+    near-duplicate groups go to duplicates.parquet."""
+    from dedt.dedup import clean, group_table
+    from dedt.encoders.streaming import read_embeddings
+
+    emb_ids, embeddings, _ = read_embeddings(encode.file(EMBEDDINGS))
+    if not np.array_equal(emb_ids, ids):
+        raise DedtError(f"{encode.file(EMBEDDINGS)} covers other samples than the scores; re-run encode and score")
+    sel = cfg.select
+    cleaned = clean(embeddings, scores, labels, dedup_threshold=sel.dedup_threshold,
+                    trim_outliers_frac=sel.trim_outliers_frac, per_class=sel.per_class)
+    if sel.dedup_threshold is not None:
+        write_parquet(pa.table(group_table(ids, cleaned)), out.file(DUPLICATES), {"threshold": sel.dedup_threshold})
+    return np.flatnonzero(cleaned.kept), {"removed_duplicates": int(cleaned.duplicate.sum()),
+                                          "trimmed_outliers": int(cleaned.trimmed.sum())}
 
 
 def _train_labels(data: StageDir) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -8,6 +8,7 @@ to [-1, 1] (``x / 127.5 - 1``).
 from __future__ import annotations
 
 import io
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -62,7 +63,9 @@ def encode_png(img: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def write_manifest(raw: RawDataset, images: np.ndarray, holdout: np.ndarray, path: Path, meta: dict) -> None:
+def write_manifest(raw: RawDataset, images: np.ndarray, holdout: np.ndarray, path: Path, meta: dict,
+                   columns: Mapping[str, pa.Array] | None = None) -> None:
+    """The manifest; ``columns`` adds per-row columns after the image (a contaminated set's ground truth)."""
     empty = [raw.class_names[c] for c in range(len(raw.class_names)) if not np.any(raw.labels[~holdout] == c)]
     if empty:
         raise DedtError(f"classes {empty} have no training images; add images or lower dataset.holdout_frac")
@@ -72,6 +75,7 @@ def write_manifest(raw: RawDataset, images: np.ndarray, holdout: np.ndarray, pat
         "class_name": pa.array([raw.class_names[c] for c in raw.labels]),
         "split": pa.array(np.where(holdout, "holdout", "train")),
         "image": pa.array([encode_png(img) for img in images], pa.binary()),
+        **(columns or {}),
     })
     write_parquet(table, path, {**meta, "class_names": raw.class_names, "shape": list(images.shape[1:])})
 

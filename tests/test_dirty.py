@@ -1,0 +1,226 @@
+"""Dirty data: the contaminated benchmark's generator, near-duplicate removal and trimming, the
+memorization rate and the confusion table of what each selection removed."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dedt.config import ContaminateConfig, PipelineConfig, build_config
+from dedt.data.contaminate import KINDS, contaminate, duplicated_ids, read_contaminants
+from dedt.data.manifest import holdout_mask
+from dedt.data.sources import RawDataset
+from dedt.dedup import best_of_groups, clean, duplicate_groups, group_table
+from dedt.errors import DedtError
+from dedt.pipeline import plan, run_node
+
+K, PER_CLASS, SIDE = 4, 50, 12
+
+
+def _raw(channels: int = 1, seed: int = 0) -> RawDataset:
+    """Distinct random images, PER_CLASS of each of K classes."""
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 256, (K * PER_CLASS, SIDE, SIDE, channels), dtype=np.uint8)
+    return RawDataset(images, np.repeat(np.arange(K), PER_CLASS), [f"c{c}" for c in range(K)])
+
+
+def _find(images: np.ndarray, original: np.ndarray) -> np.ndarray:
+    """Row of each image in ``original`` (-1 when it is none of them)."""
+    lookup = {img.tobytes(): i for i, img in enumerate(original)}
+    return np.asarray([lookup.get(img.tobytes(), -1) for img in images])
+
+
+ALL = ContaminateConfig(duplicate_frac=0.1, near_duplicate_frac=0.1, off_domain_frac=0.05, mislabel_frac=0.05,
+                        max_copies=8, seed=3)
+
+
+def test_each_kind_is_generated_as_declared() -> None:
+    raw = _raw()
+    holdout = holdout_mask(raw.labels, 0.1, 0)
+    dirty = contaminate(raw, holdout, ALL)
+    n = int((~holdout).sum())  # 180 train rows, no imbalance
+    kinds, of, images, labels = dirty.kinds, dirty.duplicate_of, dirty.raw.images, dirty.raw.labels
+    counts = dirty.counts()
+    assert counts["mislabel"] == round(0.05 * n) == 9 and counts["off-domain"] == 9
+    origin = _find(images, raw.images)
+    # Held-out rows: the same images, clean, labels unchanged.
+    assert sorted(origin[dirty.holdout]) == sorted(np.flatnonzero(holdout)) and set(kinds[dirty.holdout]) == {"none"}
+    # Mislabels: an original train image with another class's label.
+    mis = kinds == "mislabel"
+    assert np.all(origin[mis] >= 0) and np.all(labels[mis] != raw.labels[origin[mis]])
+    clean_rows = kinds == "none"
+    assert np.array_equal(labels[clean_rows], raw.labels[origin[clean_rows]])
+    # Exact duplicates: byte copies of round(0.1 n) = 18 distinct clean originals, 1..8 copies each, same label.
+    for kind, exact in (("duplicate", True), ("near-duplicate", False)):
+        rows = np.flatnonzero(kinds == kind)
+        sources = of[rows]
+        assert len(np.unique(sources)) == 18 and np.all(kinds[sources] == "none")
+        assert np.bincount(np.unique(sources, return_counts=True)[1]).nonzero()[0].max() <= 8
+        assert np.array_equal(labels[rows], labels[sources])
+        same = [np.array_equal(images[r], images[s]) for r, s in zip(rows, sources)]
+        assert all(same) if exact else not any(same)
+        if not exact:  # near: small changes (12 px images are not shifted), far below two random images' gap
+            gap = np.abs(images[rows].astype(int) - images[sources].astype(int)).mean()
+            assert gap < 20 < np.abs(images[0].astype(int) - images[1].astype(int)).mean()
+    assert np.all(of[~np.isin(kinds, ("duplicate", "near-duplicate"))] == -1)
+    # Off-domain: new images (none of the originals), labels in range; every other row an original.
+    off = kinds == "off-domain"
+    assert np.all(origin[off] == -1) and np.all((labels[off] >= 0) & (labels[off] < K))
+    assert np.all(origin[clean_rows | mis] >= 0)
+    assert len(images) == len(raw.images) + counts["duplicate"] + counts["near-duplicate"] + 9
+    assert set(kinds) <= set(KINDS)
+
+
+def test_contamination_is_deterministic_from_its_seed() -> None:
+    raw = _raw()
+    holdout = holdout_mask(raw.labels, 0.1, 0)
+    a, b = contaminate(raw, holdout, ALL), contaminate(raw, holdout, ALL)
+    for x, y in ((a.raw.images, b.raw.images), (a.raw.labels, b.raw.labels), (a.kinds, b.kinds),
+                 (a.duplicate_of, b.duplicate_of), (a.holdout, b.holdout)):
+        assert np.array_equal(x, y)
+    other = contaminate(raw, holdout, ALL.model_copy(update={"seed": 4}))
+    assert not np.array_equal(a.kinds, other.kinds)
+
+
+def test_heavy_tailed_copies_and_class_imbalance() -> None:
+    raw = _raw()
+    holdout = np.zeros(len(raw.labels), bool)
+    many = contaminate(raw, holdout, ContaminateConfig(duplicate_frac=0.5, copies_exponent=1.5, max_copies=30))
+    copies = np.unique(many.duplicate_of[many.duplicate_of >= 0], return_counts=True)[1]
+    assert len(copies) == 100 and copies.min() == 1 and 5 < copies.max() <= 30  # most once, a few many times
+    assert np.bincount(copies).argmax() == 1  # P(1) = 1 / zeta(1.5) = 0.38 is the mode
+    skewed = contaminate(raw, holdout, ContaminateConfig(imbalance=10.0))
+    expected = [math.ceil(PER_CLASS * 10.0 ** (-c / (K - 1))) for c in range(K)]  # 50, 24, 11, 5
+    assert np.bincount(skewed.raw.labels).tolist() == expected
+    assert set(skewed.kinds) == {"none"}
+
+
+@pytest.mark.parametrize("off_domain", ["patches", "textures"])
+@pytest.mark.parametrize("channels", [1, 3])
+def test_off_domain_images_fit_the_source(off_domain: str, channels: int) -> None:
+    raw = _raw(channels)
+    dirty = contaminate(raw, np.zeros(len(raw.labels), bool),
+                        ContaminateConfig(off_domain_frac=0.1, off_domain=off_domain))
+    off = dirty.raw.images[dirty.kinds == "off-domain"]
+    assert off.shape == (20, SIDE, SIDE, channels) and off.dtype == np.uint8 and off.std() > 5
+
+
+def test_contamination_is_off_by_default_and_keeps_fingerprints() -> None:
+    clean_cfg = PipelineConfig()
+    assert not clean_cfg.dataset.contaminate.active and not clean_cfg.select.cleans
+    planned = plan(clean_cfg, Path("/store"))
+    assert "contaminate" not in planned["data"].config["dataset"]
+    assert set(planned["select"].config["select"]) == {"keep_frac", "per_class"}
+    # Zero fractions change nothing: same fingerprint whatever the seed.
+    idle = build_config({"dataset": {"contaminate": {"seed": 7}}}, "x")
+    assert plan(idle, Path("/store"))["data"].out.fingerprint == plan(build_config({}, "x"), Path("/store"))[
+        "data"].out.fingerprint
+    dirty = build_config({"dataset": {"contaminate": {"duplicate_frac": 0.1}}, "select": {"dedup_threshold": 0.01}},
+                         "x")
+    dirty_plan = plan(dirty, Path("/store"))
+    assert dirty_plan["data"].config["dataset"]["contaminate"]["duplicate_frac"] == 0.1
+    assert dirty_plan["select"].inputs == {"score": "score", "encode": "encode"}
+
+
+@pytest.mark.parametrize(("overrides", "field"), [
+    (["dataset.contaminate.duplicate_frac=1.5"], "dataset.contaminate.duplicate_frac"),
+    (["dataset.contaminate.imbalance=0.5"], "dataset.contaminate.imbalance"),
+    (["dataset.contaminate.off_domain=noise"], "dataset.contaminate.off_domain"),
+    (["dataset.contaminate.dupes=0.1"], "dataset.contaminate.dupes"),
+    (["dataset.contaminate.mislabel_frac=0.5", "dataset.contaminate.duplicate_frac=0.6"], "dataset.contaminate"),
+    (["select.dedup_threshold=2.5"], "select.dedup_threshold"),
+    (["select.trim_outliers_frac=1"], "select.trim_outliers_frac"),
+])
+def test_bad_options_give_one_clear_error(overrides: list[str], field: str) -> None:
+    with pytest.raises(DedtError) as info:
+        build_config({}, "p", overrides)
+    message = str(info.value)
+    assert "\n" not in message and f"'p': {field}:" in message
+
+
+def test_duplicate_groups_are_found() -> None:
+    rng = np.random.default_rng(0)
+    base = rng.normal(size=(40, 32)).astype(np.float32)
+    sizes = [1] * 20 + [2] * 10 + [5] * 5 + [12] * 5  # 40 originals, some with copies
+    rows, truth = [], []
+    for i, size in enumerate(sizes):
+        for j in range(size):
+            scale = rng.uniform(0.5, 2.0)  # cosine ignores scale: a brighter copy is still a copy
+            rows.append(scale * (base[i] + (0 if j == 0 else 0.01) * rng.normal(size=32)))
+            truth.append(i)
+    x, truth = np.asarray(rows, np.float32), np.asarray(truth)
+    order = rng.permutation(len(x))
+    x, truth = x[order], truth[order]
+    groups = duplicate_groups(x, 0.01)
+    first = {t: np.flatnonzero(truth == t).min() for t in np.unique(truth)}
+    assert groups.tolist() == [first[t] for t in truth]  # exactly the constructed groups, named by lowest row
+    scores = rng.random(len(x))
+    keep = best_of_groups(groups, scores)
+    assert keep.sum() == 40
+    for t in np.unique(truth):
+        members = np.flatnonzero(truth == t)
+        assert np.flatnonzero(keep[members]).tolist() == [np.argmax(scores[members])]
+    cleaned = clean(x, scores, None, dedup_threshold=0.01, trim_outliers_frac=0.0)
+    table = group_table(np.arange(len(x)) + 100, cleaned)
+    assert len(table["sample_id"]) == len(x) - 20 and table["kept"].sum() == 20  # groups of 2+ only
+    assert np.array_equal(keep, cleaned.kept)
+
+
+def test_trimming_drops_only_the_lowest_density_tail() -> None:
+    rng = np.random.default_rng(1)
+    dense = rng.normal(size=(95, 8)) * 0.05 + np.eye(8)[0]  # a tight cluster around one direction
+    far = rng.normal(size=(5, 8))  # 5 scattered directions
+    x = np.vstack([dense, far]).astype(np.float32)
+    labels = np.zeros(100, np.int64)
+    cleaned = clean(x, np.zeros(100), labels, dedup_threshold=None, trim_outliers_frac=0.05)
+    assert np.flatnonzero(cleaned.trimmed).tolist() == [95, 96, 97, 98, 99]
+    assert not cleaned.duplicate.any() and (cleaned.groups == -1).all()
+    # Per class: floor(0.05 x 50) = 2 of each class.
+    per_class = clean(x, np.zeros(100), np.repeat([0, 1], 50), dedup_threshold=None, trim_outliers_frac=0.05)
+    assert per_class.trimmed[:50].sum() == 2 and per_class.trimmed[50:].sum() == 2
+
+
+def _dirty_pipeline(tmp_path: Path, **select: object) -> tuple[PipelineConfig, dict]:
+    cfg = build_config({"dataset": {"source": "digits", "contaminate": {
+        "duplicate_frac": 0.05, "near_duplicate_frac": 0.05, "off_domain_frac": 0.05, "mislabel_frac": 0.05}},
+        "score": {"method": "random"}, "select": {"keep_frac": 1.0, **select}}, "dirty")
+    planned = plan(cfg, tmp_path)
+    for key in ("data", "encode", "score", "select"):
+        run_node(cfg, planned, key)
+    return cfg, planned
+
+
+def test_a_contaminated_pipeline_removes_its_constructed_duplicates(tmp_path: Path) -> None:
+    from dedt.store import read_parquet
+
+    _, planned = _dirty_pipeline(tmp_path, dedup_threshold=1e-6)
+    manifest = planned["data"].out.file("manifest.parquet")
+    ids, split, kinds, of = read_contaminants(manifest)
+    assert {"duplicate", "near-duplicate", "off-domain", "mislabel"} <= set(kinds[split == "train"])
+    assert set(kinds[split == "holdout"]) == {"none"}
+    summary = planned["data"].out.read_json("summary.json")
+    assert summary["contaminants"]["duplicate"] == int(((kinds == "duplicate") & (split == "train")).sum())
+    kept = read_parquet(planned["select"].out.file("subset.parquet")).column("sample_id").to_numpy()
+    groups = read_parquet(planned["select"].out.file("duplicates.parquet")).to_pydict()
+    # Exact copies (cosine distance 0) of one original: exactly one member of each group is kept.
+    exact = of[kinds == "duplicate"]
+    for source in np.unique(exact):
+        members = np.concatenate([[source], ids[(kinds == "duplicate") & (of == source)]])
+        assert np.isin(members, kept).sum() == 1
+        assert set(members) <= set(groups["sample_id"])
+    assert set(duplicated_ids(manifest)) >= set(exact)
+
+
+def test_clean_manifest_reads_as_all_clean(tmp_path: Path) -> None:
+    cfg = build_config({"dataset": {"source": "digits"}}, "clean")
+    planned = plan(cfg, tmp_path)
+    run_node(cfg, planned, "data")
+    manifest = planned["data"].out.file("manifest.parquet")
+    from dedt.store import read_parquet
+
+    assert read_parquet(manifest).column_names == ["sample_id", "label", "class_name", "split", "image"]
+    _, _, kinds, of = read_contaminants(manifest)
+    assert set(kinds) == {"none"} and (of == -1).all() and len(duplicated_ids(manifest)) == 0
