@@ -124,9 +124,9 @@ class ReweightConfig(Section):
         "doremi", description="doremi: group DRO class weights; uniform/none: no reweighting")
     eta: float | None = Field(
         None, gt=0.0, description=f"DRO step size; None = the default of reweight.excess, {DEFAULT_ETA}")
-    excess: Literal["raw", "normalized"] = Field(
+    excess: Literal["raw", "normalized", "log-ratio"] = Field(
         "raw", description="raw: l_proxy - l_ref (DoReMi); normalized: divided by the reference's mean loss "
-        "in the sample's timestep band, so every noise level counts")
+        "in the sample's timestep band, so every noise level counts; log-ratio: log(l_proxy / l_ref) per sample")
     timesteps: Literal["common", "independent"] = Field(
         "common", description="common: one stratified pool of (t, noise) per proxy step, the i-th member of "
         "every group gets the i-th draw; independent: one draw per sample")

@@ -22,13 +22,15 @@ if TYPE_CHECKING:
     from dedt.diffusion.options import TrainOptions
 
 COLLAPSE_MAX_WEIGHT = 0.9
-Excess = Literal["raw", "normalized"]
+Excess = Literal["raw", "normalized", "log-ratio"]
 Pairing = Literal["common", "independent"]
 # Bands of the normalized excess: 20 of DDPM's T = 1000 steps, 50 each (our choice). The reference
 # loss falls ~200x from t < 50 to t >= 700 (digits, issue 22), so it must be nearly flat within a band.
 TIMESTEP_BANDS = 20
-# eta by excess: raw is DoReMi's released 1.0 (per-token nats); normalized: see README, measured.
-DEFAULT_ETA: dict[str, float] = {"raw": 1.0, "normalized": 1.0}
+# eta by excess. raw: DoReMi's released 1.0. The others are scaled so that the cumulative log-weights
+# spread across classes as far over a default run (250 steps) as raw excess with eta 1 (std 0.33 on
+# digits; normalized 15.3 and log-ratio 11.8 at eta 1, measured with bench/dro_stability.py's data).
+DEFAULT_ETA: dict[str, float] = {"raw": 1.0, "normalized": 0.02, "log-ratio": 0.03}
 
 
 def doremi_update(alpha: np.ndarray, excess: np.ndarray, *, eta: float, smoothing: float) -> np.ndarray:
@@ -125,10 +127,13 @@ class ProxyTrainer:
     of every group the pool's i-th draw: every group's mean excess is then taken over the same noise
     levels and noises, the diffusion form of DoReMi's per-domain averaging (which averages over
     thousands of tokens per domain; here t alone explains most of a sample's excess, issue 22).
-    ``"independent"`` draws (t, eps) per sample (dedt before issue 22). ``excess="normalized"``
-    divides each sample's excess by the reference's running mean loss in its timestep band (see
-    ``TIMESTEP_BANDS``), so that every noise level counts, not only the small-t ones whose loss is
-    two orders of magnitude larger; ``"raw"`` is DoReMi's excess as is.
+    ``"independent"`` draws (t, eps) per sample (dedt before issue 22).
+
+    ``excess``: ``"raw"`` is DoReMi's l_proxy - l_ref; ``"normalized"`` divides it by the reference's
+    running mean loss in the sample's timestep band (``TIMESTEP_BANDS``), so that every noise level
+    counts, not only the small-t ones whose loss is two orders of magnitude larger; ``"log-ratio"`` is
+    log(l_proxy / l_ref) per sample: also free of the noise level's scale, and the sample's own noise
+    draw, shared by both models, cancels in the ratio (the steadiest weights, README).
     Both models run in train mode with the same dropout masks (DoReMi runs both models the same way).
     """
 
@@ -141,10 +146,10 @@ class ProxyTrainer:
         from dedt.diffusion.presets import build_model, build_scheduler
         from dedt.diffusion.weighting import timestep_weight_table
 
-        doremi_update(np.full(2, 0.5), np.zeros(2), eta=eta, smoothing=smoothing)  # validates eta, smoothing
         if excess not in DEFAULT_ETA or timesteps not in ("common", "independent"):
-            raise DedtError(f"excess must be raw|normalized and timesteps common|independent; got {excess!r}, "
-                            f"{timesteps!r}")
+            raise DedtError(f"excess must be one of {'|'.join(DEFAULT_ETA)} and timesteps common|independent; "
+                            f"got {excess!r}, {timesteps!r}")
+        doremi_update(np.full(2, 0.5), np.zeros(2), eta=eta, smoothing=smoothing)  # validates eta, smoothing
         self.k = int(groups.max()) + 1 if num_groups is None else num_groups
         if groups.min() < 0 or groups.max() >= self.k:
             raise DedtError(f"groups must lie in [0, {self.k}); got [{groups.min()}, {groups.max()}]")
@@ -199,9 +204,11 @@ class ProxyTrainer:
         return stratified_timesteps(pool, T)[slots], torch.randn((pool, *shape[1:]))[slots]
 
     def sample_excess(self, loss: "torch.Tensor", ref: "torch.Tensor", t: "torch.Tensor") -> "torch.Tensor":
-        """Per-sample excess l_proxy - l_ref (B,), float64; normalized: over the reference's band mean."""
+        """Per-sample excess (B,), float64, of the ``excess`` mode (class docstring)."""
         import torch
 
+        if self.excess_mode == "log-ratio":
+            return loss.detach().double().log() - ref.double().log()
         gap = loss.detach().double() - ref.double()
         if self.excess_mode == "raw":
             return gap
@@ -260,7 +267,7 @@ def train_proxy(images: np.ndarray, labels: np.ndarray, groups: np.ndarray, refe
     """
     from tqdm import tqdm
 
-    eta = DEFAULT_ETA.get(excess, 1.0) if eta is None else eta
+    eta = DEFAULT_ETA.get(excess) if eta is None else eta  # an unknown excess fails in ProxyTrainer
     trainer = ProxyTrainer(images, labels, groups, reference, options, num_classes=num_classes, eta=eta,
                            smoothing=smoothing, seed=seed, t_range=t_range, initial=initial, num_groups=num_groups,
                            excess=excess, timesteps=timesteps)

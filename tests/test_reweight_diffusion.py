@@ -88,6 +88,14 @@ def test_normalized_excess_by_hand():
     np.testing.assert_allclose(got.numpy(), [0.1 / 0.3], atol=1e-7)
 
 
+def test_log_ratio_excess_by_hand():
+    images, labels = _data()
+    trainer = ProxyTrainer(images, labels, labels, _reference(), OPTIONS, num_classes=3, eta=1.0, smoothing=1e-3,
+                           seed=0, excess="log-ratio")
+    got = trainer.sample_excess(torch.tensor([0.2, 0.01]), torch.tensor([0.1, 0.02]), torch.tensor([0, 900]))
+    np.testing.assert_allclose(got.numpy(), np.log([2.0, 0.5]), rtol=1e-6)
+
+
 def test_identical_proxy_and_reference_give_zero_excess_with_dropout():
     """cifar10-ddpm has dropout 0.1: both models run in train mode with the same masks."""
     options = TrainOptions(preset="cifar10-ddpm", batch_size=4, conditional=False)
