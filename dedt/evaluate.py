@@ -9,7 +9,10 @@ For one model's samples, in every feature space (``dedt.metrics.registry``):
 - the kept subset itself against the full split (``kept_data_*``): what pruning cost the data,
   the ceiling of a model trained on it;
 - the memorization check: nearest-neighbour distances from the samples to the images the model
-  trained on vs to held-out reals (``nn_*``);
+  trained on vs to held-out reals (``nn_*``), and the memorization rate (``memorized_frac``): the
+  fraction of samples nearer a training image than the threshold set by held-out reals, in every
+  feature space and, in the evaluate stage, in pixels; on contaminated data also restricted to
+  samples whose nearest training image is duplicated (``memorized_frac_duplicated``);
 - the real-data floor (``fd_real_floor``): FD of held-out reals to the train split, the value a
   perfect model would reach with that many samples.
 
@@ -44,6 +47,8 @@ REFSTATS_VERSION = "1"  # bump when what a refstats folder holds changes
 ARRAYS = ("sample_ids", "labels", "features")  # always written; "mu" and "sigma" when n >= MIN_SAMPLES
 SPLITS = ("train", "holdout")
 OVERALL_METRICS = ("fd", "kid", "precision", "recall", "density", "coverage")
+MEMORIZATION_PERCENTILE = 1.0  # the threshold: only 1% of unseen reals come this close to a training image
+PIXELS = "pixels"  # the feature space name of the pixel-space memorization rows
 
 SplitLoader = Callable[[str], tuple[np.ndarray, np.ndarray, np.ndarray]]  # split -> (ids, images, labels)
 
@@ -79,6 +84,7 @@ class RealSource:
     load_split: SplitLoader  # reads a split of the manifest (only on a cache miss)
     subset_ids: np.ndarray | None  # the kept subset a pruned model trained on; None = the full train split
     n_holdout: int  # held-out reals in the manifest
+    duplicated_ids: np.ndarray | None = None  # train images in a duplicate group (contaminated data)
 
 
 @dataclass(frozen=True)
@@ -158,8 +164,9 @@ def check_sample_counts(n_fake: int, n_real: dict[str, int], prdc_k: int) -> Non
 
 def evaluate_samples(fake: np.ndarray, fake_labels: np.ndarray, spaces: Sequence[FeatureSpace],
                      source: RealSource, class_names: Sequence[str], *, prdc_k: int, with_kid: bool,
-                     seed: int) -> list[Row]:
-    """Every metric of the module docstring, for every feature space, as rows."""
+                     seed: int, pixels: bool = False) -> list[Row]:
+    """Every metric of the module docstring, for every feature space (and the memorization rate in
+    pixels when ``pixels``), as rows."""
     rows: list[Row] = []
     for space in spaces:
         fake_features = space.extract(fake)
@@ -175,7 +182,10 @@ def evaluate_samples(fake: np.ndarray, fake_labels: np.ndarray, spaces: Sequence
             heldout = reference_reals(source, "holdout", space)
             rows.append(floor_row(space.name, full, heldout))
             seen = "subset" if "subset" in references else "full"
-            rows += memorization_rows(space.name, seen, fake_features, references[seen], heldout, seed=seed)
+            rows += memorization_rows(space.name, seen, fake_features, references[seen], heldout, seed=seed,
+                                      duplicated_ids=source.duplicated_ids)
+    if pixels and source.n_holdout >= MIN_SAMPLES:
+        rows += pixel_memorization_rows(fake, source)
     return rows
 
 
@@ -218,12 +228,74 @@ def floor_row(space: str, full: Reals, heldout: Reals) -> Row:
 
 
 def memorization_rows(space: str, reference: str, fake: np.ndarray, seen: Reals, heldout: Reals, *,
-                      seed: int) -> list[Row]:
-    """``nn_*`` rows of ``dedt.metrics.fidelity.nn_distance_stats``; n_real = reals per set after subsampling."""
+                      seed: int, duplicated_ids: np.ndarray | None = None) -> list[Row]:
+    """``nn_*`` rows of ``dedt.metrics.fidelity.nn_distance_stats`` (n_real = reals per set after subsampling)
+    and the ``memorization_rate`` rows (n_real = the images the model trained on)."""
     check_dimensions(space, seen, fake)
     stats = nn_distance_stats(fake, seen.features, heldout.features, seed=seed)
     n_reference = int(stats.pop("n_reference"))
-    return [Row(f"nn_{key}", space, reference, "all", value, n_reference, len(fake)) for key, value in stats.items()]
+    duplicated = None if duplicated_ids is None else np.isin(seen.ids, duplicated_ids)
+    rate = memorization_rate(fake, seen.features, heldout.features, seen_duplicated=duplicated)
+    return ([Row(f"nn_{key}", space, reference, "all", value, n_reference, len(fake)) for key, value in stats.items()]
+            + [Row(key, space, reference, "all", value, len(seen.features), len(fake)) for key, value in rate.items()])
+
+
+def memorization_rate(fake: np.ndarray, seen: np.ndarray, heldout: np.ndarray, *,
+                      seen_duplicated: np.ndarray | None = None) -> dict[str, float]:
+    """The fraction of samples that copy a training image: nearer their nearest training image than the
+    threshold, the MEMORIZATION_PERCENTILE-th percentile of held-out reals' nearest-training-image distances.
+
+    An unseen real image so counts ~1% of the time and an exact copy always (distance 0); Carlini et al.
+    2023 and Somepalli et al. 2023 flag replication by the same nearest-neighbour distance.
+
+    Args:
+        fake: (n, d) samples; seen: (m, d) the images the model trained on; heldout: (h, d) unseen reals;
+            all in one space (features or flattened pixels).
+        seen_duplicated: bool (m,), training images in a duplicate group (contaminated data).
+
+    Returns:
+        ``memorization_threshold`` (distance units), ``memorized_frac``; with a duplicated training image,
+        ``memorized_frac_duplicated`` (among samples whose nearest training image is duplicated, NaN when
+        none is) and ``nearest_duplicated_frac`` (the share of such samples).
+    """
+    threshold = float(np.percentile(_nearest(seen, heldout)[0], MEMORIZATION_PERCENTILE))
+    distance, nearest = _nearest(seen, fake)
+    memorized = distance <= threshold
+    out = {"memorization_threshold": threshold, "memorized_frac": float(memorized.mean())}
+    if seen_duplicated is not None and seen_duplicated.any():
+        near_duplicated = seen_duplicated[nearest]
+        out["memorized_frac_duplicated"] = float(memorized[near_duplicated].mean()) if near_duplicated.any() \
+            else float("nan")
+        out["nearest_duplicated_frac"] = float(near_duplicated.mean())
+    return out
+
+
+def _nearest(reference: np.ndarray, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(float64 distance, row) of each query's nearest reference row; the distance recomputed in float64, so
+    an exact copy is at 0 (the GEMM expansion leaves rounding of the order of the norms)."""
+    from dedt.knn import knn
+
+    _, index = knn(reference, 1, queries=queries, exclude_self=False, index="exact")
+    rows = index[:, 0]
+    return np.linalg.norm(queries.astype(np.float64) - reference[rows].astype(np.float64), axis=1), rows
+
+
+def pixel_memorization_rows(fake: np.ndarray, source: RealSource) -> list[Row]:
+    """``memorization_rate`` rows in pixel space (feature space ``pixels``), against the images the model
+    trained on (the kept subset for a pruned model)."""
+    ids, train, _ = source.load_split("train")
+    _, heldout, _ = source.load_split("holdout")
+    reference = "full"
+    if source.subset_ids is not None:
+        mask = np.isin(ids, source.subset_ids)
+        ids, train, reference = ids[mask], train[mask], "subset"
+    if train.shape[1:] != fake.shape[1:]:
+        raise DedtError(f"samples are {fake.shape[1:]} but the real images {train.shape[1:]}; the manifest and the "
+                        "model disagree: re-run the pipeline from the data stage")
+    duplicated = None if source.duplicated_ids is None else np.isin(ids, source.duplicated_ids)
+    flat = [a.reshape(len(a), -1).astype(np.float32) for a in (fake, train, heldout)]
+    rate = memorization_rate(*flat, seen_duplicated=duplicated)
+    return [Row(key, PIXELS, reference, "all", value, len(train), len(fake)) for key, value in rate.items()]
 
 
 def check_dimensions(space: str, reals: Reals, fake: np.ndarray) -> None:
@@ -282,7 +354,7 @@ def _round(value: float | None) -> float | None:
 
 def report_markdown(rows: Sequence[Row], *, title: str, seed: int, images: dict[str, str]) -> str:
     """report.md: overall table, what pruning cost, per-class FD, memorization, floor, images."""
-    spaces = list(dict.fromkeys(r.feature_space for r in rows))
+    spaces = list(dict.fromkeys(r.feature_space for r in rows if r.metric == "fd"))
     references = list(dict.fromkeys(r.reference for r in rows if r.metric == "fd"))
     n_fake = next(r.n_fake for r in rows if r.metric == "fd")
     n_real = {ref: next(r.n_real for r in rows if r.metric == "fd" and r.reference == ref and r.cls == "all")
@@ -325,6 +397,13 @@ def report_markdown(rows: Sequence[Row], *, title: str, seed: int, images: dict[
                            *(_fmt(lookup(rows, m, r.feature_space, r.reference))
                              for m in ("nn_train_q50", "nn_heldout_q50", "nn_median_ratio", "nn_closer_to_train"))]
                           for r in nn_rows]),
+                  "", "Memorization rate: the fraction of samples nearer a training image than the 1st percentile of "
+                  "held-out reals' distances to their nearest training image (~0.01 without memorization).", "",
+                  _table(["space", "trained on", "threshold", "memorized", "memorized, nearest image duplicated"],
+                         [[r.feature_space, r.reference, _fmt(lookup(rows, "memorization_threshold", r.feature_space,
+                                                                     r.reference)), _fmt(r.value),
+                           _fmt(lookup(rows, "memorized_frac_duplicated", r.feature_space, r.reference))]
+                          for r in rows if r.metric == "memorized_frac"]),
                   "", "## Real-data floor", "",
                   "FD of held-out reals to the train split: what a perfect model scores with that many samples.", "",
                   _table(["feature space", "FD floor"], [[s, _fmt(lookup(rows, "fd_real_floor", s))] for s in spaces])]

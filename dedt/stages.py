@@ -311,10 +311,12 @@ def run_evaluate(cfg: PipelineConfig, inputs: dict[str, StageDir], out: StageDir
                                  s.bank_seed)
     save_grid(fake[np.concatenate([np.flatnonzero(fake_labels == c)[:8] for c in range(len(names))])],
               out.file("grid.png"), nrow=8)
+    from dedt.data.contaminate import duplicated_ids
+
     source = evaluate.RealSource(out.root, inputs["data"].fingerprint, lambda split: load_split(manifest, split),
-                                 subset_ids, counts["n_holdout"])
+                                 subset_ids, counts["n_holdout"], duplicated_ids(manifest))
     rows = evaluate.evaluate_samples(fake, fake_labels, spaces, source, names, prdc_k=ev.prdc_k, with_kid=ev.kid,
-                                     seed=cfg.seed)
+                                     seed=cfg.seed, pixels=True)
     evaluate.write_metrics(rows, cfg.seed, out.file(METRICS))
     write_parquet(pa.table({"sample_id": np.arange(len(fake), dtype=np.int64), "label": fake_labels.astype(np.int32),
                             "image": pa.array([encode_png(p) for p in to_uint8(fake)], pa.binary())}),

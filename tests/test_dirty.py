@@ -224,3 +224,82 @@ def test_clean_manifest_reads_as_all_clean(tmp_path: Path) -> None:
     assert read_parquet(manifest).column_names == ["sample_id", "label", "class_name", "split", "image"]
     _, _, kinds, of = read_contaminants(manifest)
     assert set(kinds) == {"none"} and (of == -1).all() and len(duplicated_ids(manifest)) == 0
+
+
+def test_memorization_rate_counts_copies_and_spares_heldout_images() -> None:
+    from dedt.evaluate import memorization_rate
+
+    rng = np.random.default_rng(0)
+    train, heldout = rng.normal(size=(500, 16)), rng.normal(size=(400, 16))
+    copies = train[rng.choice(500, 200)]
+    rate = memorization_rate(copies, train, heldout)
+    assert rate["memorized_frac"] == 1.0 and rate["memorization_threshold"] > 0
+    fresh = rng.normal(size=(2000, 16))  # unseen reals of the same distribution: ~1% by construction
+    assert memorization_rate(fresh, train, heldout)["memorized_frac"] < 0.03
+    assert memorization_rate(heldout, train, heldout)["memorized_frac"] == pytest.approx(0.01, abs=0.005)
+    # Restricted to duplicated training images: copies of duplicated ones vs fresh samples near them.
+    duplicated = np.zeros(500, bool)
+    duplicated[:50] = True
+    mixed = np.vstack([train[:50], fresh[:500]])
+    rate = memorization_rate(mixed, train, heldout, seen_duplicated=duplicated)
+    near_dup = rate["nearest_duplicated_frac"] * len(mixed)
+    assert near_dup >= 50 and rate["memorized_frac_duplicated"] == pytest.approx(50 / near_dup, abs=0.02)
+    assert "memorized_frac_duplicated" not in memorization_rate(fresh, train, heldout)
+
+
+def test_memorization_rows_in_features_and_pixels() -> None:
+    from dedt.evaluate import PIXELS, RealSource, evaluate_samples, lookup
+    from dedt.metrics.registry import FeatureSpace
+
+    rng = np.random.default_rng(1)
+    train = rng.uniform(-1, 1, (120, 1, 4, 4)).astype(np.float32)
+    heldout = rng.uniform(-1, 1, (60, 1, 4, 4)).astype(np.float32)
+    labels = np.repeat([0, 1], 60)
+    ids = np.arange(120)
+    splits = {"train": (ids, train, labels), "holdout": (np.arange(120, 180), heldout, np.repeat([0, 1], 30))}
+    space = FeatureSpace("flat", {"test": 1}, lambda: lambda x: x.reshape(len(x), -1) * 2.0)
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as root:
+        source = RealSource(Path(root), "fp", splits.__getitem__, None, 60, duplicated_ids=np.arange(10))
+        fake = train[:40]  # copies: 10 of duplicated images, 30 of the others
+        rows = evaluate_samples(fake, labels[:40], [space], source, ["a", "b"], prdc_k=3, with_kid=False, seed=0,
+                                pixels=True)
+    for name in ("flat", PIXELS):
+        assert lookup(rows, "memorized_frac", name) == 1.0
+        assert lookup(rows, "memorized_frac_duplicated", name) == 1.0
+        assert lookup(rows, "nearest_duplicated_frac", name) == 0.25
+    assert lookup(rows, "fd", PIXELS) is None  # pixels: memorization only
+
+
+def test_confusion_table_on_a_constructed_case() -> None:
+    from dedt.dirty import confusion, confusion_markdown
+
+    # ids 0..9 clean (0 and 1 were copied), 10..12 copies of 0, 13 a near copy of 1, 14..15 off-domain,
+    # 16..19 mislabelled.
+    kinds = np.array(["none"] * 10 + ["duplicate"] * 3 + ["near-duplicate"] + ["off-domain"] * 2 + ["mislabel"] * 4)
+    of = np.array([-1] * 10 + [0, 0, 0, 1] + [-1] * 6)
+    kept = np.zeros(20, bool)
+    kept[[0, 2, 3, 4, 5, 6, 7, 8, 11, 12, 13, 16]] = True  # drops clean 1 and 9, copy 10, all off-domain, 3 mislabels
+    table = confusion(kinds, kept, of, np.arange(20))
+    assert table["kept"] == 12 and table["n"] == 20
+    assert table["clean_kept"] == 0.8  # 8 of 10
+    assert table["duplicate_removed"] == pytest.approx(1 / 3) and table["near-duplicate_removed"] == 0.0
+    assert table["off-domain_removed"] == 1.0 and table["mislabel_removed"] == 0.75
+    # Group of 0: 0, 11, 12 kept (3 left); group of 1: only the near copy 13 kept (one left).
+    assert table["groups"] == 2 and table["groups_one"] == 0.5 and table["groups_lost"] == 0.0
+    assert "| dedup | 12 / 20 | 80.0% | 33.3% | 0.0% | 100.0% | 75.0% | 50.0% | 0.0% |" in confusion_markdown(
+        {"dedup": table})
+    assert confusion(np.array(["none", "none"]), np.array([True, False]))["duplicate_removed"] is None
+    with pytest.raises(DedtError, match="unknown contaminant kinds"):
+        confusion(np.array(["dirty"]), np.array([True]))
+
+
+def test_confusion_from_the_store(tmp_path: Path) -> None:
+    from dedt.dirty import confusion_from_store
+
+    _, planned = _dirty_pipeline(tmp_path, dedup_threshold=1e-6)
+    tables = confusion_from_store(planned["data"].out.file("manifest.parquet"),
+                                  {"dedup": planned["select"].out.file("subset.parquet")})
+    t = tables["dedup"]
+    assert t["groups_one"] is not None and t["duplicate_removed"] > 0.5 and t["clean_kept"] > 0.9
