@@ -57,14 +57,18 @@ def confusion(kinds: np.ndarray, kept: np.ndarray, duplicate_of: np.ndarray | No
     return table
 
 
-def confusion_from_store(manifest: Path, subsets: Mapping[str, Path]) -> dict[str, dict[str, Any]]:
-    """``confusion`` per method from a data stage's manifest.parquet and each method's subset.parquet."""
+def confusion_from_store(manifest: Path, subsets: Mapping[str, Path | None]) -> dict[str, dict[str, Any]]:
+    """``confusion`` per method from a data stage's manifest.parquet and each method's subset.parquet (None:
+    the method kept the whole train split, as full-data training does)."""
     from dedt.store import read_parquet
 
     ids, split, kinds, of = read_contaminants(manifest)
     train = split == "train"
     out = {}
     for method, subset in subsets.items():
+        if subset is None:
+            out[method] = confusion(kinds[train], np.ones(int(train.sum()), bool), of[train], ids[train])
+            continue
         kept_ids = read_parquet(subset, ("sample_id",)).column("sample_id").to_numpy()
         if not np.isin(kept_ids, ids[train]).all():
             raise DedtError(f"{subset} names samples outside the train split of {manifest}; they come from "
@@ -79,7 +83,7 @@ def confusion_markdown(tables: Mapping[str, Mapping[str, Any]]) -> str:
               "groups lost"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for method, t in tables.items():
-        cells = [method, f"{t['kept']} / {t['n']}", _pct(t["clean_kept"]),
+        cells = [method, f"{t['kept']:.0f} / {t['n']:.0f}", _pct(t["clean_kept"]),
                  *(_pct(t[f"{kind}_removed"]) for kind in CONTAMINANTS), _pct(t.get("groups_one")),
                  _pct(t.get("groups_lost"))]
         lines.append("| " + " | ".join(cells) + " |")

@@ -41,17 +41,20 @@ class Arm:
     keep_frac: float
     scorer: str  # "-" for full data
     reweighting: str  # uniform | dro
+    cleaning: str = ""  # near-duplicate removal / trimming before selection (sweep.cleaning_label)
     rows: list[dict[str, Any]] = field(default_factory=list)
     curves: list[Curve] = field(default_factory=list)
     finals: list[dict[str, Any]] = field(default_factory=list)  # the curve's final row per seed
 
     @property
     def is_full(self) -> bool:
-        return self.keep_frac == 1.0 and self.reweighting == "uniform"
+        return self.keep_frac == 1.0 and self.reweighting == "uniform" and not self.cleaning
 
     @property
     def label(self) -> str:
-        return "full data" if self.is_full else f"{self.scorer} {self.keep_frac:g}, {self.reweighting}"
+        if self.is_full:
+            return "full data"
+        return f"{self.scorer} {self.keep_frac:g}, {self.reweighting}" + (f", {self.cleaning}" if self.cleaning else "")
 
     def mean(self, column: str) -> float:
         values = [r[column] for r in self.rows if r.get(column) is not None]
@@ -72,17 +75,18 @@ class Arm:
 
 def arms(rows: Sequence[dict[str, Any]]) -> list[Arm]:
     """Group the comparison rows by method, each (method, seed) once, and read their curves."""
-    found: dict[tuple[float, str, str], dict[int, dict[str, Any]]] = {}
+    found: dict[tuple[float, str, str, str], dict[int, dict[str, Any]]] = {}
     for row in rows:
         if not row.get("curve"):
             continue
         keep = 1.0 if row["model"] == "full data" else float(row["keep_frac"])
         reweighting = "dro" if row["model"] == "pruned+reweighted" else "uniform"
-        scorer = "-" if keep == 1.0 and reweighting == "uniform" else row["scorer"]
-        found.setdefault((keep, scorer, reweighting), {}).setdefault(int(row["seed"]), row)
+        cleaning = "" if row["model"] == "full data" else row.get("cleaning") or ""
+        scorer = "-" if keep == 1.0 and reweighting == "uniform" and not cleaning else row["scorer"]
+        found.setdefault((keep, scorer, reweighting, cleaning), {}).setdefault(int(row["seed"]), row)
     out = []
-    for (keep, scorer, rw), by_seed in sorted(found.items()):
-        arm = Arm(keep, scorer, rw)
+    for (keep, scorer, rw, cleaning), by_seed in sorted(found.items()):
+        arm = Arm(keep, scorer, rw, cleaning=cleaning)
         for seed in sorted(by_seed):
             table = read_parquet(Path(by_seed[seed]["curve"])).to_pylist()
             arm.rows.append(by_seed[seed])
@@ -466,10 +470,42 @@ def write_report(rows: list[dict[str, Any]], out: Path, *, title: str, command: 
     mean_w = plot_weights_vs_difficulty(all_arms, full, images / WEIGHTS_PLOT)
     if mean_w:
         lines += ["## Weights vs class difficulty", "", f"![weights vs difficulty]({rel(WEIGHTS_PLOT)})", ""]
+    lines += dirty_section(all_arms)
     lines += ["## The paper's claims, on time to quality", ""]
     lines += _table(["claim", "outcome", "numbers"], [list(c) for c in claims(all_arms, full, table, ys)])
     atomic_write_text(out, "\n".join(lines) + "\n")
     return out
+
+
+def dirty_section(all_arms: Sequence[Arm]) -> list[str]:
+    """Contaminated data (rows with a manifest): per arm, what its selection removed and how much its final
+    model copies, each the mean over seeds; nothing otherwise."""
+    from dedt.dirty import confusion_from_store, confusion_markdown
+
+    if not any(r.get("manifest") for a in all_arms for r in a.rows):
+        return []
+    tables, memorization = {}, []
+    for arm in all_arms:
+        seeds = [confusion_from_store(Path(r["manifest"]), {"": Path(r["subset"]) if r.get("subset") else None})[""]
+                 for r in arm.rows]
+        tables[arm.label] = {k: _mean_or_none([s[k] for s in seeds]) for k in seeds[0]}
+        memorization.append([arm.label, *(_pm([r[c] for r in arm.rows if r.get(c) is not None], 3)
+                                          for c in ("memorized_frac", "memorized_frac_pixels",
+                                                    "memorized_frac_duplicated", "memorized_frac_duplicated_pixels"))])
+    return ["## Dirty data: what each selection removed", "",
+            "From the manifest's ground truth (`contaminant`); mean over seeds. Groups = an original and its copies: "
+            "at one = exactly one image left (what deduplication aims for), lost = none left.", "",
+            confusion_markdown(tables), "## Dirty data: memorization", "",
+            "Fraction of the final model's samples nearer their nearest training image than the 1st percentile of "
+            "held-out reals' distances (~0.01 without copying), in the first feature space and in pixels, and the same "
+            "among samples whose nearest training image has copies; mean ± spread over seeds.", "",
+            *_table(["arm", "memorized (features)", "memorized (pixels)", "nearest duplicated (features)",
+                     "nearest duplicated (pixels)"], memorization), ""]
+
+
+def _mean_or_none(values: Sequence[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return statistics.fmean(present) if present else None
 
 
 def _figure2_pair(all_arms: Sequence[Arm]) -> tuple[Arm, Arm] | None:

@@ -168,11 +168,14 @@ def comparison_rows(points: list[GridPoint], results: list[dict[str, NodeResult]
     """One row per (point, trained model): the point's knobs, images, cost, FD and speed-up, then what
     a frontier report needs: the one-off costs apart, the other metrics, per-class FD and weights."""
     rows = []
+    cleaning = any(p.cfg.select.cleans for p in points)  # the column only where a point cleans: same rows otherwise
     for point, point_results in zip(points, results):
         cfg = point.cfg
         knobs = {"point": point.label, "keep_frac": cfg.select.keep_frac, "scorer": cfg.score.method,
                  "encoder": cfg.encode.encoder, "reweight": cfg.reweight.method, "seed": cfg.seed}
-        details = {row["model"]: row for row in _model_details(cfg, point_results)}
+        knobs |= {"cleaning": cleaning_label(cfg)} if cleaning else {}
+        details = {row["model"]: row | _dirty_details(cfg, point_results, row["model"])
+                   for row in _model_details(cfg, point_results)}
         rows += [knobs | {k: row[k] for k in ("model", "images", "kimg", "cost_s", "fd", "speedup", "speedup_scratch")}
                  | details[row["model"]]
                  for row in summary_rows(point_results, proxy_kimg=cfg.reweight.proxy_kimg * cfg.reweight.rounds)]
@@ -208,6 +211,34 @@ def _model_details(cfg: PipelineConfig, results: dict[str, NodeResult]) -> list[
             "reference_kimg": cfg.reweight.reference_kimg if key == "train" else 0.0,
             "floor_fd": results["classifier"].summary.get("real_floor_fd") if "classifier" in results else None,
         })
+    return out
+
+
+def cleaning_label(cfg: PipelineConfig) -> str:
+    """The select stage's cleaning, e.g. "dedup 0.001 + trim 0.05"; "" when off."""
+    sel = cfg.select
+    parts = ([f"dedup {sel.dedup_threshold:g}"] if sel.dedup_threshold is not None else []) + (
+        [f"trim {sel.trim_outliers_frac:g}"] if sel.trim_outliers_frac > 0 else [])
+    return " + ".join(parts)
+
+
+def _dirty_details(cfg: PipelineConfig, results: dict[str, NodeResult], model: str) -> dict[str, Any]:
+    """On contaminated data (``dataset.contaminate``): where the ground truth and the kept subset are (None:
+    the model saw the whole train split) and the memorization rates in the first feature space and in pixels."""
+    if not cfg.dataset.contaminate.active:
+        return {}
+    from dedt.evaluate import PIXELS
+    from dedt.stages import MANIFEST, SUBSET
+
+    key = next(k for k, label in MODEL_LABELS.items() if label == model)
+    overall = results[f"evaluate:{key}"].summary.get("overall", {})
+    seen = "full" if key == "reference" else "subset"
+    out: dict[str, Any] = {"manifest": str(Path(results["data"].path) / MANIFEST),
+                           "subset": None if key == "reference" else str(Path(results["select"].path) / SUBSET)}
+    for suffix, space in (("", cfg.evaluate.feature_spaces[0]), ("_pixels", PIXELS)):
+        values = overall.get(space, {}).get(seen, {})
+        for metric in ("memorized_frac", "memorized_frac_duplicated"):
+            out[f"{metric}{suffix}"] = values.get(metric)
     return out
 
 

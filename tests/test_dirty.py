@@ -303,3 +303,46 @@ def test_confusion_from_the_store(tmp_path: Path) -> None:
                                   {"dedup": planned["select"].out.file("subset.parquet")})
     t = tables["dedup"]
     assert t["groups_one"] is not None and t["duplicate_removed"] > 0.5 and t["clean_kept"] > 0.9
+
+
+def test_the_frontier_report_keeps_cleaned_arms_apart_and_shows_what_they_removed(tmp_path: Path) -> None:
+    from dedt.frontier import arms, write_report
+    from tests.test_frontier import _row
+
+    _, planned = _dirty_pipeline(tmp_path / "store", dedup_threshold=1e-6)
+    dirty = {"manifest": str(planned["data"].out.file("manifest.parquet")),
+             "memorized_frac": 0.02, "memorized_frac_pixels": 0.0, "memorized_frac_duplicated": 0.1,
+             "memorized_frac_duplicated_pixels": None}
+    subset = str(planned["select"].out.file("subset.parquet"))
+    rows = []
+    for seed in (0, 1):
+        rows.append(_row(tmp_path, seed, "full data", 80.0) | dirty | {"subset": None, "cleaning": "dedup 1e-06"})
+        rows.append(_row(tmp_path, seed, "pruned", 60.0, scorer="random") | dirty
+                    | {"subset": subset, "cleaning": "dedup 1e-06"})
+    found = {a.label: a for a in arms(rows)}
+    assert set(found) == {"full data", "random 1, uniform, dedup 1e-06"} and found["full data"].is_full
+    out = write_report(rows, tmp_path / "report.md", title="dirty", command="test")
+    text = out.read_text()
+    assert "## Dirty data: what each selection removed" in text and "## Dirty data: memorization" in text
+    assert "| full data | " in text and "| 100.0% | 0.0% | 0.0% | 0.0% | 0.0% |" in text  # full data removes nothing
+    assert "| random 1, uniform, dedup 1e-06 | 0.020 ± 0.000 | 0.000 ± 0.000 | 0.100 ± 0.000 | – |" in text
+
+
+def test_sweep_rows_carry_cleaning_ground_truth_and_memorization() -> None:
+    from dedt.pipeline import NodeResult
+    from dedt.sweep import _dirty_details, cleaning_label
+
+    cfg = build_config({"dataset": {"contaminate": {"duplicate_frac": 0.1}},
+                        "select": {"dedup_threshold": 0.001, "trim_outliers_frac": 0.05}}, "x")
+    assert cleaning_label(cfg) == "dedup 0.001 + trim 0.05" and cleaning_label(build_config({}, "x")) == ""
+    overall = {"classifier": {"subset": {"memorized_frac": 0.03, "memorized_frac_duplicated": 0.2}},
+               "pixels": {"subset": {"memorized_frac": 0.01}}}
+    results = {"data": NodeResult("data", "d", "/s/data/d", True, 0.0, {}),
+               "select": NodeResult("select", "s", "/s/select/s", True, 0.0, {}),
+               "evaluate:train:uniform": NodeResult("evaluate:train:uniform", "e", "/s/e", True, 0.0,
+                                                    {"overall": overall})}
+    assert _dirty_details(cfg, results, "pruned") == {
+        "manifest": "/s/data/d/manifest.parquet", "subset": "/s/select/s/subset.parquet",
+        "memorized_frac": 0.03, "memorized_frac_duplicated": 0.2,
+        "memorized_frac_pixels": 0.01, "memorized_frac_duplicated_pixels": None}
+    assert _dirty_details(build_config({}, "x"), results, "pruned") == {}  # clean data: rows as before
