@@ -31,18 +31,20 @@ class ContaminateConfig(Section):
     fraction is set or ``imbalance`` > 1. Fractions are of the train images left after the imbalance."""
 
     seed: int = Field(0, ge=0, description="seed of every contamination draw")
-    duplicate_frac: float = Field(0.0, ge=0.0, le=1.0, description="train images copied exactly, 1..max_copies times each")
+    duplicate_frac: float = Field(
+        0.0, ge=0.0, le=1.0, description="train images copied exactly, 1..max_copies times each")
     near_duplicate_frac: float = Field(
         0.0, ge=0.0, le=1.0, description="train images copied with a small shift, brightness/contrast change and noise")
     copies_exponent: float = Field(
-        2.0, gt=1.0, description="copies per duplicated image ~ Zipf(exponent), a heavy tail (2: 61% once, 1% 10+ times)")
+        2.0, gt=1.0, description="copies per duplicated image ~ Zipf(exponent), a heavy tail (2: 61% once, 6% 10+)")
     max_copies: int = Field(50, ge=1, le=10_000, description="cap of the copies of one image")
     off_domain_frac: float = Field(0.0, ge=0.0, le=1.0, description="off-domain images added (random labels)")
     off_domain: Literal["patches", "textures"] = Field(
         "patches", description="patches of scikit-learn's two sample photos, or synthetic textures")
     mislabel_frac: float = Field(0.0, ge=0.0, le=1.0, description="train images given another class's label")
     imbalance: float = Field(
-        1.0, ge=1.0, le=1000.0, description="largest/smallest class ratio: class c keeps ratio^(-c/(k-1)) of its train images")
+        1.0, ge=1.0, le=1000.0,
+        description="largest/smallest class ratio: class c keeps ratio^(-c/(k-1)) of its train images")
 
     @property
     def active(self) -> bool:
@@ -67,7 +69,8 @@ class DatasetConfig(Section):
     channels: Literal[1, 3] | None = Field(None, description="force grayscale (1) or RGB (3); None keeps the source's")
     holdout_frac: float = Field(0.1, ge=0.0, lt=0.9, description="held-out real images per class for evaluation")
     contaminate: ContaminateConfig = Field(
-        ContaminateConfig(), description="duplicates, off-domain images, wrong labels, imbalance added to the train split")
+        ContaminateConfig(),
+        description="duplicates, off-domain images, wrong labels, imbalance added to the train split")
 
 
 class EncodeConfig(Section):

@@ -33,10 +33,11 @@ def run_data(cfg: PipelineConfig, inputs: dict[str, StageDir], out: StageDir) ->
         from dedt.data.contaminate import contaminate
 
         dirty = contaminate(raw, holdout, ds.contaminate)
-        raw, holdout, columns, contamination = dirty.raw, dirty.holdout, dirty.columns(), {"contaminants": dirty.counts()}
+        raw, holdout, columns = dirty.raw, dirty.holdout, dirty.columns()
+        contamination = {"contaminants": dirty.counts()}
     images = prepare_images(raw, ds.resolution, ds.channels)
-    write_manifest(raw, images, holdout, out.file(MANIFEST), {"source": ds.source, "resize": "PIL bicubic"} | contamination,
-                   columns)
+    meta = {"source": ds.source, "resize": "PIL bicubic"} | contamination
+    write_manifest(raw, images, holdout, out.file(MANIFEST), meta, columns)
     return {"n_train": int((~holdout).sum()), "n_holdout": int(holdout.sum()), "shape": list(images.shape[1:]),
             "classes": len(raw.class_names), **contamination}
 

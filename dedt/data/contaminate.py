@@ -34,7 +34,9 @@ CONTAMINANT, DUPLICATE_OF = "contaminant", "duplicate_of"  # manifest columns, w
 
 # Near-duplicate perturbations (our choice: a copy still reads as the same image, yet no byte is shared):
 SHIFT_FRAC = 0.04  # shift up to 4% of the side: 1 px at 28 px (MNIST), as a re-crop would
-SHIFT_PROB = 0.5  # half the copies are re-cropped: at 8x8 a 1/28 shift moves an MNIST digit as far as its nearest other digit
+# Half the copies are re-cropped: at 8x8 a 1/28 shift moves an MNIST digit as far (in cosine distance)
+# as its nearest other digit, so shifted copies test an encoder's invariance, unshifted ones deduplication.
+SHIFT_PROB = 0.5
 CONTRAST, BRIGHTNESS = 0.10, 0.05  # contrast x U(0.9, 1.1); brightness + U(-0.05, 0.05) of full scale
 NOISE_STD = 0.02  # Gaussian noise, 2% of full scale (re-encoding, resampling)
 PATCH_MIN = 32  # off-domain patches: at least 32x32 px of a 427x640 photo before resizing
@@ -116,9 +118,9 @@ def contaminate(raw: RawDataset, holdout: np.ndarray, options: ContaminateConfig
     new_id[order] = np.arange(len(order))
     duplicate_of = np.where(duplicate_of >= 0, new_id[np.maximum(duplicate_of, 0)], -1)[order]
     images = [images[i] for i in order]
-    stacked = np.stack(images) if len({img.shape for img in images}) == 1 else images
-    return Contaminated(RawDataset(stacked, labels[order], list(raw.class_names)), holdout[order],  # type: ignore[arg-type]
-                        kinds[order].astype(str), duplicate_of)
+    stacked = np.stack(images) if len({img.shape for img in images}) == 1 else images  # mixed sizes stay a list
+    raw = RawDataset(stacked, labels[order], list(raw.class_names))  # type: ignore[arg-type]
+    return Contaminated(raw, holdout[order], kinds[order].astype(str), duplicate_of)
 
 
 def _count(frac: float, n: int) -> int:
@@ -126,7 +128,8 @@ def _count(frac: float, n: int) -> int:
     return int(math.floor(frac * n + 0.5))
 
 
-def _imbalance_keep(labels: np.ndarray, train: np.ndarray, ratio: float, k: int, rng: np.random.Generator) -> np.ndarray:
+def _imbalance_keep(labels: np.ndarray, train: np.ndarray, ratio: float, k: int,
+                    rng: np.random.Generator) -> np.ndarray:
     """Train rows kept under an exponential class profile: class c keeps ceil(n_c * ratio^(-c/(k-1))), so the
     last class keeps 1/ratio of its images (the long-tailed CIFAR of Cao et al. 2019, LDAM)."""
     keep = np.zeros(len(labels), bool)
@@ -167,8 +170,8 @@ def _off_domain(shapes: list[tuple[int, ...]], kind: str, rng: np.random.Generat
             yy, xx = np.mgrid[0:h, 0:w] / max(h, w)
             channels = []
             for _ in range(c):
-                wave = sum(np.sin(2 * np.pi * rng.uniform(1, 6) * (np.cos(a) * xx + np.sin(a) * yy) + rng.uniform(0, 2 * np.pi))
-                           for a in rng.uniform(0, np.pi, 3))
+                wave = sum(np.sin(2 * np.pi * rng.uniform(1, 6) * (np.cos(a) * xx + np.sin(a) * yy)
+                                  + rng.uniform(0, 2 * np.pi)) for a in rng.uniform(0, np.pi, 3))
                 channels.append(np.clip(np.rint(127.5 + 42.5 * wave), 0, 255))  # 3 gratings: |wave| <= 3
             img = np.stack(channels, axis=2).astype(np.uint8)
         out.append(img)
