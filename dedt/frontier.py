@@ -42,19 +42,23 @@ class Arm:
     scorer: str  # "-" for full data
     reweighting: str  # uniform | dro
     cleaning: str = ""  # near-duplicate removal / trimming before selection (sweep.cleaning_label)
+    clean_data: bool = False  # in a dirty-data sweep, an arm on the uncontaminated data
     rows: list[dict[str, Any]] = field(default_factory=list)
     curves: list[Curve] = field(default_factory=list)
     finals: list[dict[str, Any]] = field(default_factory=list)  # the curve's final row per seed
 
     @property
     def is_full(self) -> bool:
-        return self.keep_frac == 1.0 and self.reweighting == "uniform" and not self.cleaning
+        return self.keep_frac == 1.0 and self.reweighting == "uniform" and not self.cleaning and not self.clean_data
 
     @property
     def label(self) -> str:
         if self.is_full:
             return "full data"
-        return f"{self.scorer} {self.keep_frac:g}, {self.reweighting}" + (f", {self.cleaning}" if self.cleaning else "")
+        if self.clean_data and self.scorer == "-":
+            return "full data, uncontaminated"
+        return (f"{self.scorer} {self.keep_frac:g}, {self.reweighting}" + (f", {self.cleaning}" if self.cleaning else "")
+                + (", uncontaminated" if self.clean_data else ""))
 
     def mean(self, column: str) -> float:
         values = [r[column] for r in self.rows if r.get(column) is not None]
@@ -75,18 +79,19 @@ class Arm:
 
 def arms(rows: Sequence[dict[str, Any]]) -> list[Arm]:
     """Group the comparison rows by method, each (method, seed) once, and read their curves."""
-    found: dict[tuple[float, str, str, str], dict[int, dict[str, Any]]] = {}
+    found: dict[tuple[float, str, str, str, bool], dict[int, dict[str, Any]]] = {}
     for row in rows:
         if not row.get("curve"):
             continue
         keep = 1.0 if row["model"] == "full data" else float(row["keep_frac"])
         reweighting = "dro" if row["model"] == "pruned+reweighted" else "uniform"
         cleaning = "" if row["model"] == "full data" else row.get("cleaning") or ""
+        clean_data = row.get("contaminated") is False  # only dirty-data sweeps have the column
         scorer = "-" if keep == 1.0 and reweighting == "uniform" and not cleaning else row["scorer"]
-        found.setdefault((keep, scorer, reweighting, cleaning), {}).setdefault(int(row["seed"]), row)
+        found.setdefault((keep, scorer, reweighting, cleaning, clean_data), {}).setdefault(int(row["seed"]), row)
     out = []
-    for (keep, scorer, rw, cleaning), by_seed in sorted(found.items()):
-        arm = Arm(keep, scorer, rw, cleaning=cleaning)
+    for (keep, scorer, rw, cleaning, clean_data), by_seed in sorted(found.items()):
+        arm = Arm(keep, scorer, rw, cleaning=cleaning, clean_data=clean_data)
         for seed in sorted(by_seed):
             table = read_parquet(Path(by_seed[seed]["curve"])).to_pylist()
             arm.rows.append(by_seed[seed])
@@ -487,8 +492,9 @@ def dirty_section(all_arms: Sequence[Arm]) -> list[str]:
     tables, memorization = {}, []
     for arm in all_arms:
         seeds = [confusion_from_store(Path(r["manifest"]), {"": Path(r["subset"]) if r.get("subset") else None})[""]
-                 for r in arm.rows]
-        tables[arm.label] = {k: _mean_or_none([s[k] for s in seeds]) for k in seeds[0]}
+                 for r in arm.rows if r.get("manifest")]
+        if seeds:  # an arm on uncontaminated data has no ground truth to count
+            tables[arm.label] = {k: _mean_or_none([s[k] for s in seeds]) for k in seeds[0]}
         memorization.append([arm.label, *(_pm([r[c] for r in arm.rows if r.get(c) is not None], 3)
                                           for c in ("memorized_frac", "memorized_frac_pixels",
                                                     "memorized_frac_duplicated", "memorized_frac_duplicated_pixels"))])

@@ -168,13 +168,16 @@ def comparison_rows(points: list[GridPoint], results: list[dict[str, NodeResult]
     """One row per (point, trained model): the point's knobs, images, cost, FD and speed-up, then what
     a frontier report needs: the one-off costs apart, the other metrics, per-class FD and weights."""
     rows = []
-    cleaning = any(p.cfg.select.cleans for p in points)  # the column only where a point cleans: same rows otherwise
+    # Columns of dirty-data sweeps only, so that other sweeps' rows stay as they were.
+    cleaning = any(p.cfg.select.cleans for p in points)
+    dirty = any(p.cfg.dataset.contaminate.active for p in points)
     for point, point_results in zip(points, results):
         cfg = point.cfg
         knobs = {"point": point.label, "keep_frac": cfg.select.keep_frac, "scorer": cfg.score.method,
                  "encoder": cfg.encode.encoder, "reweight": cfg.reweight.method, "seed": cfg.seed}
         knobs |= {"cleaning": cleaning_label(cfg)} if cleaning else {}
-        details = {row["model"]: row | _dirty_details(cfg, point_results, row["model"])
+        knobs |= {"contaminated": cfg.dataset.contaminate.active} if dirty else {}
+        details = {row["model"]: row | (_dirty_details(cfg, point_results, row["model"]) if dirty else {})
                    for row in _model_details(cfg, point_results)}
         rows += [knobs | {k: row[k] for k in ("model", "images", "kimg", "cost_s", "fd", "speedup", "speedup_scratch")}
                  | details[row["model"]]
@@ -223,18 +226,19 @@ def cleaning_label(cfg: PipelineConfig) -> str:
 
 
 def _dirty_details(cfg: PipelineConfig, results: dict[str, NodeResult], model: str) -> dict[str, Any]:
-    """On contaminated data (``dataset.contaminate``): where the ground truth and the kept subset are (None:
-    the model saw the whole train split) and the memorization rates in the first feature space and in pixels."""
-    if not cfg.dataset.contaminate.active:
-        return {}
+    """In a dirty-data sweep: where the ground truth (contaminated points; else None) and the kept subset are
+    (None: the model saw the whole train split), and the memorization rates in the first feature space and in
+    pixels."""
     from dedt.evaluate import PIXELS
     from dedt.stages import MANIFEST, SUBSET
 
     key = next(k for k, label in MODEL_LABELS.items() if label == model)
     overall = results[f"evaluate:{key}"].summary.get("overall", {})
     seen = "full" if key == "reference" else "subset"
-    out: dict[str, Any] = {"manifest": str(Path(results["data"].path) / MANIFEST),
-                           "subset": None if key == "reference" else str(Path(results["select"].path) / SUBSET)}
+    contaminated = cfg.dataset.contaminate.active
+    out: dict[str, Any] = {
+        "manifest": str(Path(results["data"].path) / MANIFEST) if contaminated else None,
+        "subset": None if key == "reference" or not contaminated else str(Path(results["select"].path) / SUBSET)}
     for suffix, space in (("", cfg.evaluate.feature_spaces[0]), ("_pixels", PIXELS)):
         values = overall.get(space, {}).get(seen, {})
         for metric in ("memorized_frac", "memorized_frac_duplicated"):

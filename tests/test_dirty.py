@@ -189,7 +189,8 @@ def _dirty_pipeline(tmp_path: Path, **select: object) -> tuple[PipelineConfig, d
         "score": {"method": "random"}, "select": {"keep_frac": 1.0, **select}}, "dirty")
     planned = plan(cfg, tmp_path)
     for key in ("data", "encode", "score", "select"):
-        run_node(cfg, planned, key)
+        if key in planned:  # keep_frac 1 without cleaning: no encode or score
+            run_node(cfg, planned, key)
     return cfg, planned
 
 
@@ -345,4 +346,26 @@ def test_sweep_rows_carry_cleaning_ground_truth_and_memorization() -> None:
         "manifest": "/s/data/d/manifest.parquet", "subset": "/s/select/s/subset.parquet",
         "memorized_frac": 0.03, "memorized_frac_duplicated": 0.2,
         "memorized_frac_pixels": 0.01, "memorized_frac_duplicated_pixels": None}
-    assert _dirty_details(build_config({}, "x"), results, "pruned") == {}  # clean data: rows as before
+    clean = _dirty_details(build_config({}, "x"), results, "pruned")  # a dirty sweep's uncontaminated point
+    assert clean["manifest"] is None and clean["subset"] is None and clean["memorized_frac"] == 0.03
+
+
+def test_a_dirty_sweep_keeps_its_uncontaminated_full_data_apart(tmp_path: Path) -> None:
+    from dedt.frontier import arms, dirty_section
+    from tests.test_frontier import _row
+
+    _, planned = _dirty_pipeline(tmp_path / "store")
+    manifest = str(planned["data"].out.file("manifest.parquet"))
+    rows = []
+    (tmp_path / "clean").mkdir()
+    for seed in (0, 1):
+        rows.append(_row(tmp_path, seed, "full data", 80.0) | {"contaminated": True, "manifest": manifest,
+                                                                "subset": None, "memorized_frac": 0.05})
+        rows.append(_row(tmp_path / "clean", seed, "full data", 60.0, scorer="random")
+                    | {"contaminated": False, "manifest": None, "subset": None, "memorized_frac": 0.01})
+    found = {a.label: a for a in arms(rows)}
+    assert set(found) == {"full data", "full data, uncontaminated"}
+    assert found["full data"].is_full and not found["full data, uncontaminated"].is_full
+    text = "\n".join(dirty_section(list(found.values())))
+    assert "| full data, uncontaminated | 0.010 ± 0.000 |" in text  # memorization, but no confusion row
+    assert text.count("| full data |") == 2
