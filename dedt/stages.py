@@ -315,7 +315,8 @@ def run_evaluate(cfg: PipelineConfig, inputs: dict[str, StageDir], out: StageDir
     from dedt.data.contaminate import duplicated_ids
 
     source = evaluate.RealSource(out.root, inputs["data"].fingerprint, lambda split: load_split(manifest, split),
-                                 subset_ids, counts["n_holdout"], duplicated_ids(manifest))
+                                 subset_ids, counts["n_holdout"],
+                                 duplicated_ids(manifest) if cfg.dataset.contaminate.active else None)
     rows = evaluate.evaluate_samples(fake, fake_labels, spaces, source, names, prdc_k=ev.prdc_k, with_kid=ev.kid,
                                      seed=cfg.seed, pixels=True)
     evaluate.write_metrics(rows, cfg.seed, out.file(METRICS))
