@@ -296,7 +296,7 @@ def train_reference(images: np.ndarray, labels: np.ndarray, groups: np.ndarray, 
     Returns the EMA model on the CPU.
     """
     from dedt.diffusion.sampler import BatchSampler
-    from dedt.diffusion.train import Trainer, _derive_seed, _fork_rng, World
+    from dedt.diffusion.train import Trainer, World, _derive_seed, _fork_rng
 
     with _fork_rng(options.device, World()):
         trainer = Trainer(images, labels, options, num_classes=num_classes, seed=seed)

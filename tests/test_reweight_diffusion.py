@@ -145,6 +145,22 @@ def test_absent_class_gets_weight_zero_and_training_accepts_it(tmp_path):
     assert out["nimg"] == 24
 
 
+def test_kmeans_groups_assign_rows_outside_the_fit():
+    """Iterated DRO needs groups for the full data while the clusters are fitted on the subset."""
+    from dedt.reweight import kmeans_groups
+
+    rng = np.random.default_rng(0)
+    truth = np.repeat([2, 0, 1], 40)
+    x = np.array([[0, 0], [10, 0], [0, 10]], np.float32)[truth] + rng.normal(0, 0.3, (120, 2)).astype(np.float32)
+    fit = np.arange(120) % 2 == 0
+    groups = kmeans_groups(x, 3, seed=0, fit=fit)
+    assert groups[0] == 0  # numbered by first appearance among the fitted rows
+    # Every other row goes to the nearest centroid of the fitted rows (Lloyd's fixed point: their means).
+    centroids = np.stack([x[fit & (groups == g)].mean(axis=0) for g in range(3)])
+    nearest = np.linalg.norm(x[~fit, None] - centroids[None], axis=2).argmin(axis=1)
+    np.testing.assert_array_equal(groups[~fit], nearest)
+
+
 def test_rounds_2_with_kmeans_groups_and_a_conditional_model(store, monkeypatch):
     """Round 2 re-trains the reference on the full train split, conditioned on the classes like the
     proxy, while the clusters only weight the sampling."""
