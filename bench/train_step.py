@@ -5,11 +5,14 @@ DDPMScheduler.add_noise + Adam, no EMA, clipping, warm-up, weighted sampling or 
 the same architecture (the preset's) on the same batch size; rounds alternate between the two so
 that load from other processes hits both alike, and the table reports medians over rounds, per
 wall-clock second and per CPU second of this process (the steadier of the two on shared cores).
-A last row times the whole ``train()`` loop (logging, checkpoints) per image.
+A last row times the whole ``train()`` loop (logging, checkpoints) per image. The training levers
+(issue 15: Min-SNR-gamma weighting, loss-aware timestep sampling, post-hoc EMA's two extra EMAs)
+each get a row, and a last column gives their cost against dedt's plain step in the same rounds.
 
     python bench/train_step.py                        # digits-tiny, batch 128, CPU
     python bench/train_step.py --preset cifar10-ddpm --device cuda --precision bf16
-Target (issue 5): dedt >= 0.97x the bare loop's images/s.
+Targets: dedt >= 0.97x the bare loop's images/s (issue 5); weighting and sampling cost <= 1.05x the
+plain step (issue 15).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler, UNet2DModel
 
 from dedt.diffusion.options import TrainOptions
+from dedt.diffusion.timestep_sampler import HISTORY
 from dedt.diffusion.train import Trainer, backend_flags, train
 
 # Input shape per preset: what each is meant for.
@@ -68,6 +72,25 @@ def _bare(trainer: Trainer, args: argparse.Namespace, *, fused: bool | None) -> 
     """A bare loop on a fresh copy of the trainer's architecture and data."""
     model = UNet2DModel.from_config(trainer.model.config).to(trainer.device).train()
     return bare_loop(model, trainer.images, trainer.labels, args.batch, args.precision, fused)
+
+
+def _lever_steps(images: np.ndarray, labels: np.ndarray, options: TrainOptions) -> dict[str, Callable[[], None]]:
+    """dedt's step with each training lever on, one Trainer each (issue 15), and a second plain one
+    whose ratio to the first shows how far two identical loops differ in one run."""
+    levers = {
+        "dedt step again (no lever: the noise control)": {},
+        "dedt step, min-snr weighting": {"timestep_weighting": "min-snr"},
+        "dedt step, loss-aware sampling (warm)": {"timestep_sampling": "loss-aware"},
+        "dedt step, post-hoc EMA (2 more EMAs)": {"posthoc_ema": True},
+    }
+    steps = {}
+    for name, update in levers.items():
+        trainer = Trainer(images, labels, options.model_copy(update=update), num_classes=10)
+        if trainer.loss_aware is not None:  # fill every history first: the bench times the loss-aware phase,
+            T = trainer.loss_aware.num_timesteps  # not the uniform warm-up (~180 steps of batch 128 at T = 1000)
+            trainer.loss_aware.update(torch.arange(T).repeat(HISTORY), torch.rand(T * HISTORY))
+        steps[name] = trainer.step
+    return steps
 
 
 def images_per_s(step: Callable[[], None], steps: int, batch: int, device: torch.device) -> tuple[float, float]:
@@ -125,14 +148,18 @@ def main() -> None:
     )
     wall_base = statistics.median(r[0] for r in rates["bare diffusers loop"])
     cpu_base = statistics.median(r[1] for r in rates["bare diffusers loop"])
-    print(f"| {'loop':<46} | {'images/s':>8} | {'ratio':>6} | {'images/CPU-s':>12} | {'ratio':>6} |")
-    print(f"|{'-' * 48}|{'-' * 10}:|{'-' * 7}:|{'-' * 13}:|{'-' * 7}:|")
+    cpu_step = statistics.median(r[1] for r in rates["dedt Trainer.step"])
+    print(f"| {'loop':<46} | {'images/s':>8} | {'ratio':>6} | {'images/CPU-s':>12} | {'ratio':>6} | "
+          f"{'cost vs dedt step (CPU)':>23} |")
+    print(f"|{'-' * 48}|{'-' * 10}:|{'-' * 7}:|{'-' * 13}:|{'-' * 7}:|{'-' * 24}:|")
     for name, values in rates.items():
         wall = statistics.median(r[0] for r in values)
         cpu = statistics.median(r[1] for r in values)
-        print(f"| {name:<46} | {wall:>8.0f} | {wall / wall_base:>5.3f}x | {cpu:>12.0f} | {cpu / cpu_base:>5.3f}x |")
+        cost = f"{cpu_step / cpu:.3f}x" if name.startswith("dedt") else ""
+        print(f"| {name:<46} | {wall:>8.0f} | {wall / wall_base:>5.3f}x | {cpu:>12.0f} | {cpu / cpu_base:>5.3f}x | "
+              f"{cost:>23} |")
     label = "dedt train() loop incl. logging, 2 checkpoints"
-    print(f"| {label:<46} | {whole:>8.0f} | {whole / wall_base:>5.3f}x | {'':>12} | {'':>6} |")
+    print(f"| {label:<46} | {whole:>8.0f} | {whole / wall_base:>5.3f}x | {'':>12} | {'':>6} | {'':>23} |")
 
 
 def measure(
@@ -147,6 +174,7 @@ def measure(
         "bare diffusers loop": _bare(trainer, args, fused=None),
         "dedt Trainer.step": trainer.step,
         "bare diffusers loop, fused Adam": _bare(trainer, args, fused=True),
+        **_lever_steps(images, labels, options),
     }
     for step in loops.values():  # warm-up: allocator, kernels, autotuning
         images_per_s(step, 3, args.batch, device)

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 import dedt.diffusion.train as train_module
-from dedt.diffusion.options import TrainOptions
+from dedt.diffusion.options import LATER_FIELDS, TrainOptions
 from dedt.diffusion.posthoc import PROFILES, list_posthoc_snapshots, reconstruct_ema, solve_posthoc_coefficients
 from dedt.diffusion.presets import PRESETS, Preset, build_scheduler
 from dedt.diffusion.timestep_sampler import HISTORY, UNIFORM_FLOOR, LossAwareTimesteps
@@ -210,6 +210,20 @@ def test_levers_at_their_defaults_keep_the_identity() -> None:
         TrainOptions(snr_gamma=3.0)
     with pytest.raises(ValueError, match="posthoc_snapshots needs"):
         TrainOptions(posthoc_snapshots=8)
+
+
+def test_pipeline_fingerprints_change_only_with_a_lever_on(pipelines_file: Path, tmp_path: Path) -> None:
+    from dedt.config import resolve
+    from dedt.pipeline import plan
+
+    def planned(*overrides: str) -> dict:
+        return plan(resolve("tiny", pipelines_file, list(overrides)), tmp_path)
+
+    plain, lever = planned(), planned("train.timestep_sampling=loss-aware")
+    assert LATER_FIELDS.isdisjoint(plain["train"].config["train"])  # the train config as before the levers
+    assert plain["select"].out.fingerprint == lever["select"].out.fingerprint
+    for key in ("reference", "reweight", "train", "train:uniform"):
+        assert plain[key].out.fingerprint != lever[key].out.fingerprint
 
 
 # Post-hoc EMA

@@ -3,7 +3,7 @@
 The run folder (EDM2's layout, Karras et al. 2024):
     training_options.json       resolved options and the run's identity (data, seed, world size)
     log.jsonl                   one line per log interval: step, kimg, loss, lr, images_per_s, ...
-    checkpoints/ckpt-<kimg>/    model + EMA (safetensors), optimiser/scaler/RNG state, state.json
+    checkpoints/ckpt-<kimg>/    model + EMA(s) (safetensors), optimiser/scaler/RNG/timestep-sampler state, state.json
     model.safetensors, ema.safetensors, model_config.json   written when the budget is reached
 Running the same command again continues from the newest checkpoint; every random draw is a
 function of state the checkpoint holds, so an interrupted-then-resumed run ends with the same bytes
