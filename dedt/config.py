@@ -1,7 +1,7 @@
 """Typed pipeline config, loaded from ``pipelines.yaml`` and validated before any work starts.
 
 A pipeline has the sections ``dataset``, ``encode``, ``score``, ``select``, ``reweight``,
-``train``, ``sample``, ``evaluate`` and ``deployment``, plus a top-level ``seed``. Unknown keys
+``train``, ``sample``, ``evaluate``, ``deployment`` and ``export``, plus a top-level ``seed``. Unknown keys
 are errors (a typo must not silently fall back to a default). ``--set a.b=value`` overrides
 use the same names; values are parsed as YAML scalars.
 """
@@ -180,6 +180,13 @@ class DeploymentConfig(Section):
     cron: str | None = None
 
 
+class ExportConfig(Section):
+    to: str | None = Field(None, description="folder a run ends by exporting its model to, as a diffusers pipeline "
+                                             "with a model card (`dedt export`); replaces an earlier export there")
+    model: Literal["final", "uniform", "reference"] = Field("final", description="which trained model to export")
+    ema: bool = Field(True, description="export the EMA weights (False: the raw weights)")
+
+
 class PipelineConfig(Section):
     name: str = "unnamed"
     seed: int = Field(0, ge=0)
@@ -192,6 +199,7 @@ class PipelineConfig(Section):
     sample: SampleOptions = SampleOptions()
     evaluate: EvaluateConfig = EvaluateConfig()
     deployment: DeploymentConfig = DeploymentConfig()
+    export: ExportConfig = ExportConfig()
 
     @property
     def subset_budget_kimg(self) -> float:

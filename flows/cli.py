@@ -22,6 +22,7 @@ EPILOG = """examples:
   dedt sweep digits-sweep                    run a grid of pipelines; shared stages run once
   dedt sweep frontier-mnist5k --report docs/RESULTS.md
                                              the frontier benchmark and its report (~1 hour)
+  dedt export digits-demo --to models/digits  the trained model as a diffusers pipeline folder + model card
   dedt server start                          local Prefect server (127.0.0.1:4200) + a process worker
   dedt deploy                                every pipeline and sweep becomes a deployment
   prefect deployment run 'dedt-pipeline/digits-demo' --watch
@@ -52,6 +53,22 @@ def build_parser() -> argparse.ArgumentParser:
                      help="override a config field, e.g. select.keep_frac=0.2 (repeatable)")
     run.add_argument("--dry-run", action="store_true", help="print the resolved config and fingerprints; run nothing")
     run.add_argument("--json", action="store_true", help="print the result as JSON instead of tables")
+    export = sub.add_parser("export", help="write a trained model as a diffusers pipeline folder with a model card",
+                            description="Write a model of pipeline NAME (already run: `dedt run NAME`) to DIR as a "
+                                        "standard diffusers pipeline folder (model_index.json, unet/, scheduler/, vae/ "
+                                        "for latent models) that DDPMPipeline/DDIMPipeline.from_pretrained(DIR) load, "
+                                        "and a README.md model card generated from the run's artifacts.")
+    export.add_argument("name", help="pipeline name in the pipelines file")
+    export.add_argument("--pipelines", type=Path, default=Path("pipelines.yaml"), metavar="FILE")
+    export.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
+                        help="the same overrides the run had (they select its stages)")
+    export.add_argument("--model", default="final", metavar="MODEL",
+                        help="final (pruned + reweighted, or the pipeline's last model), uniform (pruned) or "
+                             "reference (full data); default final")
+    export.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
+                        help="export the EMA weights (default) or, with --no-ema, the raw weights")
+    export.add_argument("--to", type=Path, required=True, metavar="DIR", help="folder to write (must be empty)")
+    export.add_argument("--force", action="store_true", help="replace an earlier export in DIR")
     ls = sub.add_parser("list", help="list the pipelines in a pipelines file")
     ls.add_argument("--pipelines", type=Path, default=Path("pipelines.yaml"), metavar="FILE")
     sweep = sub.add_parser("sweep", help="run a sweep (a grid of pipelines) through Prefect",
@@ -131,7 +148,19 @@ def _run(args: argparse.Namespace) -> None:
         print(f"Weights vs the full-data model's per-class FD: Spearman {relation['spearman_weight_vs_reference_fd']} "
               "(negative = more weight on easily generated classes, as the paper reports); "
               f"reweighting improved per-class FD for {relation['classes_improved']} of {relation['classes']} classes")
+    if result.get("exported"):
+        print(f"\nexported the model (diffusers pipeline + model card) to {result['exported']}")
     print(f"\nwall-clock {time.perf_counter() - start:.1f}s")
+
+
+def _export(args: argparse.Namespace) -> None:
+    from dedt.config import resolve
+    from dedt.export import export_model
+    from dedt.store import default_root
+
+    cfg = resolve(args.name, args.pipelines, args.overrides)
+    folder = export_model(cfg, default_root(), args.model, args.to, ema=args.ema, force=args.force)
+    print(f"exported the {args.model} model of {args.name} to {folder} (model card: {folder / 'README.md'})")
 
 
 def _use_local_server() -> None:
@@ -234,6 +263,8 @@ def _dispatch(args: argparse.Namespace) -> None:
             print(name)
     elif args.command == "server":
         _server(args)
+    elif args.command == "export":
+        _export(args)
     elif args.command == "run" and args.dry_run:
         _dry_run(args)
     else:

@@ -8,10 +8,12 @@ from typing import Any
 from prefect import flow
 
 from dedt.config import resolve
+from dedt.export import check_export
 from dedt.pipeline import NodeResult, plan
 from dedt.report import markdown_table, stage_table, summary_rows, weights_vs_difficulty
 from dedt.store import default_root
 from tasks.artifacts import publish_run_artifacts
+from tasks.export import export_task
 from tasks.stages import stage_task
 
 
@@ -25,6 +27,8 @@ def pipeline_flow(name: str, pipelines_file: str = "pipelines.yaml", overrides: 
     """
     cfg = resolve(name, Path(pipelines_file), overrides or [])
     store = Path(root) if root else default_root()
+    if cfg.export.to:  # a bad export target or model fails before any stage runs
+        check_export(cfg, store)
     results: dict[str, NodeResult] = {}
     for key, node in plan(cfg, store).items():
         result = NodeResult(**stage_task(node, cfg)(cfg, key, str(store)))
@@ -32,6 +36,7 @@ def pipeline_flow(name: str, pipelines_file: str = "pipelines.yaml", overrides: 
         print(f"{key:<22} {'cached' if result.cached else 'computed':<9} {result.seconds:8.1f}s  {result.path}")
     rows = summary_rows(results, proxy_kimg=cfg.reweight.proxy_kimg * cfg.reweight.rounds)
     publish_run_artifacts(cfg, results, rows)
+    exported = export_task(cfg, str(store)) if cfg.export.to else None
     return {"stages": stage_table(results), "summary": rows, "summary_markdown": markdown_table(rows),
-            "weights": results["reweight"].summary["weights"] if "reweight" in results else None,
+            "exported": exported, "weights": results["reweight"].summary["weights"] if "reweight" in results else None,
             "weights_vs_difficulty": weights_vs_difficulty(results)}
