@@ -36,8 +36,9 @@ bench: $(STAMP)
 clean-store:
 	rm -rf .dedt
 
-# The headline benchmark: the frontier-mnist5k sweep (96 grid points, ~90 minutes on 2 cores,
-# resumable: run it again after an interruption) and docs/RESULTS.md generated from its artifacts.
+# The headline time-to-quality benchmark: the frontier-mnist5k sweep (24 grid points, 30 models with
+# their curves, sized for ~90 minutes on 2 quiet cores; resumable: run it again after an interruption)
+# and docs/RESULTS.md generated from its artifacts.
 # The quick variant: make frontier FRONTIER=frontier-digits REPORT=docs/RESULTS-digits.md
 .PHONY: frontier
 FRONTIER ?= frontier-mnist5k
