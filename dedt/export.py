@@ -173,13 +173,13 @@ def model_card(job: ExportPlan, results: dict[str, NodeResult], *, folder: Path,
     train = results[key].summary
     tags = ["dedt", "diffusers", "ddpm"] + (["class-conditional"] if conditional else []) \
         + (["latent-diffusion"] if cfg.train.latent else [])
+    kind = f"class-conditional on {len(names)} classes" if conditional else "unconditional"
     lines = ["---", "library_name: diffusers", "pipeline_tag: unconditional-image-generation",
              f"tags: [{', '.join(tags)}]", "---", "",
              f"# {cfg.name}: the {label} model",
              "",
              f"A `{job.planned[key].config['train']['preset']}` UNet ({parameters:,} parameters, "
-             f"{_shape_text(job, results)}, {'class-conditional on ' + str(len(names)) + ' classes' if conditional else 'unconditional'}) "
-             f"trained by dedt {_dedt_version()} on {cfg.dataset.source} "
+             f"{_shape_text(job, results)}, {kind}) trained by dedt {_dedt_version()} on {cfg.dataset.source} "
              f"({'EMA' if ema else 'raw, not EMA'} weights). Exported from `{results[key].path}`.",
              "", "## Using it", "", _usage(cfg, folder, names), "",
              *_data_section(job, results, names), "",
@@ -210,13 +210,15 @@ def _usage(cfg: PipelineConfig, folder: Path, names: list[str]) -> str:
     or latent one through its own short loop (diffusers' DDIMPipeline passes no class label and
     decodes no latents). Image i starts from the noise of ``torch.Generator().manual_seed(seeds[i])``."""
     n = min(EXAMPLE_IMAGES, len(names)) if cfg.train.conditional else 4
-    head = ["```python", "import torch", "from diffusers import DDIMPipeline" + (", AutoencoderKL" if cfg.train.latent else ""),
-            "", f'folder = "{folder}"', "pipe = DDIMPipeline.from_pretrained(folder)  # DDPMPipeline loads it too"]
+    imports = "from diffusers import DDIMPipeline" + (", AutoencoderKL" if cfg.train.latent else "")
+    head = ["```python", "import torch", imports, "", f"folder = {str(folder)!r}",
+            "pipe = DDIMPipeline.from_pretrained(folder)  # DDPMPipeline loads it too"]
     seeds = f"seeds = {list(range(n))}  # one start-noise seed per image"
     if not cfg.train.conditional and not cfg.train.latent:
         body = [seeds,
                 "images = pipe(batch_size=len(seeds), generator=[torch.Generator().manual_seed(s) for s in seeds],",
-                f"              num_inference_steps={EXAMPLE_STEPS}, output_type=\"np\").images  # (N, H, W, C) in [0, 1]",
+                f"              num_inference_steps={EXAMPLE_STEPS}, output_type=\"np\").images"
+                "  # (N, H, W, C) in [0, 1]",
                 "```", "",
                 "`DDPMPipeline.from_pretrained(folder)` samples ancestrally instead (1,000 steps by default)."]
         return "\n".join(head + body)
@@ -245,6 +247,8 @@ def _usage(cfg: PipelineConfig, folder: Path, names: list[str]) -> str:
 
 
 def _data_section(job: ExportPlan, results: dict[str, NodeResult], names: list[str]) -> list[str]:
+    from dedt.reweight import DEFAULT_ETA
+
     cfg, key = job.cfg, job.key
     data = results["data"].summary
     source = cfg.dataset.source + (f" (`{cfg.dataset.path}`)" if cfg.dataset.path else "")
@@ -264,10 +268,10 @@ def _data_section(job: ExportPlan, results: dict[str, NodeResult], names: list[s
     weights = None
     if "reweight" in job.planned[key].inputs:
         rw, summary = cfg.reweight, results["reweight"].summary
-        lines.append(f"- weighting: group DRO (DoReMi) over {summary['groups']} groups, applied by "
-                     f"{'sampling (P(class g) = w_g)' if cfg.train.weighting == 'sampling' else 'per-sample loss weights'}; "
-                     f"proxy {rw.proxy_kimg} kimg x {rw.rounds} round(s), eta {rw.eta or 'default'}, "
-                     f"smoothing {rw.smoothing}")
+        applied = "sampling (P(class g) = w_g)" if cfg.train.weighting == "sampling" else "per-sample loss weights"
+        lines.append(f"- weighting: group DRO (DoReMi) over {summary['groups']} groups, applied by {applied}; "
+                     f"proxy {rw.proxy_kimg} kimg x {rw.rounds} round(s), {rw.excess} excess, "
+                     f"eta {DEFAULT_ETA[rw.excess] if rw.eta is None else rw.eta}, smoothing {rw.smoothing}")
         if summary["groups"] == "class":
             weights = summary["weights"]
         else:

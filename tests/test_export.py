@@ -108,8 +108,9 @@ ddpm = DDPMPipeline.from_pretrained(folder)(batch_size=4, generator=[torch.Gener
                                             num_inference_steps=5, output_type="np").images
 """
     got = _in_fresh_interpreter(code, tmp_path)
-    ddim = _dedt_images(trained, "tiny-uncond", "train:uniform", None, n=4, method="ddim", steps=20).transpose(0, 2, 3, 1)
-    ddpm = _dedt_images(trained, "tiny-uncond", "train:uniform", None, n=4, method="ddpm", steps=5).transpose(0, 2, 3, 1)
+    nhwc = (0, 2, 3, 1)
+    ddim = _dedt_images(trained, "tiny-uncond", "train:uniform", None, n=4, method="ddim", steps=20).transpose(nhwc)
+    ddpm = _dedt_images(trained, "tiny-uncond", "train:uniform", None, n=4, method="ddpm", steps=5).transpose(nhwc)
     assert got["images"].shape == ddim.shape == (4, 8, 8, 1)
     assert np.abs(got["images"] - ddim).max() <= TOLERANCE
     assert np.abs(got["ddpm"] - ddpm).max() <= TOLERANCE
@@ -247,13 +248,14 @@ def test_latent_export_ships_the_vae_and_the_card_decodes_like_dedt(tmp_path):
     cfg = resolve("latent", pipelines)
     results = run_pipeline(cfg, tmp_path / "store")
     folder = export_model(cfg, tmp_path / "store", "final", tmp_path / "latent")
-    assert (folder / "vae" / "config.json").is_file() and "vae" not in json.loads((folder / "model_index.json").read_text())
+    assert (folder / "vae" / "config.json").is_file()
+    assert "vae" not in json.loads((folder / "model_index.json").read_text())  # not a DDPMPipeline component
     labels = [2, 7, 0]
     seeds = [_sample_seed(SEED, i) for i in range(len(labels))]
     got = _in_fresh_interpreter(_snippet((folder / "README.md").read_text(), labels=labels, seeds=seeds), tmp_path)
     model = load_model(Path(results["train:uniform"].path))
-    z = sample(model, build_scheduler("digits-tiny", latent=True), np.asarray(labels), method="ddim", steps=20, seed=SEED,
-               progress=False)
+    z = sample(model, build_scheduler("digits-tiny", latent=True), np.asarray(labels), method="ddim", steps=20,
+               seed=SEED, progress=False)
     want = decode_latents(z, str(vae), 256) / 2 + 0.5
     assert got["images"].shape == want.shape == (3, 1, 8, 8)
     assert np.abs(got["images"] - want).max() <= TOLERANCE
