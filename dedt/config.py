@@ -175,7 +175,7 @@ class EvaluateConfig(Section):
 
 class DeploymentConfig(Section):
     work_pool: str | None = None
-    gpu_pool: str | None = Field(None, description="pool that runs the train and evaluate stages")
+    gpu_pool: str | None = Field(None, description="pool that runs the heavy stages (tasks.stages.GPU_STAGES)")
     tags: list[str] = Field(default_factory=list)
     cron: str | None = None
 

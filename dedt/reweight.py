@@ -7,6 +7,7 @@ exponentiated gradient ascent. The average of the weights over all steps is the 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ if TYPE_CHECKING:
     import torch
 
     from dedt.diffusion.options import TrainOptions
+    from dedt.progress import ProgressFn
 
 COLLAPSE_MAX_WEIGHT = 0.9
 Excess = Literal["raw", "normalized", "log-ratio"]
@@ -135,12 +137,17 @@ class ProxyTrainer:
     log(l_proxy / l_ref) per sample: also free of the noise level's scale, and the sample's own noise
     draw, shared by both models, cancels in the ratio (the steadiest weights, README).
     Both models run in train mode with the same dropout masks (DoReMi runs both models the same way).
+
+    ``device``: where proxy, reference, data and the noise draws live (``resolve_device(train.device)``).
+    On CUDA the forwards run under the trainer's ``precision`` autocast (with loss scaling for fp16);
+    on the CPU the proxy stays in fp32 and draws from the CPU generator exactly as before.
     """
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, groups: np.ndarray, reference: "torch.nn.Module",
                  options: "TrainOptions", *, num_classes: int, eta: float, smoothing: float, seed: int,
                  t_range: tuple[float, float] = (0.0, 1.0), initial: np.ndarray | None = None,
-                 num_groups: int | None = None, excess: Excess = "raw", timesteps: Pairing = "common") -> None:
+                 num_groups: int | None = None, excess: Excess = "raw", timesteps: Pairing = "common",
+                 device: "str | torch.device" = "cpu") -> None:
         import torch
 
         from dedt.diffusion.presets import build_model, build_scheduler
@@ -156,15 +163,18 @@ class ProxyTrainer:
         self.present = np.bincount(groups, minlength=self.k) > 0
         self.eta, self.smoothing, self.options = eta, smoothing, options
         self.excess_mode, self.timesteps = excess, timesteps
-        torch.manual_seed(seed)
+        torch.manual_seed(seed)  # seeds the CUDA generators too
+        self.device = torch.device(device)
         self.proxy = build_model(options.preset, in_channels=images.shape[1], resolution=images.shape[2],
-                                 num_classes=num_classes if options.conditional else None)
+                                 num_classes=num_classes if options.conditional else None).to(self.device)
         self.scheduler = build_scheduler(options.preset, latent=options.latent)
         # The final training's timestep weighting (train.timestep_weighting) in the proxy's and the
         # reference's losses alike: the excess then compares the losses that training minimises.
         self.timestep_weight = timestep_weight_table(options.timestep_weighting, self.scheduler.alphas_cumprod,
                                                      snr_gamma=options.snr_gamma)
-        self.reference = reference.train().requires_grad_(False)  # train mode: see the class docstring
+        if self.timestep_weight is not None:
+            self.timestep_weight = self.timestep_weight.to(self.device)
+        self.reference = reference.to(self.device).train().requires_grad_(False)  # train mode: see the class docstring
         embeds = getattr(getattr(reference, "config", None), "num_class_embeds", None)
         if embeds is not None and labels.max() >= embeds:
             raise DedtError(f"the reference is conditioned on {embeds} classes but the labels reach {labels.max()}; "
@@ -173,9 +183,12 @@ class ProxyTrainer:
         from dedt.diffusion.train import _make_optimizer
 
         self.optimizer = _make_optimizer(self.proxy, options)  # the same optimiser as final training
+        # The trainer's mixed precision on CUDA only: CPU weights stay those of fp32 (byte-identical artifacts).
+        self.amp = self.device.type == "cuda" and options.precision != "fp32"
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp and options.precision == "fp16")
         self.nimg = 0  # images seen, for the trainer's learning-rate warm-up
-        self.x, self.y = torch.from_numpy(images), torch.from_numpy(labels)
-        self.g = torch.from_numpy(groups.astype(np.int64))
+        self.x, self.y = torch.from_numpy(images).to(self.device), torch.from_numpy(labels).to(self.device)
+        self.g = torch.from_numpy(groups.astype(np.int64))  # on the CPU: the draws and the DRO state read it
         T = self.scheduler.config.num_train_timesteps
         self.t_lo, self.t_hi = int(t_range[0] * T), max(int(t_range[0] * T) + 1, int(t_range[1] * T))
         # Running per-band sums and counts of the reference loss (normalized excess).
@@ -197,11 +210,13 @@ class ProxyTrainer:
 
         T = self.scheduler.config.num_train_timesteps
         shape = (len(g), *self.x.shape[1:])
+        # t (B,) on the CPU; the noise on self.device, from that device's generator (the CPU's as before).
         if self.timesteps == "independent":
-            return torch.randint(0, T, (len(g),)), torch.randn(shape)
+            return torch.randint(0, T, (len(g),)), torch.randn(shape, device=self.device)
         slots = torch.from_numpy(member_slots(g.numpy()))
         pool = int(slots.max()) + 1
-        return stratified_timesteps(pool, T)[slots], torch.randn((pool, *shape[1:]))[slots]
+        t = stratified_timesteps(pool, T)[slots]
+        return t, torch.randn((pool, *shape[1:]), device=self.device)[slots.to(self.device)]
 
     def sample_excess(self, loss: "torch.Tensor", ref: "torch.Tensor", t: "torch.Tensor") -> "torch.Tensor":
         """Per-sample excess (B,), float64, of the ``excess`` mode (class docstring)."""
@@ -223,17 +238,23 @@ class ProxyTrainer:
         from dedt.diffusion.train import per_sample_loss
 
         idx = torch.from_numpy(indices)
-        x0, y, g = self.x[idx], self.y[idx], self.g[idx]
+        g = self.g[idx]
+        x0, y = self.x[idx.to(self.device)], self.y[idx.to(self.device)]
         t, noise = self.draw(g)  # one draw of (t, eps), shared by proxy and reference
-        dropout = torch.get_rng_state()
-        loss = per_sample_loss(self.proxy, self.scheduler, x0, y if self.options.conditional else None, t, noise)
-        torch.set_rng_state(dropout)  # the same dropout masks for the reference
-        with torch.no_grad():
-            ref = per_sample_loss(self.reference, self.scheduler, x0, y if self.reference_conditional else None, t, noise)
+        t_dev, g_dev = t.to(self.device), g.to(self.device)
+        dropout = _rng_state(self.device)
+        with self.autocast():
+            loss = per_sample_loss(self.proxy, self.scheduler, x0, y if self.options.conditional else None, t_dev,
+                                   noise)
+        _set_rng_state(self.device, dropout)  # the same dropout masks for the reference
+        with torch.no_grad(), self.autocast():
+            ref = per_sample_loss(self.reference, self.scheduler, x0, y if self.reference_conditional else None,
+                                  t_dev, noise)
         if self.timestep_weight is not None:
-            loss, ref = loss * self.timestep_weight[t], ref * self.timestep_weight[t]
+            loss, ref = loss * self.timestep_weight[t_dev], ref * self.timestep_weight[t_dev]
         counted = (t >= self.t_lo) & (t < self.t_hi)
-        gap = self.sample_excess(loss, ref, t).clamp_min(0) * counted  # clipped excess, DoReMi Eq. 1
+        # The DRO state is k numbers: computed on the CPU from B losses (a no-op copy there).
+        gap = self.sample_excess(loss.detach().cpu(), ref.cpu(), t).clamp_min(0) * counted  # DoReMi Eq. 1
         sums = torch.zeros(self.k, dtype=torch.float64).index_add_(0, g, gap)
         counts = torch.bincount(g, weights=counted.double(), minlength=self.k)
         seen = (counts > 0).numpy()
@@ -243,42 +264,79 @@ class ProxyTrainer:
         self.alpha[self.present] = doremi_update(self.alpha[self.present], self.excess[self.present], eta=self.eta,
                                                  smoothing=self.smoothing)
         # The proxy minimises the alpha-weighted mean loss of the groups in this batch.
-        members = torch.bincount(g, minlength=self.k)
-        group_mean = torch.zeros(self.k, dtype=loss.dtype).index_add_(0, g, loss) / members.clamp_min(1)
-        objective = (torch.from_numpy(self.alpha).to(loss.dtype) * group_mean)[members > 0].sum()
+        members = torch.bincount(g, minlength=self.k).to(self.device)
+        group_mean = torch.zeros(self.k, dtype=loss.dtype, device=self.device).index_add_(0, g_dev, loss)
+        group_mean = group_mean / members.clamp_min(1)
+        objective = (torch.from_numpy(self.alpha).to(self.device, loss.dtype) * group_mean)[members > 0].sum()
         for param_group in self.optimizer.param_groups:
             param_group["lr"] = self.learning_rate()
         self.optimizer.zero_grad(set_to_none=True)
-        objective.backward()
+        self.scaler.scale(objective).backward()  # the scaler is a no-op unless fp16 on CUDA
         if self.options.grad_clip > 0:
+            self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.proxy.parameters(), self.options.grad_clip)
-        self.optimizer.step()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
         self.nimg += len(indices)
+
+    def autocast(self) -> "contextlib.AbstractContextManager[None]":
+        """The trainer's ``precision`` autocast on CUDA; nothing on the CPU."""
+        import torch
+
+        from dedt.diffusion.train import _AUTOCAST
+
+        if not self.amp:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=_AUTOCAST[self.options.precision])
+
+
+def _rng_state(device: "torch.device") -> "torch.Tensor":
+    """The generator state of ``device`` (the CPU's, or that CUDA device's), for repeating dropout masks."""
+    import torch
+
+    return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
+
+
+def _set_rng_state(device: "torch.device", state: "torch.Tensor") -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state, device)
+    else:
+        torch.set_rng_state(state)
 
 
 def train_proxy(images: np.ndarray, labels: np.ndarray, groups: np.ndarray, reference: "torch.nn.Module",
                 options: "TrainOptions", *, num_classes: int, budget_kimg: float, eta: float | None = None,
                 smoothing: float, seed: int, t_range: tuple[float, float] = (0.0, 1.0),
                 initial: np.ndarray | None = None, num_groups: int | None = None, excess: Excess = "raw",
-                timesteps: Pairing = "common", progress: bool = False) -> DroResult:
+                timesteps: Pairing = "common", progress: bool = False, device: "str | torch.device" = "cpu",
+                on_progress: "ProgressFn | None" = None) -> DroResult:
     """Group DRO as PAPER.md section 4; returns alpha averaged over all steps (alpha_0 included).
 
     ``eta=None`` takes ``DEFAULT_ETA[excess]``; the other arguments are ``ProxyTrainer``'s.
+    ``on_progress(done, total, info)``: images seen by the proxy, a few times a minute (``dedt.progress``).
     """
     from tqdm import tqdm
+
+    from dedt.precision import tf32
+    from dedt.progress import Throttle
 
     eta = DEFAULT_ETA.get(excess) if eta is None else eta  # an unknown excess fails in ProxyTrainer
     trainer = ProxyTrainer(images, labels, groups, reference, options, num_classes=num_classes, eta=eta,
                            smoothing=smoothing, seed=seed, t_range=t_range, initial=initial, num_groups=num_groups,
-                           excess=excess, timesteps=timesteps)
+                           excess=excess, timesteps=timesteps, device=device)
     rng = np.random.default_rng(seed)
     steps = max(1, round(budget_kimg * 1000 / options.batch_size))
+    report = Throttle(on_progress, steps * options.batch_size)
     alphas, excesses = [trainer.alpha], [trainer.excess]
     start = time.perf_counter()
-    for _ in tqdm(range(steps), desc="proxy DRO", unit="step", disable=not progress):
-        trainer.step(stratified_batch(groups, options.batch_size, rng))
-        alphas.append(trainer.alpha)
-        excesses.append(trainer.excess)
+    with tf32(options.tf32):  # the trainer's float32 precision on CUDA; no effect on the CPU
+        for _ in tqdm(range(steps), desc="proxy DRO", unit="step", disable=not progress):
+            trainer.step(stratified_batch(groups, options.batch_size, rng))
+            alphas.append(trainer.alpha)
+            excesses.append(trainer.excess)
+            report(trainer.nimg)
     seconds = time.perf_counter() - start
     trajectory = np.stack(alphas)
     weights = trajectory.mean(axis=0)

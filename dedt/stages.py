@@ -2,7 +2,8 @@
 
 Each takes ``(cfg, inputs, out)``, where ``inputs`` maps a role to the input stage's folder,
 writes only inside ``out.path`` (atomically) and returns a small JSON summary. The completion
-marker is written by ``dedt.pipeline.run_node`` after it returns.
+marker is written by ``dedt.pipeline.run_node`` after it returns. The long loops (training, the
+DRO proxy, sampling, encoding) report progress to ``dedt.progress.current()``, set by the caller.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from dedt import progress
 from dedt.config import PipelineConfig
 from dedt.data.manifest import class_names, holdout_mask, load_split, prepare_images, write_manifest
 from dedt.data.sources import load_source
@@ -50,7 +52,8 @@ def run_encode(cfg: PipelineConfig, inputs: dict[str, StageDir], out: StageDir) 
     enc = cfg.encode
     encoder = get_encoder(enc.encoder, weights=enc.weights, device=enc.device, seed=cfg.seed, dim=enc.dim)
     meta = encode_to_parquet(images, len(images), ids, encoder, out.file(EMBEDDINGS), out.path / "shards",
-                             batch_size=enc.batch_size, shard_size=enc.shard_size, progress=False)
+                             batch_size=enc.batch_size, shard_size=enc.shard_size, progress=False,
+                             on_progress=progress.current())
     return {"n": len(ids), **meta}
 
 
@@ -162,7 +165,7 @@ def run_train(cfg: PipelineConfig, inputs: dict[str, StageDir], out: StageDir) -
     groups = _groups_of(inputs, labels, ids)
     num_groups = num_classes if groups is labels else len(weights)
     result = train(images, groups, options, out.path, num_classes=num_groups, class_weights=weights,
-                   seed=cfg.seed, progress=False)
+                   seed=cfg.seed, progress=False, on_progress=progress.current())
     return {"n_images": len(images), **result}
 
 
@@ -204,11 +207,11 @@ def run_reweight(cfg: PipelineConfig, inputs: dict[str, StageDir], out: StageDir
     """
     import time
 
-    from dedt.diffusion.train import load_model
+    from dedt.diffusion.train import load_model, resolve_device
     from dedt.reweight import DEFAULT_ETA, kmeans_groups, load_reference, train_proxy, train_reference
 
     ids, images, labels, num_classes = _subset_arrays(inputs)
-    rw = cfg.reweight
+    rw, device = cfg.reweight, resolve_device(cfg.train.device)
     eta = DEFAULT_ETA[rw.excess] if rw.eta is None else rw.eta
     groups, k = labels, num_classes
     if rw.groups == "kmeans":
@@ -221,7 +224,7 @@ def run_reweight(cfg: PipelineConfig, inputs: dict[str, StageDir], out: StageDir
     if rw.reference_path:
         reference = load_reference(rw.reference_path, in_channels=images.shape[1], resolution=images.shape[2])
     else:
-        reference = load_model(inputs["reference"].path, ema=True)
+        reference = load_model(inputs["reference"].path, ema=True, device=device)
     rounds, weights, seconds = [], None, 0.0
     for r in range(rw.rounds):
         if r > 0:  # the reference's data is the full train split, as in the first round
@@ -236,7 +239,8 @@ def run_reweight(cfg: PipelineConfig, inputs: dict[str, StageDir], out: StageDir
         result = train_proxy(images, labels, groups, reference, cfg.train, num_classes=num_classes,
                              budget_kimg=rw.proxy_kimg, eta=eta, smoothing=rw.smoothing, seed=cfg.seed + r,
                              t_range=(rw.t_min_frac, rw.t_max_frac), num_groups=k,
-                             excess=rw.excess, timesteps=rw.timesteps)
+                             excess=rw.excess, timesteps=rw.timesteps, device=device,
+                             on_progress=progress.current())
         weights, seconds = result.weights, seconds + result.seconds
         rounds.append(result)
     counts = np.bincount(groups, minlength=k)
@@ -349,7 +353,7 @@ def generate(cfg: PipelineConfig, model: Any, preset: str, labels: np.ndarray, c
     latent = cfg.train.latent  # latent diffusion: unclipped latents, decoded to images before any metric
     fake = sample(model, build_scheduler(preset, latent=latent), labels if conditional else None, num=len(labels),
                   method=s.method, steps=s.steps, seed=bank_seed, batch_size=s.batch_size, device=device,
-                  progress=False)
+                  progress=False, on_progress=progress.current())
     if latent:
         from dedt.diffusion.latents import decode_latents
 

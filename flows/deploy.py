@@ -53,7 +53,7 @@ def deployment_specs(pipelines_file: Path, source: Path = REPO) -> list[Deployme
     for name in load_pipelines(pipelines_file):
         cfg = resolve(name, pipelines_file)
         d = cfg.deployment
-        where = f"; train and evaluate on pool {d.gpu_pool}" if d.gpu_pool else ""
+        where = f"; heavy stages on pool {d.gpu_pool}" if d.gpu_pool else ""
         specs.append(DeploymentSpec("dedt-pipeline", name, d.work_pool or DEFAULT_POOL,
                                     {"name": name, "pipelines_file": file_param}, ["dedt", *d.tags], d.cron,
                                     f"dedt pipeline {name}{where}"))

@@ -22,7 +22,7 @@ def pipeline_flow(name: str, pipelines_file: str = "pipelines.yaml", overrides: 
                   root: str | None = None) -> dict[str, Any]:
     """Run pipeline ``name`` from ``pipelines_file``; every stage is skipped when already in the store.
 
-    With ``deployment.gpu_pool`` set, train and evaluate run as ``dedt-stage`` flow runs on that
+    With ``deployment.gpu_pool`` set, the heavy stages run as ``dedt-stage`` flow runs on that
     pool; ``root`` (default ``$DEDT_HOME``) must then be the same path on the GPU worker.
     """
     cfg = resolve(name, Path(pipelines_file), overrides or [])

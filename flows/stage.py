@@ -1,7 +1,7 @@
 """The ``dedt-stage`` flow: one stage of a pipeline, run on the worker of a GPU work pool.
 
 ``dedt deploy`` deploys it once per ``deployment.gpu_pool`` named in pipelines.yaml (as
-``dedt-stage/<pool>``); ``tasks.stages`` dispatches train and evaluate stages to it. The config
+``dedt-stage/<pool>``); ``tasks.stages`` dispatches the heavy stages (``GPU_STAGES``) to it. The config
 travels as a parameter, so the GPU worker needs the code and the shared store, not the YAML.
 """
 

@@ -5,9 +5,12 @@ serializer it names (pickle among them), so anyone able to write to the shared s
 code. The store is the cache instead: ``run_node`` returns a stage whose ``_COMPLETE`` marker
 checks out without computing it, so a second run of an unchanged pipeline recomputes nothing.
 
-When a pipeline names ``deployment.gpu_pool``, its train and evaluate stages are *dispatched*:
+When a pipeline names ``deployment.gpu_pool``, its heavy stages (``GPU_STAGES``) are *dispatched*:
 the task starts a ``dedt-stage`` flow run on that pool's worker (``run_deployment``) and, once it
 completes, reads the result from the store both sides share (the same path on both machines).
+
+A running stage reports its progress (training, the DRO proxy, sampling, encoding) as a Prefect
+progress artifact and a log line a few times a minute (``tasks.progress``).
 """
 
 from __future__ import annotations
@@ -22,19 +25,24 @@ from prefect.cache_policies import NO_CACHE
 from dedt.config import PipelineConfig
 from dedt.errors import DedtError
 from dedt.pipeline import VERSIONS, Node, plan, run_node
+from dedt.progress import reporting
+from tasks.progress import artifact_progress
 
-GPU_STAGES = ("train", "evaluate")  # store folder names: train also holds the reference model
+# Store folder names of the stages that run models on the resolved device (train also holds the
+# reference model; reweight runs the DRO proxy and the reference; curve samples every snapshot).
+GPU_STAGES = ("encode", "latents", "reweight", "train", "evaluate", "curve", "calibrate")
 STAGE_FLOW = "dedt-stage"
 DISPATCH_POLL_S = 1.0  # the parent waits on a dispatched stage; 1 s adds at most 1 s per stage
 
 
 def gpu_tag(pool: str) -> str:
-    """The task tag that a concurrency limit of 1 holds to: one train/evaluate at a time per GPU pool."""
+    """The task tag that a concurrency limit of 1 holds to: one heavy stage at a time per GPU pool."""
     return f"dedt-gpu-{pool}"
 
 
 def _run(cfg: PipelineConfig, key: str, root: str) -> dict[str, Any]:
-    return asdict(run_node(cfg, plan(cfg, Path(root)), key))
+    with reporting(artifact_progress(key)):
+        return asdict(run_node(cfg, plan(cfg, Path(root)), key))
 
 
 def _dispatch(cfg: PipelineConfig, key: str, root: str) -> dict[str, Any]:
@@ -66,6 +74,6 @@ DISPATCH_TASKS = {stage: _stage_task(stage, _dispatch) for stage in GPU_STAGES}
 
 
 def stage_task(node: Node, cfg: PipelineConfig) -> Task[..., dict[str, Any]]:
-    """The task that computes ``node``: dispatched to the GPU pool for train/evaluate when one is named."""
+    """The task that computes ``node``: dispatched to the GPU pool for a heavy stage when one is named."""
     dispatch = cfg.deployment.gpu_pool is not None and node.stage in GPU_STAGES
     return DISPATCH_TASKS[node.stage] if dispatch else STAGE_TASKS[node.stage]

@@ -13,6 +13,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from dedt.errors import DedtError
+from dedt.progress import ProgressFn, Throttle
 from dedt.store import atomic_path
 
 METHODS = ("ddim", "ddpm")
@@ -48,6 +49,7 @@ def sample(
     batch_size: int = 256,
     device: str | torch.device = "cpu",
     progress: bool = True,
+    on_progress: ProgressFn | None = None,
 ) -> np.ndarray:
     """Generate images by reversing the diffusion from Gaussian noise.
 
@@ -58,6 +60,7 @@ def sample(
             one, with ``num`` = M.
         method: "ddim" (Song et al. 2021, eta = 0: deterministic given the start noise) or "ddpm"
             (Ho et al. 2020 ancestral sampling, posterior variance beta-tilde).
+        on_progress: ``(done, total, info)`` images sampled, a few times a minute (``dedt.progress``).
     Returns: float32 (M, C, H, W), clamped to [-1, 1] when the schedule clips x0 (pixel space,
     ``clip_sample=True``); a latent schedule (``build_scheduler(..., latent=True)``) returns the
     latents unclamped, for ``dedt.diffusion.latents.decode_latents``. ``model`` is moved to
@@ -93,6 +96,7 @@ def sample(
     was_training = model.training
     model.to(device).eval()
     out = []
+    report = Throttle(on_progress, total)
     try:
         with torch.inference_mode(), tqdm(total=total, unit="img", disable=not progress) as bar:
             for start in range(0, total, batch_size):
@@ -109,6 +113,7 @@ def sample(
                     x = sampler.step(eps, t, x, generator=step_generators).prev_sample
                 out.append((x.clamp(-1, 1) if clamp else x).float().cpu().numpy())
                 bar.update(stop - start)
+                report(stop)
     finally:
         model.train(was_training)
     if not out:

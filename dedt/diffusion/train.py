@@ -45,6 +45,7 @@ from dedt.diffusion.timestep_sampler import LossAwareTimesteps
 from dedt.diffusion.weighting import timestep_weight_table
 from dedt.errors import DedtError
 from dedt.precision import tf32
+from dedt.progress import ProgressFn, Throttle
 from dedt.store import atomic_path, atomic_write_text, file_sha256
 
 # Options that may change between a run and its resumption: they don't change what is computed.
@@ -360,6 +361,7 @@ def train(
     seed: int = 0,
     progress: bool = True,
     on_step: Callable[[int, int], None] | None = None,
+    on_progress: ProgressFn | None = None,
 ) -> dict[str, Any]:
     """Train a diffusion model until ``options.budget_kimg`` thousand images have been seen.
 
@@ -374,6 +376,8 @@ def train(
             a DedtError).
         on_step: called as on_step(step, nimg) after every step and the checkpoint it may write;
             raising from it stops the run (tests use it to simulate a kill).
+        on_progress: ``(nimg, budget_nimg, info)`` with images/s, ETA and the last logged loss, a few
+            times a minute on rank 0 (``dedt.progress``).
     Returns: {"steps", "nimg", "seconds", "images_per_s", "final_loss", "parameters"}; seconds and
     images_per_s cover the whole run, resumed parts included.
     Under torchrun every process calls this; rank 0 writes the files.
@@ -382,7 +386,8 @@ def train(
     world, created_group = _init_world(options.device)
     try:
         with _fork_rng(options.device, world), backend_flags(options):
-            return _run(images, labels, options, run_dir, num_classes, class_weights, seed, world, progress, on_step)
+            return _run(images, labels, options, run_dir, num_classes, class_weights, seed, world, progress, on_step,
+                        on_progress)
     finally:
         if created_group:
             dist.destroy_process_group()
@@ -399,6 +404,7 @@ def _run(
     world: World,
     progress: bool,
     on_step: Callable[[int, int], None] | None,
+    on_progress: ProgressFn | None = None,
 ) -> dict[str, Any]:
     """The loop of ``train``, inside its RNG and precision guards."""
     is_main = world.rank == 0
@@ -434,6 +440,7 @@ def _run(
         total=budget_nimg, initial=min(trainer.nimg, budget_nimg), unit="img", unit_scale=True,
         disable=not (progress and is_main), dynamic_ncols=True,
     )  # fmt: skip
+    report = Throttle(on_progress if is_main else None, budget_nimg, initial=min(trainer.nimg, budget_nimg))
     interval_start, interval_nimg = time.perf_counter(), trainer.nimg
     session_start = interval_start
     try:
@@ -473,6 +480,7 @@ def _run(
                     log.flush()
                     keep = options.keep_checkpoints
                     _write_checkpoint(trainer, state, checkpoints, identity, elapsed, last_loss, keep)
+            report(min(trainer.nimg, budget_nimg), {"loss": last_loss})  # the last logged mean loss: no sync
             if on_step is not None:
                 on_step(trainer.step_count, trainer.nimg)
     finally:

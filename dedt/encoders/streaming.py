@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from dedt.encoders import Encoder
 from dedt.errors import DedtError
+from dedt.progress import ProgressFn, Throttle
 from dedt.store import atomic_path, canonical_json, parquet_metadata, read_parquet
 
 Loader = Callable[[int, int], np.ndarray]
@@ -38,6 +39,7 @@ def encode_to_parquet(
     batch_size: int = 256,
     shard_size: int = 4096,
     progress: bool = True,
+    on_progress: ProgressFn | None = None,
 ) -> dict[str, Any]:
     """Encode N images into ``out_path`` (sample_id int64, embedding fixed_size_list<float32>[dim]).
 
@@ -53,6 +55,7 @@ def encode_to_parquet(
         batch_size: images per encoder call (bounds image memory); also the output's row-group size.
         shard_size: images per shard (bounds embedding memory and the work lost to a kill).
         progress: show a tqdm bar with images/s.
+        on_progress: ``(done, total, info)`` images encoded, a few times a minute (``dedt.progress``).
 
     Returns:
         The artifact's metadata {encoder, dim, preprocessing}; dim is known here even when every
@@ -68,10 +71,17 @@ def encode_to_parquet(
     paths = [work_dir / f"shard-{index:05d}.parquet" for index in range(len(bounds))]
     done = [_shard_is_done(path, encoder, start, stop) for path, (start, stop) in zip(paths, bounds)]
     skipped = sum(stop - start for (start, stop), ok in zip(bounds, done) if ok)
+    report, encoded = Throttle(on_progress, n, initial=skipped), [skipped]
     with tqdm(total=n, initial=skipped, unit="img", desc=f"encode {encoder.name}", disable=not progress) as bar:
+
+        def advance(count: int) -> None:
+            bar.update(count)
+            encoded[0] += count
+            report(encoded[0])
+
         for path, (start, stop), ok in zip(paths, bounds, done):
             if not ok:
-                _encode_shard(load, sample_ids[start:stop], start, stop, encoder, batch_size, path, bar.update)
+                _encode_shard(load, sample_ids[start:stop], start, stop, encoder, batch_size, path, advance)
     metadata = _concatenate(paths, Path(out_path), batch_size)
     for path in paths:
         path.unlink()
