@@ -242,7 +242,7 @@ class Check:
         with backend_flags(options):
             reference = build_model(s.preset, in_channels=s.channels, resolution=s.resolution, num_classes=10)
             trainer = ProxyTrainer(self.images, self.labels, self.labels, reference, options, num_classes=10,
-                                   eta=1.0, smoothing=1e-3, seed=0)  # the row names where it put the proxy
+                                   eta=1.0, smoothing=1e-3, seed=0, device=self.device)  # the row names it
             where = next(trainer.proxy.parameters()).device
             rng = np.random.default_rng(1)
             step = lambda: trainer.step(stratified_batch(self.labels, s.batch, rng))  # noqa: E731
