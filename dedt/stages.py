@@ -178,7 +178,7 @@ def run_latents(cfg: PipelineConfig, inputs: dict[str, StageDir], out: StageDir)
     ids, images, _ = _train_labels(inputs["data"])
     device = resolve_device(cfg.train.device)
     vae = load_vae(cfg.train.vae_path, device=device)
-    latents = encode_latents(images, vae, cfg.encode.batch_size, device=device)
+    latents = encode_latents(images, vae, cfg.encode.batch_size, device=device, on_progress=progress.current())
     write_latents(out.path, ids, latents)
     scale, shift = latent_scale(vae)
     return {"n": len(ids), "shape": list(latents.shape[1:]), "scaling_factor": scale, "shift_factor": shift,

@@ -117,6 +117,24 @@ def test_sampling_and_encoding_report_progress(monkeypatch, tmp_path):
     assert calls == [(4, 10), (6, 10), (10, 10)]
 
 
+def test_latent_encoding_reports_progress(monkeypatch):
+    from diffusers import AutoencoderKL
+
+    from dedt.diffusion.latents import encode_latents
+
+    monkeypatch.setattr(progress, "REPORT_EVERY_S", 0.0)
+    torch.manual_seed(0)
+    vae = AutoencoderKL(
+        in_channels=1, out_channels=1, latent_channels=4, block_out_channels=(8, 16),
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        layers_per_block=1, norm_num_groups=4, sample_size=8,
+    )  # fmt: skip
+    calls = []
+    images, _ = _data(n=7)
+    encode_latents(images, vae, batch_size=3, on_progress=lambda done, total, info: calls.append((done, total)))
+    assert calls == [(3, 7), (6, 7), (7, 7)]
+
+
 def test_a_pipeline_stage_creates_a_progress_artifact(prefect_harness, store, pipelines_file):
     """The encode stage, run as its Prefect task, reports into a progress artifact (100% at the end)."""
     import asyncio

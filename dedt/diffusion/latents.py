@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from dedt.errors import DedtError
+from dedt.progress import ProgressFn, Throttle
 
 if TYPE_CHECKING:
     import torch
@@ -102,6 +103,7 @@ def encode_latents(
     batch_size: int = 64,
     *,
     device: str | torch.device = "cpu",
+    on_progress: ProgressFn | None = None,
 ) -> np.ndarray:
     """Encode images to scaled latents.
 
@@ -111,6 +113,7 @@ def encode_latents(
         vae: an ``AutoencoderKL`` or the path of a local folder holding one (see ``check_vae_folder``).
         batch_size: images per forward pass; does not change the result beyond float rounding.
         device: "cpu", "cuda", "auto" or a torch.device; the VAE runs there in float32.
+        on_progress: ``(done, total, info)`` images encoded, a few times a minute (``dedt.progress``).
     Returns: float32 (N, latent_channels, H / f, W / f), ``(posterior mean - shift) * scaling_factor``.
     """
     import torch
@@ -139,11 +142,13 @@ def encode_latents(
     scale, shift = latent_scale(vae)
     shape = (vae.config.latent_channels, height // factor, width // factor)
     out = np.empty((n, *shape), dtype=np.float32)
+    report = Throttle(on_progress, n)
 
     def encode(start: int, stop: int) -> None:
         x = torch.from_numpy(np.ascontiguousarray(images[start:stop], dtype=np.float32))
         mean = vae.encode(x.to(device)).latent_dist.mode()
         out[start:stop] = ((mean.float() - shift) * scale).cpu().numpy()
+        report(stop)
 
     with torch.inference_mode():
         _in_batches(n, batch_size, encode, "encode_latents")
