@@ -184,7 +184,8 @@ class ExportConfig(Section):
     to: str | None = Field(None, description="folder a run ends by exporting its model to, as a diffusers pipeline "
                                              "with a model card (`dedt export`); replaces an earlier export there")
     model: Literal["final", "uniform", "reference"] = Field("final", description="which trained model to export")
-    ema: bool = Field(True, description="export the EMA weights (False: the raw weights)")
+    ema: bool | float = Field(True, description="true: the run's EMA weights; false: the raw weights; a number: the "
+                                                "post-hoc EMA of that sigma_rel (needs train.posthoc_ema)")
 
 
 class PipelineConfig(Section):

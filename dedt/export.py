@@ -8,6 +8,10 @@ by ``subfolder="vae"``: ``DDPMPipeline`` has no such component, and listing one 
 that the folder is broken), and ``README.md``, a model card built from the stage artifacts only:
 no number in it is typed by hand or recomputed differently from the run's own summary.
 
+The weights are the run's own EMA (the default), the raw ones (``ema=False``), or the post-hoc EMA of
+any sigma_rel (``ema=0.075``), rebuilt by ``dedt.diffusion.posthoc.reconstruct_ema`` from the snapshots
+a run with ``train.posthoc_ema`` saves. A sweep point exports as the pipeline config it is (``sweep_point``).
+
 The store is untrusted (README, "Security model"): only JSON, Parquet and safetensors are read.
 """
 
@@ -23,6 +27,7 @@ from typing import Any
 import yaml
 
 from dedt.config import PipelineConfig
+from dedt.diffusion.ema import MAX_SIGMA_REL
 from dedt.errors import DedtError
 from dedt.pipeline import Node, NodeResult, plan
 from dedt.report import MODEL_LABELS, markdown_table, summary_rows
@@ -45,6 +50,7 @@ class ExportPlan:
     cfg: PipelineConfig
     planned: dict[str, Node]
     key: str  # the plan key, e.g. "train"
+    command: str  # what computes the plan's stages (run_command, or a sweep's), for messages and the card
 
 
 def run_command(cfg: PipelineConfig) -> str:
@@ -52,8 +58,47 @@ def run_command(cfg: PipelineConfig) -> str:
     return f"`dedt run {cfg.name}` (with the same --pipelines and --set options)"
 
 
-def plan_export(cfg: PipelineConfig, root: Path, model: str = "final") -> ExportPlan:
-    """Resolve ``model`` to a trained-model node of ``cfg``'s plan; a DedtError when it has none."""
+def sweep_point(sweep: str, pipelines: Path, label: str) -> tuple[PipelineConfig, str]:
+    """The config of point ``label`` of ``sweep`` and the command that computes its stages: a point is
+    exported as the pipeline config it is. An unknown label names the valid ones."""
+    from dedt.sweep import expand
+
+    points = {p.label: p for p in expand(sweep, Path(pipelines))}
+    if label not in points:
+        raise DedtError(f"sweep {sweep!r} has no point {label!r}; its points: {', '.join(map(repr, points))}")
+    return points[label].cfg, f"`dedt sweep {sweep}` (point `{label}`, with the same --pipelines)"
+
+
+def parse_ema(text: str | None) -> bool | float:
+    """``dedt export --ema``'s value: absent -> the run's own EMA (True), ``none`` -> the raw weights
+    (False), a number -> the post-hoc EMA of that sigma_rel."""
+    if text is None:
+        return True
+    if text == "none":
+        return False
+    try:
+        return float(text)
+    except ValueError:
+        raise DedtError(f"--ema takes a sigma_rel such as 0.075, or none (the raw weights); got {text!r}") from None
+
+
+def _check_ema(cfg: PipelineConfig, ema: bool | float) -> None:
+    """A post-hoc sigma_rel must be in EDM2's range and the run must have saved the snapshots it is built from."""
+    if isinstance(ema, bool):
+        return
+    if not 0 < ema < MAX_SIGMA_REL:
+        raise DedtError(f"the post-hoc EMA's sigma_rel must be in (0, {MAX_SIGMA_REL:.4f}); got {ema:g}")
+    if not cfg.train.posthoc_ema:
+        raise DedtError(f"the post-hoc EMA of sigma_rel {ema:g} is rebuilt from snapshots that only a run with "
+                        f"train.posthoc_ema: true saves, and pipeline {cfg.name!r} trains without it: "
+                        "run it with --set train.posthoc_ema=true, then export")
+
+
+def plan_export(cfg: PipelineConfig, root: Path, model: str = "final", ema: bool | float = True,
+                command: str | None = None) -> ExportPlan:
+    """Resolve ``model`` to a trained-model node of ``cfg``'s plan that has the ``ema`` weights; a
+    DedtError when it has none. ``command`` computes the stages (default ``run_command(cfg)``)."""
+    _check_ema(cfg, ema)
     if model not in MODELS:
         raise DedtError(f"unknown model {model!r} to export; choose one of {', '.join(MODELS)}")
     planned = plan(cfg, Path(root))
@@ -64,7 +109,7 @@ def plan_export(cfg: PipelineConfig, root: Path, model: str = "final") -> Export
     if planned[key].stage != "train":
         raise DedtError(f"pipeline {cfg.name!r} takes its reference from reweight.reference_path "
                         f"{cfg.reweight.reference_path}: that folder already is a diffusers model, nothing to export")
-    return ExportPlan(cfg, planned, key)
+    return ExportPlan(cfg, planned, key, command or run_command(cfg))
 
 
 def check_target(target: Path, *, force: bool) -> None:
@@ -86,7 +131,7 @@ def check_target(target: Path, *, force: bool) -> None:
 def check_export(cfg: PipelineConfig, root: Path) -> None:
     """Before a run with ``export.to``: its model exists in the plan and the target may be written
     (an earlier export there is replaced, as a scheduled deployment re-exports each run)."""
-    plan_export(cfg, root, cfg.export.model)
+    plan_export(cfg, root, cfg.export.model, cfg.export.ema)
     check_target(Path(cfg.export.to), force=True)
 
 
@@ -100,15 +145,16 @@ def stage_results(planned: dict[str, Node]) -> dict[str, NodeResult]:
     return results
 
 
-def export_model(cfg: PipelineConfig, root: Path, model: str, target: Path, *, ema: bool = True,
-                 force: bool = False) -> Path:
+def export_model(cfg: PipelineConfig, root: Path, model: str, target: Path, *, ema: bool | float = True,
+                 force: bool = False, command: str | None = None) -> Path:
     """Write ``model`` (final | uniform | reference) of ``cfg``'s run in store ``root`` to ``target`` as a
-    diffusers pipeline folder with a model card; returns the folder.
+    diffusers pipeline folder with a model card; returns the folder. ``ema``: True the run's EMA, False
+    the raw weights, a number the post-hoc EMA of that sigma_rel; ``command`` as in ``plan_export``.
 
     The model's train stage (and its evaluate stage, when the pipeline has one) must be complete. The
     folder appears whole or not at all: it is written beside ``target`` and renamed into place.
     """
-    job = plan_export(cfg, root, model)
+    job = plan_export(cfg, root, model, ema, command)
     target = Path(target).absolute()
     check_target(target, force=force)
     results = stage_results(job.planned)
@@ -116,7 +162,7 @@ def export_model(cfg: PipelineConfig, root: Path, model: str, target: Path, *, e
     missing = [k for k in needed if k not in results]
     if missing:
         raise DedtError(f"stage {missing[0]} of pipeline {cfg.name!r} has not run ({job.planned[missing[0]].out.path} "
-                        f"is not complete): {run_command(cfg)} computes it, then export")
+                        f"is not complete): {job.command} computes it, then export")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.parent / f".{target.name}.export-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -128,7 +174,8 @@ def export_model(cfg: PipelineConfig, root: Path, model: str, target: Path, *, e
     return target
 
 
-def _write_folder(job: ExportPlan, results: dict[str, NodeResult], folder: Path, target: Path, *, ema: bool) -> None:
+def _write_folder(job: ExportPlan, results: dict[str, NodeResult], folder: Path, target: Path, *,
+                  ema: bool | float) -> None:
     """unet/, scheduler/, model_index.json (DDPMPipeline.save_pretrained), vae/ when latent, README.md."""
     from diffusers import DDPMPipeline, DDPMScheduler
 
@@ -136,7 +183,12 @@ def _write_folder(job: ExportPlan, results: dict[str, NodeResult], folder: Path,
     from dedt.diffusion.train import load_model
 
     cfg = job.cfg
-    unet = load_model(Path(results[job.key].path), ema=ema)
+    run = Path(results[job.key].path)
+    unet = load_model(run, ema=ema is not False)
+    if not isinstance(ema, bool):
+        from dedt.diffusion.posthoc import list_posthoc_snapshots, reconstruct_ema
+
+        unet.load_state_dict(reconstruct_ema(list_posthoc_snapshots(run), ema))
     trained = build_scheduler(job.planned[job.key].config["train"]["preset"], latent=cfg.train.latent)
     # dedt.diffusion.sample samples with "trailing" spacing; training only reads the betas.
     scheduler = DDPMScheduler.from_config(trained.config, timestep_spacing="trailing")
@@ -160,7 +212,8 @@ def _replace(tmp: Path, target: Path) -> None:
 
 # -- the model card ---------------------------------------------------------------------------------
 
-def model_card(job: ExportPlan, results: dict[str, NodeResult], *, folder: Path, ema: bool, parameters: int) -> str:
+def model_card(job: ExportPlan, results: dict[str, NodeResult], *, folder: Path, ema: bool | float,
+               parameters: int) -> str:
     """The README.md of an exported model: what data, budget and cost made it, what it scored, how to
     use it and how to reproduce it, every number read from the stage artifacts in ``results``."""
     from dedt.data.manifest import class_names
@@ -180,7 +233,7 @@ def model_card(job: ExportPlan, results: dict[str, NodeResult], *, folder: Path,
              "",
              f"A `{job.planned[key].config['train']['preset']}` UNet ({parameters:,} parameters, "
              f"{_shape_text(job, results)}, {kind}) trained by dedt {_dedt_version()} on {cfg.dataset.source} "
-             f"({'EMA' if ema else 'raw, not EMA'} weights). Exported from `{results[key].path}`.",
+             f"({_weights_text(ema)}). Exported from `{results[key].path}`.",
              "", "## Using it", "", _usage(cfg, folder, names), "",
              *_data_section(job, results, names), "",
              *_training_section(job, results, train), "",
@@ -188,6 +241,12 @@ def model_card(job: ExportPlan, results: dict[str, NodeResult], *, folder: Path,
              *_cost_section(job, results), "",
              *_reproduce_section(job, results)]
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _weights_text(ema: bool | float) -> str:
+    if isinstance(ema, bool):
+        return "EMA weights" if ema else "raw, not EMA weights"
+    return f"post-hoc EMA weights of sigma_rel {ema:g}, rebuilt from the run's `train.posthoc_ema` snapshots"
 
 
 def _dedt_version() -> str:
@@ -366,7 +425,7 @@ def _reproduce_section(job: ExportPlan, results: dict[str, NodeResult]) -> list[
     keys = _upstream(job.planned, job.key) + [k for k in (f"evaluate:{job.key}",) if k in job.planned]
     config = yaml.safe_dump({job.cfg.name: job.cfg.model_dump(mode="json")}, sort_keys=False).rstrip()
     return ["## Reproducing it", "",
-            f"dedt {_dedt_version()}. {run_command(job.cfg)} with this config computes the same stage folders "
+            f"dedt {_dedt_version()}. {job.command} with this config computes the same stage folders "
             "(`<stage>/<fingerprint>` under `$DEDT_HOME`); a finished one is reused, not recomputed.", "",
             _table(["stage", "folder", "seconds"],
                    [[k, f"`{job.planned[k].stage}/{job.planned[k].out.fingerprint}`", f"{results[k].seconds:g}"]

@@ -23,6 +23,9 @@ EPILOG = """examples:
   dedt sweep frontier-mnist5k --report docs/RESULTS.md
                                              the frontier benchmark and its report (~1 hour)
   dedt export digits-demo --to models/digits  the trained model as a diffusers pipeline folder + model card
+  dedt export --sweep digits-sweep --point 'select.keep_frac=0.1 score.method=knn' --to models/p
+                                             a sweep point's model (the label as sweep --dry-run lists it)
+  dedt export digits-demo --ema 0.075 --to models/d  its post-hoc EMA of sigma_rel 0.075 (train.posthoc_ema)
   dedt server start                          local Prefect server (127.0.0.1:4200) + a process worker
   dedt deploy                                every pipeline and sweep becomes a deployment
   prefect deployment run 'dedt-pipeline/digits-demo' --watch
@@ -54,19 +57,25 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--dry-run", action="store_true", help="print the resolved config and fingerprints; run nothing")
     run.add_argument("--json", action="store_true", help="print the result as JSON instead of tables")
     export = sub.add_parser("export", help="write a trained model as a diffusers pipeline folder with a model card",
-                            description="Write a model of pipeline NAME (already run: `dedt run NAME`) to DIR as a "
+                            description="Write a model of pipeline NAME (already run: `dedt run NAME`), or of a "
+                                        "sweep's point (--sweep, --point), to DIR as a "
                                         "standard diffusers pipeline folder (model_index.json, unet/, scheduler/, vae/ "
                                         "for latent models) that DDPMPipeline/DDIMPipeline.from_pretrained(DIR) load, "
                                         "and a README.md model card generated from the run's artifacts.")
-    export.add_argument("name", help="pipeline name in the pipelines file")
+    export.add_argument("name", nargs="?", help="pipeline name in the pipelines file (or --sweep and --point)")
+    export.add_argument("--sweep", metavar="SWEEP", help="export a point of this sweep (already run: `dedt sweep`)")
+    export.add_argument("--point", metavar="LABEL",
+                        help="the sweep point, as `dedt sweep SWEEP --dry-run` lists it, e.g. 'select.keep_frac=0.1 score.method=knn'")
     export.add_argument("--pipelines", type=Path, default=Path("pipelines.yaml"), metavar="FILE")
     export.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
                         help="the same overrides the run had (they select its stages)")
     export.add_argument("--model", default="final", metavar="MODEL",
                         help="final (pruned + reweighted, or the pipeline's last model), uniform (pruned) or "
                              "reference (full data); default final")
-    export.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
-                        help="export the EMA weights (default) or, with --no-ema, the raw weights")
+    export.add_argument("--ema", nargs="?", metavar="SIGMA_REL|none",
+                        help="the weights: the run's own EMA (default, also a bare --ema), none = the raw weights, "
+                             "a number = the post-hoc EMA of that sigma_rel (a run with train.posthoc_ema: true)")
+    export.add_argument("--no-ema", dest="ema", action="store_const", const="none", help="the same as --ema none")
     export.add_argument("--to", type=Path, required=True, metavar="DIR", help="folder to write (must be empty)")
     export.add_argument("--force", action="store_true", help="replace an earlier export in DIR")
     ls = sub.add_parser("list", help="list the pipelines in a pipelines file")
@@ -155,12 +164,21 @@ def _run(args: argparse.Namespace) -> None:
 
 def _export(args: argparse.Namespace) -> None:
     from dedt.config import resolve
-    from dedt.export import export_model
+    from dedt.export import export_model, parse_ema, sweep_point
     from dedt.store import default_root
 
-    cfg = resolve(args.name, args.pipelines, args.overrides)
-    folder = export_model(cfg, default_root(), args.model, args.to, ema=args.ema, force=args.force)
-    print(f"exported the {args.model} model of {args.name} to {folder} (model card: {folder / 'README.md'})")
+    ema = parse_ema(args.ema)  # first: a bare --ema before NAME takes NAME as its value
+    if (args.name is None) == (args.sweep is None) or (args.sweep is None) != (args.point is None):
+        raise DedtError("export takes a pipeline NAME, or --sweep SWEEP with --point LABEL")
+    if args.sweep is not None and args.overrides:
+        raise DedtError("--set applies to a pipeline; a sweep point's config is its grid's values")
+    if args.sweep is None:
+        cfg, command, source = resolve(args.name, args.pipelines, args.overrides), None, args.name
+    else:
+        cfg, command = sweep_point(args.sweep, args.pipelines, args.point)
+        source = f"sweep {args.sweep} point {args.point!r}"
+    folder = export_model(cfg, default_root(), args.model, args.to, ema=ema, force=args.force, command=command)
+    print(f"exported the {args.model} model of {source} to {folder} (model card: {folder / 'README.md'})")
 
 
 def _use_local_server() -> None:

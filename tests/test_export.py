@@ -13,15 +13,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
+from safetensors.torch import load_file
 
 from dedt.config import resolve
+from dedt.diffusion.posthoc import list_posthoc_snapshots, reconstruct_ema
 from dedt.diffusion.presets import build_scheduler
 from dedt.diffusion.sample import _sample_seed, sample
 from dedt.diffusion.train import load_model
 from dedt.errors import DedtError
 from dedt.evaluate import read_metrics
-from dedt.export import check_export, export_model
+from dedt.export import check_export, export_model, run_command, sweep_point
 from dedt.pipeline import plan
 from dedt.report import summary_rows
 from dedt.runner import run_pipeline
@@ -41,6 +44,10 @@ PIPELINES = {
                     "sample": {"steps": 2, "per_class": 8},
                     "evaluate": {"classifier_epochs": 1, "kid": False, "baselines": False}},
 }
+# tiny-uncond's point False is the pipeline itself (its stages are shared); True trains one model more.
+SWEEPS = {"posthoc": {"base": "tiny-uncond", "grid": {"train.posthoc_ema": [False, True]}}}
+POSTHOC = "train.posthoc_ema=True"
+UNET = "unet/diffusion_pytorch_model.safetensors"
 # The first test's setup trains both pipelines: minutes when other jobs load the 2 cores.
 pytestmark = pytest.mark.timeout(1200)
 SEED = 7  # the noise bank both samplers draw from
@@ -52,7 +59,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """Both pipelines run once (no Prefect) into one store; their results, for the card's numbers."""
     folder = tmp_path_factory.mktemp("export")
     pipelines = folder / "pipelines.yaml"
-    pipelines.write_text(yaml.safe_dump({"pipelines": PIPELINES}))
+    pipelines.write_text(yaml.safe_dump({"pipelines": PIPELINES, "sweeps": SWEEPS}))
     store = folder / "store"
     results = {name: run_pipeline(resolve(name, pipelines), store) for name in PIPELINES}
     return {"pipelines": pipelines, "store": store, "results": results}
@@ -259,3 +266,83 @@ def test_latent_export_ships_the_vae_and_the_card_decodes_like_dedt(tmp_path):
     want = decode_latents(z, str(vae), 256) / 2 + 0.5
     assert got["images"].shape == want.shape == (3, 1, 8, 8)
     assert np.abs(got["images"] - want).max() <= TOLERANCE
+
+
+@pytest.fixture(scope="module")
+def posthoc(trained: dict) -> Path:
+    """The sweep point trained with train.posthoc_ema run once (one more 0.25 kimg model): its train folder."""
+    cfg, _ = sweep_point("posthoc", trained["pipelines"], POSTHOC)
+    return Path(run_pipeline(cfg, trained["store"])["train:uniform"].path)
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _same_tensors(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> bool:
+    return got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_a_sweep_point_exports_as_its_pipeline_with_the_same_overrides(trained, tmp_path, monkeypatch):
+    monkeypatch.setenv("DEDT_HOME", str(trained["store"]))
+    base = ["--pipelines", str(trained["pipelines"])]
+    label = "train.posthoc_ema=False"
+    point, pipeline = tmp_path / "point", tmp_path / "pipeline"
+    assert main(["export", "--sweep", "posthoc", "--point", label, "--to", str(point)] + base) == 0
+    assert main(["export", "tiny-uncond", "--set", "train.posthoc_ema=false", "--to", str(pipeline)] + base) == 0
+    got, want = _files(point), _files(pipeline)
+    assert UNET in got and "scheduler/scheduler_config.json" in got
+    cards = got.pop("README.md").decode(), want.pop("README.md").decode()
+    assert got == want
+    # The cards differ only in the folder of the usage example and the command that computes the stages.
+    sweep = f"`dedt sweep posthoc` (point `{label}`, with the same --pipelines)"
+    assert sweep in cards[0]
+    assert cards[0].replace(str(point), str(pipeline)).replace(
+        sweep, run_command(resolve("tiny-uncond", trained["pipelines"]))) == cards[1]
+
+
+def test_ema_none_exports_the_raw_weights_and_the_default_the_runs_ema(trained, tmp_path, monkeypatch):
+    monkeypatch.setenv("DEDT_HOME", str(trained["store"]))
+    base = ["tiny-uncond", "--pipelines", str(trained["pipelines"])]
+    run = Path(trained["results"]["tiny-uncond"]["train:uniform"].path)
+    for flags, weights in [(["--ema", "none"], "model"), (["--no-ema"], "model"), ([], "ema"), (["--ema"], "ema")]:
+        folder = tmp_path / "-".join(["x", *flags])
+        assert main(["export", *base, *flags, "--to", str(folder)]) == 0, flags
+        assert _same_tensors(load_file(folder / UNET), load_file(run / f"{weights}.safetensors")), flags
+        assert ("raw, not EMA weights" in (folder / "README.md").read_text()) == (weights == "model")
+
+
+def test_ema_sigma_rel_exports_the_posthoc_reconstruction(trained, posthoc, tmp_path, monkeypatch):
+    monkeypatch.setenv("DEDT_HOME", str(trained["store"]))
+    folder = tmp_path / "posthoc"
+    assert main(["export", "--sweep", "posthoc", "--point", POSTHOC, "--ema", "0.075", "--to", str(folder),
+                 "--pipelines", str(trained["pipelines"])]) == 0
+    want = reconstruct_ema(list_posthoc_snapshots(posthoc), 0.075)
+    assert _same_tensors(load_file(folder / UNET), want)
+    assert not _same_tensors(want, load_file(posthoc / "ema.safetensors"))  # not the run's own EMA
+    assert "post-hoc EMA weights of sigma_rel 0.075" in (folder / "README.md").read_text()
+
+
+def test_bad_sweep_point_or_ema_exits_2_with_one_line(trained, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("DEDT_HOME", str(trained["store"]))
+    to = ["--to", str(tmp_path / "a"), "--pipelines", str(trained["pipelines"])]
+    cases = [
+        (["--sweep", "posthoc", "--point", "seed=1"],
+         "has no point 'seed=1'; its points: 'train.posthoc_ema=False', 'train.posthoc_ema=True'"),
+        (["--sweep", "nope", "--point", "seed=1"], "no sweep 'nope'"),
+        (["--sweep", "posthoc"], "--sweep SWEEP with --point LABEL"),
+        (["tiny", "--point", POSTHOC], "--sweep SWEEP with --point LABEL"),
+        (["tiny", "--sweep", "posthoc", "--point", POSTHOC], "--sweep SWEEP with --point LABEL"),
+        (["--sweep", "posthoc", "--point", POSTHOC, "--set", "seed=1"], "--set applies to a pipeline"),
+        (["tiny", "--ema", "0.075"], "--set train.posthoc_ema=true"),
+        (["tiny", "--ema", "0.5"], "sigma_rel must be in (0, 0.2887)"),
+        (["tiny", "--ema", "half"], "--ema takes a sigma_rel"),
+    ]
+    for args, needle in cases:
+        assert main(["export", *args, *to]) == 2, args
+        err = capsys.readouterr().err.strip()
+        assert needle in err and len(err.splitlines()) == 1, (args, err)
+    assert not (tmp_path / "a").exists()
+    cfg = resolve("tiny", trained["pipelines"], [f"export.to={tmp_path / 'a'}", "export.ema=0.075"])
+    with pytest.raises(DedtError, match="train.posthoc_ema: true"):
+        check_export(cfg, trained["store"])  # before a deployment run trains anything
