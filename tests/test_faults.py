@@ -36,7 +36,10 @@ REPO = Path(__file__).resolve().parent.parent
 SEED = 20240917
 DEFAULT_KILLS = 20
 SOAK_KILLS = int(os.environ.get("DEDT_SOAK_KILLS", "0"))
-TIMING_KEYS = {"seconds", "images_per_s", "mfu", "proxy_seconds", "proxy_images_per_s"}
+TIMING_KEYS = {"seconds", "images_per_s", "mfu", "proxy_seconds", "proxy_images_per_s",
+               "train_s_per_img", "proxy_s_per_img", "overhead_seconds", "reference_seconds"}
+# curve.parquet's wall-clock columns: measured, like the seconds of summary.json
+CURVE_TIMING_COLUMNS = ("train_seconds", "overhead_seconds", "reference_seconds")
 ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
        "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PYTHONPATH": str(REPO), "TQDM_DISABLE": "1"}
 
@@ -311,7 +314,8 @@ class Zygote:
 
 
 def normalised_digest(path: Path) -> str:
-    """SHA-256 of the file; for summary.json and log.jsonl, of their content minus wall-clock fields."""
+    """SHA-256 of the file; for summary.json, log.jsonl and curve.parquet, of their content minus
+    wall-clock fields (the calibrate stage's per-image costs are measurements too)."""
     def strip(obj):  # noqa: ANN001, ANN202
         if isinstance(obj, dict):
             return {k: strip(v) for k, v in obj.items() if k not in TIMING_KEYS}
@@ -319,6 +323,11 @@ def normalised_digest(path: Path) -> str:
 
     if path.name == "summary.json":
         data = json.dumps(strip(json.loads(path.read_text())), sort_keys=True).encode()
+    elif path.name == "curve.parquet":
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(path)
+        data = json.dumps(table.drop_columns(list(CURVE_TIMING_COLUMNS)).to_pylist(), sort_keys=True).encode()
     elif path.name == "log.jsonl":
         lines = [json.dumps(strip(json.loads(line)), sort_keys=True) for line in path.read_text().splitlines()]
         data = "\n".join(lines).encode()
