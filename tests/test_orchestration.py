@@ -211,7 +211,7 @@ def test_deployment_run_completes_with_artifacts(server: Server, runs: dict[str,
 @pytest.mark.server
 def test_gpu_pool_dispatch(server: Server, runs: dict[str, dict[str, Any]]) -> None:
     run = runs["nano-gpu"]
-    assert run["state"]["type"] == "COMPLETED", run["state"]
+    assert run["state"]["type"] == "COMPLETED", (run["state"], _error_logs(server))
     stage_runs = server.post("/flow_runs/filter", {"deployments": {"name": {"any_": ["gpu"]}}})
     names = {r["name"].removeprefix("nano-gpu:") for r in stage_runs}
     from tasks.stages import GPU_STAGES
@@ -225,6 +225,12 @@ def test_gpu_pool_dispatch(server: Server, runs: dict[str, dict[str, Any]]) -> N
     parents = {r["parent_task_run_id"] for r in stage_runs}
     parent_flow = {server.get(f"/task_runs/{p}")["flow_run_id"] for p in parents}
     assert parent_flow == {run["id"]}
+
+
+def _error_logs(server: Server) -> list[str]:
+    """The server's error-level log lines (what a failed run says), for an assertion message."""
+    logs = server.post("/logs/filter", {"logs": {"level": {"ge_": 40}}, "limit": 20})
+    return [entry["message"][-2000:] for entry in logs]
 
 
 def test_docker_files_parse_and_reference_what_exists():

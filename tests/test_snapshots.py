@@ -56,3 +56,11 @@ def test_killed_run_resumes_to_the_same_snapshots(tmp_path, one_thread):
 def test_power_ema_rejects_half_life_options():
     with pytest.raises(ValueError, match="ema_sigma_rel"):
         TrainOptions(ema="power", ema_halflife_kimg=4.0)
+
+
+@pytest.mark.parametrize("options", [dict(ema="power"), dict(ema_decay=0.9999), dict(timestep_weighting="min-snr"),
+                                     dict(posthoc_ema=True, ema="power")])
+def test_options_validate_again_from_a_full_dump(options):
+    """A GPU worker receives the resolved config as a full dump (every field given): it must validate."""
+    resolved = TrainOptions(**options)
+    assert TrainOptions.model_validate(resolved.model_dump()) == resolved

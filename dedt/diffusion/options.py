@@ -135,15 +135,20 @@ class TrainOptions(BaseModel):
             raise ValueError(f"unknown preset {value!r}; known presets: {', '.join(sorted(PRESETS))}")
         return value
 
+    def _changed(self, name: str) -> bool:
+        return getattr(self, name) != type(self).model_fields[name].default
+
     @model_validator(mode="after")
     def _one_ema_rule(self) -> TrainOptions:
-        if self.ema_decay is not None and "ema_halflife_kimg" in self.model_fields_set:
+        # "changed" = differs from the default, not "was given": a resolved config travels to GPU workers
+        # as a full dump, every field given, and must validate there as it did here
+        if self.ema_decay is not None and self._changed("ema_halflife_kimg"):
             raise ValueError("set either ema_decay or ema_halflife_kimg, not both")
-        if self.ema == "power" and ({"ema_decay", "ema_halflife_kimg"} & self.model_fields_set):
+        if self.ema == "power" and (self.ema_decay is not None or self._changed("ema_halflife_kimg")):
             raise ValueError("ema 'power' is set by ema_sigma_rel; ema_decay and ema_halflife_kimg are for 'halflife'")
-        if self.timestep_weighting != "min-snr" and "snr_gamma" in self.model_fields_set:
+        if self.timestep_weighting != "min-snr" and self._changed("snr_gamma"):
             raise ValueError("snr_gamma is for timestep_weighting 'min-snr'")
-        if not self.posthoc_ema and "posthoc_snapshots" in self.model_fields_set:
+        if not self.posthoc_ema and self._changed("posthoc_snapshots"):
             raise ValueError("posthoc_snapshots needs posthoc_ema: true")
         return self
 
