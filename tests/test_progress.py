@@ -141,7 +141,7 @@ def test_a_pipeline_stage_creates_a_progress_artifact(prefect_harness, store, pi
 
     from prefect import flow
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterType
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterType
 
     from dedt.config import resolve
     from dedt.pipeline import plan, run_node
@@ -154,11 +154,14 @@ def test_a_pipeline_stage_creates_a_progress_artifact(prefect_harness, store, pi
     def encode_only() -> dict:
         return STAGE_TASKS["encode"](cfg, "encode", str(store))
 
-    assert encode_only()["cached"] is False
+    state = encode_only(return_state=True)
+    assert state.result()["cached"] is False
+    run_id = state.state_details.flow_run_id
 
-    async def progress_artifacts():
+    async def progress_artifacts():  # this run's only: the test session's server holds other tests' too
         async with get_client() as client:
-            only_progress = ArtifactFilter(type=ArtifactFilterType(any_=["progress"]))
+            only_progress = ArtifactFilter(type=ArtifactFilterType(any_=["progress"]),
+                                           flow_run_id=ArtifactFilterFlowRunId(any_=[run_id]))
             return await client.read_artifacts(artifact_filter=only_progress)
 
     artifacts = asyncio.run(progress_artifacts())
