@@ -21,6 +21,7 @@ from dedt.diffusion.presets import PRESETS, Preset, build_model, build_scheduler
 from dedt.diffusion.sampler import BatchSampler
 from dedt.diffusion.train import Trainer, World, check_inputs, load_model, per_sample_loss, train
 from dedt.errors import DedtError
+from tests.helpers import Kill, kill_at
 
 NUM_CLASSES = 4
 # 16 steps of batch 16 = 0.256 kimg; a checkpoint every 4 steps, a log line every 2.
@@ -48,18 +49,6 @@ def log_records(run_dir: Path) -> list[dict]:
     """Log lines without the timing fields, which legitimately differ between runs."""
     lines = (run_dir / "log.jsonl").read_text().splitlines()
     return [{k: v for k, v in json.loads(x).items() if k not in ("images_per_s", "seconds")} for x in lines]
-
-
-class Kill(Exception):
-    """Raised from on_step to simulate a run killed mid-way."""
-
-
-def kill_at(step: int):
-    def hook(current: int, nimg: int) -> None:
-        if current == step:
-            raise Kill
-
-    return hook
 
 
 @pytest.fixture

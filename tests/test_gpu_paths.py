@@ -23,24 +23,13 @@ from dedt.diffusion.presets import PRESETS, Preset, build_model
 from dedt.diffusion.train import World, _identity, _init_world, backend_flags, forward_flops, train
 from dedt.precision import ieee_fp32, tf32
 from dedt.store import file_sha256
+from tests.helpers import Kill, kill_at, tiny_vae
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 REPO = Path(__file__).resolve().parents[1]
 # 12 steps of batch 16; a checkpoint every 4 steps.
 TINY = dict(budget_kimg=0.192, batch_size=16, checkpoint_every_kimg=0.064, log_every_kimg=0.032, warmup_kimg=0.1)
-
-
-class Kill(Exception):
-    """Raised from on_step to simulate a run killed mid-way."""
-
-
-def kill_at(step: int):
-    def hook(current: int, nimg: int) -> None:
-        if current == step:
-            raise Kill
-
-    return hook
 
 
 @pytest.fixture
@@ -355,16 +344,10 @@ def test_ddpm_on_the_cpu_keeps_each_samples_own_stream() -> None:
 
 
 def test_vae_decode_halves_its_batch_when_the_gpu_runs_out_of_memory(tmp_path: Path) -> None:
-    from diffusers import AutoencoderKL
-
     from dedt.diffusion.latents import decode_latents, encode_latents
 
     torch.manual_seed(0)
-    vae = AutoencoderKL(
-        in_channels=1, out_channels=1, latent_channels=4, block_out_channels=(8, 16),
-        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-        layers_per_block=1, norm_num_groups=4, sample_size=8,
-    )  # fmt: skip
+    vae = tiny_vae()
     latents = encode_latents(np.random.default_rng(0).uniform(-1, 1, (7, 1, 8, 8)).astype(np.float32), vae)
     expected = decode_latents(latents, vae, batch_size=7)
     real_decode, batches = vae.decode, []

@@ -11,6 +11,7 @@ import torch
 from dedt import progress
 from dedt.diffusion.options import TrainOptions
 from dedt.diffusion.presets import build_model
+from tests.helpers import tiny_vae
 from dedt.reweight import train_proxy
 
 OPTIONS = TrainOptions(preset="digits-tiny", batch_size=12, lr=1e-3)
@@ -118,17 +119,11 @@ def test_sampling_and_encoding_report_progress(monkeypatch, tmp_path):
 
 
 def test_latent_encoding_reports_progress(monkeypatch):
-    from diffusers import AutoencoderKL
-
     from dedt.diffusion.latents import encode_latents
 
     monkeypatch.setattr(progress, "REPORT_EVERY_S", 0.0)
     torch.manual_seed(0)
-    vae = AutoencoderKL(
-        in_channels=1, out_channels=1, latent_channels=4, block_out_channels=(8, 16),
-        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-        layers_per_block=1, norm_num_groups=4, sample_size=8,
-    )  # fmt: skip
+    vae = tiny_vae()
     calls = []
     images, _ = _data(n=7)
     encode_latents(images, vae, batch_size=3, on_progress=lambda done, total, info: calls.append((done, total)))

@@ -1,0 +1,29 @@
+"""Small builders shared by several test modules (fixtures live in conftest.py)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class Kill(Exception):
+    """Raised from on_step to simulate a run killed mid-way."""
+
+
+def kill_at(step: int):
+    """An ``on_step`` hook that raises Kill once the run reaches ``step``."""
+    def hook(current: int, nimg: int) -> None:
+        if current == step:
+            raise Kill
+
+    return hook
+
+
+def tiny_vae() -> Any:
+    """A random-init 1-channel AutoencoderKL for 8x8 images (4 latent channels, 4x4 latents)."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=1, out_channels=1, latent_channels=4, block_out_channels=(8, 16),
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        layers_per_block=1, norm_num_groups=4, sample_size=8,
+    )  # fmt: skip
