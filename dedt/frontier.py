@@ -169,17 +169,13 @@ def plot_curves(all_arms: Sequence[Arm], ys: Yardstick, s_per_img: float, proxy_
         ax.step(*zip(*lower), where="post", color="grey", ls=":", lw=1.5, label="lower envelope")
         for name, target in ys.targets.items():
             ax.axhline(target, color="grey", lw=0.5)
-            ax.annotate(name, (x_min(envelope), target), fontsize=6)
+            ax.annotate(name, (envelope[0][0], target), fontsize=6)  # sorted: the leftmost x
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set(xlabel="calibrated seconds (training + one-off costs)" if use_seconds else "images seen (kimg)",
                ylabel="FD (mean over seeds)", title="time to quality" if use_seconds else "FD vs images seen")
         ax.legend(fontsize=6, ncol=2)
         save_figure(fig, path)
-
-
-def x_min(points: Sequence[tuple[float, float]]) -> float:
-    return min(x for x, _ in points)
 
 
 def plot_noise(noise: Sequence[float], path: Path) -> None:

@@ -405,12 +405,13 @@ def run_curve(cfg: PipelineConfig, inputs: dict[str, StageDir], out: StageDir) -
     points_dir = out.path / "points"
     points_dir.mkdir(exist_ok=True)
 
-    def measure(weights: Any, bank_seed: int) -> dict[str, Any]:
-        model = load_model(model_dir, ema=True)
-        if weights is not None:
-            from safetensors.torch import load_file
+    from safetensors.torch import load_file
 
-            model.load_state_dict(load_file(weights))
+    model = load_model(model_dir, ema=True)  # one UNet; each point loads its weights into it
+    final_weights = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def measure(weights: Any, bank_seed: int) -> dict[str, Any]:
+        model.load_state_dict(final_weights if weights is None else load_file(weights))
         fake, fake_labels = generate(cfg, model, preset, labels, classifier_file, bank_seed)
         rows = evaluate.evaluate_samples(fake, fake_labels, [space], source, names, prdc_k=ev.prdc_k,
                                          with_kid=False, seed=cfg.seed)
