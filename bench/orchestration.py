@@ -39,7 +39,7 @@ sys.path.insert(0, str(REPO))
 
 from flows import server  # noqa: E402
 
-# Budgets merged into digits-demo. tiny: tests/conftest.py's TINY, minutes on 2 CPU cores; nano:
+# Budgets merged into digits-demo. tiny: tests/helpers.py's TINY, minutes on 2 CPU cores; nano:
 # two optimiser steps per model (tests/test_orchestration.py), where orchestration dominates.
 BUDGETS = {
     "tiny": {"reweight": {"reference_kimg": 1.0, "proxy_kimg": 0.5},

@@ -18,8 +18,7 @@ from dedt.diffusion.options import SampleOptions, TrainOptions
 from dedt.errors import DedtError
 from dedt.reweight import DEFAULT_ETA
 from dedt.safe_yaml import load_yaml, read_yaml_text
-
-SCORER_NAMES = ("gaussian", "ppca", "knn", "moderate", "random", "kcenter", "ccs")
+from dedt.scoring import SCORERS
 
 
 class Section(BaseModel):
@@ -91,7 +90,7 @@ class EncodeConfig(Section):
 
 
 class ScoreConfig(Section):
-    method: str = Field("gaussian", description="gaussian | ppca | knn | moderate | random | kcenter | ccs")
+    method: str = Field("gaussian", description=" | ".join(SCORERS))
     per_class: bool = Field(True, description="fit each class separately (the paper's default)")
     k: int = Field(5, ge=1, description="neighbour rank for the knn scorer")
     index: Literal["auto", "exact", "ivf", "hnsw"] = Field(
@@ -101,8 +100,8 @@ class ScoreConfig(Section):
     @field_validator("method")
     @classmethod
     def _known_method(cls, name: str) -> str:
-        if name not in SCORER_NAMES:
-            raise ValueError(f"unknown scorer {name!r}; choose one of {', '.join(SCORER_NAMES)}")
+        if name not in SCORERS:
+            raise ValueError(f"unknown scorer {name!r}; choose one of {', '.join(SCORERS)}")
         return name
 
 
@@ -137,7 +136,8 @@ class ReweightConfig(Section):
     reference_kimg: float = Field(64.0, gt=0.0, description="reference DM budget on the full data, kimg")
     proxy_kimg: float = Field(32.0, gt=0.0, description="proxy DM budget on the subset, kimg")
     reference_path: str | None = Field(
-        None, description="local diffusers UNet folder to use as reference instead of training one")
+        None, description="local diffusers UNet2DModel folder (or a pipeline folder with unet/) to use as the "
+                          "reference instead of training one")
     groups: Literal["class", "kmeans"] = Field(
         "class", description="DRO groups: classes, or k-means clusters of the embeddings (unlabelled data)")
     clusters: int = Field(10, ge=2, description="k of k-means when groups=kmeans")
@@ -145,7 +145,6 @@ class ReweightConfig(Section):
     t_max_frac: float = Field(1.0, gt=0.0, le=1.0, description="excess counted only for t < t_max_frac * T")
     proxy_data: Literal["subset", "full"] = Field("subset", description="where the proxy trains")
     rounds: int = Field(1, ge=1, description="iterated DRO: each round re-trains the reference with the last weights")
-    reference_path: str | None = Field(None, description="local diffusers checkpoint folder to use as reference")
 
 
 class EvaluateConfig(Section):

@@ -10,6 +10,8 @@ Coverage scorers turn a ranking into a score, 1 - position / n_group, so each gr
 scores 1 and a global top-r selection takes about the same fraction r of every group.
 Numerics: gaussian and ppca accumulate in float64 over row chunks of ~64 MB, so their memory is
 O(chunk + d^2) beyond the input, never a float64 copy of all N rows.
+scipy and faiss are imported inside the scorers that use them, so ``dedt.config`` can validate
+``score.method`` against ``SCORERS`` without loading either.
 """
 
 from __future__ import annotations
@@ -22,10 +24,8 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
-from scipy.linalg import solve_triangular
 
 from dedt.errors import DedtError
-from dedt.knn import knn
 from dedt.selection import class_groups
 
 Group = tuple[int | None, np.ndarray]  # (class label, or None for "all samples"; ascending rows)
@@ -90,6 +90,8 @@ def gaussian(x: np.ndarray) -> np.ndarray:
             "gaussian: the covariance is not positive definite even with the 1e-5 ridge (feature scale "
             f"up to {float(np.abs(cov).max()):.3g}); standardise the embeddings or use the ppca scorer"
         ) from None
+    from scipy.linalg import solve_triangular
+
     whiten = solve_triangular(chol, np.eye(len(cov)), lower=True).T  # (x - mu) @ whiten = L^-1 (x - mu)
     maha = np.concatenate([_sq_norms((c - mean) @ whiten) for c in _chunks(x)])
     return -0.5 * (maha + 2.0 * np.log(np.diag(chol)).sum() + x.shape[1] * LOG_2PI)
@@ -139,6 +141,8 @@ def knn_score(
     Exact by default (PAPER.md); ``index`` = ivf / hnsw / auto trades measured recall for speed at
     millions of rows (``bench/knn.py``).
     """
+    from dedt.knn import knn
+
     dist, _ = knn(x, k, exclude_self=True, index=index, device=device, nprobe=nprobe, ef_search=ef_search)
     kth = dist[:, -1].astype(np.float64)
     if not np.isfinite(kth).all():

@@ -8,22 +8,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.helpers import TINY
+
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
-
-# Minimal budgets: every stage real, the whole pipeline in well under a minute on 2 cores.
-TINY = {
-    "seed": 0,
-    "dataset": {"source": "digits"},
-    "encode": {"encoder": "pixels"},
-    "score": {"method": "gaussian"},
-    "select": {"keep_frac": 0.3},
-    "reweight": {"method": "doremi", "reference_kimg": 1.0, "proxy_kimg": 0.5},
-    "train": {"preset": "digits-tiny", "budget_kimg": 0.5, "batch_size": 64, "checkpoint_every_kimg": 0.25},
-    "sample": {"steps": 2, "per_class": 8},
-    "evaluate": {"classifier_epochs": 1},
-}
 
 
 @pytest.fixture()

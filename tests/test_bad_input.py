@@ -28,7 +28,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from tests.conftest import TINY
+from tests.helpers import TINY
 
 REPO = Path(__file__).resolve().parent.parent
 ENV = {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}

@@ -63,3 +63,23 @@ def test_repo_pipelines_validate():
     path = Path(__file__).parent.parent / "pipelines.yaml"
     for name in load_pipelines(path):
         resolve(name, path)
+
+
+def test_score_methods_are_the_scorer_registry():
+    from dedt.scoring import SCORERS
+
+    for name in SCORERS:
+        assert build_config({}, "p", [f"score.method={name}"]).score.method == name
+    with pytest.raises(DedtError) as err:
+        build_config({}, "p", ["score.method=magic"])
+    assert ", ".join(SCORERS) in str(err.value)
+
+
+def test_config_validates_without_loading_scipy_or_faiss():
+    import subprocess
+    import sys
+
+    code = ("import sys; from dedt.config import build_config; build_config({}, 'p', ['score.method=knn']); "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'scipy', 'faiss', 'torch'}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -24,7 +24,7 @@ from dedt.evaluate import (
 from dedt.metrics.inception import WEIGHTS_ENV, WEIGHTS_FILE
 from dedt.metrics.registry import FeatureSpace, feature_space, to_uint8, validate_feature_space
 from dedt.pipeline import plan
-from tests.conftest import TINY
+from tests.helpers import TINY
 
 torch.set_num_threads(1)
 

@@ -158,7 +158,7 @@ def test_latents_stage_in_the_pipeline(tmp_path: Path) -> None:
     decoded before evaluation. Without it the plan has no latents stage."""
     from dedt.config import build_config
     from dedt.pipeline import plan, run_node
-    from tests.conftest import TINY
+    from tests.helpers import TINY
 
     vae = save_tiny_vae(tmp_path / "vae")
     small = {**TINY, "reweight": {"method": "uniform"}, "evaluate": {"classifier_epochs": 1, "baselines": False,

@@ -24,7 +24,7 @@ import pytest
 import yaml
 
 from flows.server import free_port
-from tests.conftest import TINY
+from tests.helpers import TINY
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -8,7 +8,7 @@ import pytest
 
 from dedt.config import build_config
 from dedt.pipeline import plan
-from tests.conftest import TINY
+from tests.helpers import TINY
 
 
 def _fingerprints(overrides=()):

@@ -167,7 +167,7 @@ def test_rounds_2_with_kmeans_groups_and_a_conditional_model(store, monkeypatch)
     import dedt.reweight as reweight
     from dedt.config import build_config
     from dedt.pipeline import plan, run_node
-    from tests.conftest import TINY
+    from tests.helpers import TINY
 
     cfg = build_config(TINY, "tiny", ["reweight.groups=kmeans", "reweight.clusters=4", "train.conditional=false",
                                       "reweight.rounds=2", "reweight.proxy_kimg=0.256", "reweight.reference_kimg=0.256"])

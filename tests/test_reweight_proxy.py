@@ -125,7 +125,7 @@ def test_kmeans_groups_reweight_unlabelled_pipeline(store):
 
     from dedt.config import build_config
     from dedt.pipeline import plan, run_node
-    from tests.conftest import TINY
+    from tests.helpers import TINY
 
     cfg = build_config(TINY, "tiny", ["reweight.groups=kmeans", "reweight.clusters=4", "train.conditional=false"])
     planned = plan(cfg, store)

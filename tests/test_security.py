@@ -276,7 +276,7 @@ def test_dry_run_over_a_marker_naming_a_device_ends(tmp_path: Path) -> None:
     reports the stage as to run."""
     from dedt.config import build_config
     from dedt.pipeline import plan
-    from tests.conftest import TINY
+    from tests.helpers import TINY
 
     (tmp_path / "pipelines.yaml").write_text(yaml.safe_dump({"pipelines": {"p": TINY}}))
     data = plan(build_config(TINY, "p"), tmp_path / "store")["data"].out

@@ -15,7 +15,7 @@ from dedt.errors import DedtError
 from dedt.pipeline import NodeResult, plan
 from dedt.sweep import comparison_rows, expand, load_sweeps, node_id, plot_comparison, unique_nodes
 from flows.cli import main
-from tests.conftest import TINY
+from tests.helpers import TINY
 
 # Two optimiser steps per model, no DRO and no baselines: per point only select, the pruned
 # model and its evaluation; data, encode, score and the classifier are shared.
