@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from dedt import stages
+from dedt.artifacts import CONFIG, SUMMARY, read_summary
 from dedt.config import PipelineConfig
 from dedt.errors import DedtError
 from dedt.store import CorruptArtifactWarning, StageDir, atomic_write_text, fingerprint
@@ -42,6 +43,7 @@ class Node:
     inputs: dict[str, str]  # role -> key of the input node
     run: StageFn
     out: StageDir = field(compare=False, default=None)  # type: ignore[assignment]
+    trains_dm: bool = False  # trains or loads a diffusion model: reads the VAE latents in latent diffusion
 
 
 @dataclass
@@ -76,8 +78,18 @@ def _dataset_config(cfg: PipelineConfig) -> dict[str, Any]:
 
 
 def _select_config(cfg: PipelineConfig) -> dict[str, Any]:
-    """The select stage's options; dedup and trimming enter only when on (other pipelines keep their fingerprints)."""
-    return cfg.select.model_dump(exclude=set() if cfg.select.cleans else {"dedup_threshold", "trim_outliers_frac"})
+    """The select stage's options; dedup and trimming, stratification and weighted counts enter only when on
+    (other pipelines keep their fingerprints)."""
+    sel = cfg.select
+    off = set() if sel.cleans else {"dedup_threshold", "trim_outliers_frac"}
+    off |= set() if sel.stratifies else {"strata", "strata_k", "within", "band_low", "band_high"}
+    off |= set() if sel.keep_by == "weights" else {"keep_by"}
+    return sel.model_dump(exclude=off)
+
+
+def _select_reads_weights(cfg: PipelineConfig) -> bool:
+    """select.keep_by: weights: the reweight stage (its proxy on the full data) runs before select."""
+    return cfg.select.keep_by == "weights" and not _keeps_all(cfg)
 
 
 def _checkpoint_identity(path: str) -> dict[str, Any]:
@@ -101,18 +113,20 @@ def nodes(cfg: PipelineConfig) -> list[Node]:
     if _keeps_all(cfg):  # every scorer keeps everything: one select for all of them, no encode or score
         select = Node("select", "select", {"select": {"keep_frac": 1.0}}, {"data": "data"}, stages.run_select)
     else:
-        cleaning = {"encode": "encode"} if cfg.select.cleans else {}  # dedup and trimming read the embeddings
+        # Dedup, trimming and k-means strata read the embeddings; weighted counts, the DRO class weights.
+        cleaning = {"encode": "encode"} if cfg.select.cleans or cfg.select.stratifies else {}
+        cleaning |= {"reweight": "reweight"} if _select_reads_weights(cfg) else {}
         select = Node("select", "select", {"select": _select_config(cfg)}, {"score": "score"} | cleaning,
                       stages.run_select)
     if cfg.reweight.reference_path:
         reference = Node("reference", "reference", {"reference": _checkpoint_identity(cfg.reweight.reference_path)},
-                         {"data": "data"}, stages.run_reference_checkpoint)
+                         {"data": "data"}, stages.run_reference_checkpoint, trains_dm=True)
     else:
         reference = Node("reference", "train", _train_config(cfg, cfg.reweight.reference_kimg) | {"subset": "full"},
-                         {"data": "data"}, stages.run_train)
+                         {"data": "data"}, stages.run_train, trains_dm=True)
     budget = cfg.subset_budget_kimg
     baseline = Node("train:uniform", "train", _train_config(cfg, budget) | {"subset": "selected", "weights": "uniform"},
-                    {"data": "data", "select": "select"}, stages.run_train)
+                    {"data": "data", "select": "select"}, stages.run_train, trains_dm=True)
     classifier = Node("classifier", "classifier", {"evaluate": {"classifier_epochs": cfg.evaluate.classifier_epochs},
                                                    "seed": cfg.seed}, {"data": "data"}, stages.run_classifier)
     needs_encode = not _keeps_all(cfg) or cfg.reweight.groups == "kmeans"
@@ -127,10 +141,13 @@ def nodes(cfg: PipelineConfig) -> list[Node]:
         rw_inputs |= {"encode": "encode"} if cfg.reweight.groups == "kmeans" else {}
         # Iterated rounds re-train the reference with the full-data budget inside this stage.
         reweight = Node("reweight", "reweight", {"reweight": cfg.reweight.model_dump(exclude={"reference_path"})}
-                        | _train_config(cfg, None), rw_inputs, stages.run_reweight)
+                        | _train_config(cfg, None), rw_inputs, stages.run_reweight, trains_dm=True)
         weighted = Node("train", "train", _train_config(cfg, budget) | {"subset": "selected", "weights": "reweight"},
-                        {"data": "data", "select": "select", "reweight": "reweight"}, stages.run_train)
+                        {"data": "data", "select": "select", "reweight": "reweight"}, stages.run_train, trains_dm=True)
         graph += [reference, reweight]
+        if _select_reads_weights(cfg):  # select follows the weights it reads
+            graph.remove(select)
+            graph.append(select)
         models = {"train": weighted, **(models if cfg.evaluate.baselines else {})}
     elif cfg.evaluate.baselines:
         graph.append(reference)
@@ -151,8 +168,7 @@ def nodes(cfg: PipelineConfig) -> list[Node]:
 
         latents = Node("latents", "latents", {"vae": vae_identity(cfg.train.vae_path)}, {"data": "data"},
                        stages.run_latents)
-        on_latents = (stages.run_train, stages.run_reweight, stages.run_reference_checkpoint, stages.run_calibrate)
-        graph = [graph[0], latents] + [replace(n, inputs=n.inputs | {"latents": "latents"}) if n.run in on_latents
+        graph = [graph[0], latents] + [replace(n, inputs=n.inputs | {"latents": "latents"}) if n.trains_dm
                                        else n for n in graph[1:]]
     return graph
 
@@ -164,15 +180,18 @@ def _curve_nodes(cfg: PipelineConfig, models: dict[str, Node], present: set[str]
     if "reference" in models:
         speed = cfg.train.model_dump(include={"preset", "batch_size", "precision", "channels_last", "compile", "tf32",
                                               "conditional", "optimizer", "device"})
-        out.append(Node("calibrate", "calibrate", {"train": speed}, {"data": "data"}, stages.run_calibrate))
+        out.append(Node("calibrate", "calibrate", {"train": speed}, {"data": "data"}, stages.run_calibrate,
+                        trains_dm=True))
     if cfg.train.snapshots == 0:
         return out
     for key, model in models.items():
         if cfg.evaluate.curves == "full" and key != "reference":
             continue
-        # The one-off costs a model carries: what selected its data and, reweighted, the proxy and its reference.
+        # The one-off costs a model carries: what selected its data and, reweighted (or its data selected by the
+        # DRO weights), the proxy and its reference.
         costs = [r for r in ("encode", "score", "select") if r in present and "select" in model.inputs]
-        costs += ["reweight", "reference"] if "reweight" in model.inputs else []
+        dro = "reweight" in model.inputs or ("select" in model.inputs and _select_reads_weights(cfg))
+        costs += ["reweight", "reference"] if dro else []
         out.append(Node(f"curve:{key}", "curve", {"sample": cfg.sample.model_dump(exclude={"batch_size"}),
                                                   "evaluate": cfg.evaluate.model_dump(include={"feature_spaces",
                                                                                                "prdc_k"}),
@@ -188,8 +207,7 @@ def plan(cfg: PipelineConfig, root: Path) -> dict[str, Node]:
     for node in nodes(cfg):
         input_fps = {role: planned[key].out.fingerprint for role, key in node.inputs.items()}
         fp = fingerprint(node.stage, VERSIONS[node.stage], node.config, input_fps)
-        planned[node.key] = Node(node.key, node.stage, node.config, node.inputs, node.run,
-                                 StageDir(Path(root), node.stage, fp))
+        planned[node.key] = replace(node, out=StageDir(Path(root), node.stage, fp))
     return planned
 
 
@@ -225,10 +243,10 @@ def run_node(cfg: PipelineConfig, planned: dict[str, Node], key: str) -> NodeRes
                 raise DedtError(f"{key}: cannot write in {out.path}: {exc.strerror} ({exc.filename}); free disk "
                                 "space or fix permissions, then re-run: finished work is kept") from exc
             summary["seconds"] = round(time.perf_counter() - start, 3)
-            atomic_write_text(out.file("summary.json"), json.dumps(summary, indent=2, sort_keys=True))
+            atomic_write_text(out.file(SUMMARY), json.dumps(summary, indent=2, sort_keys=True))
             files = sorted(p.name for p in out.path.iterdir() if p.is_file() and not p.name.startswith((".", "_"))
-                           and p.name != "config.json")
+                           and p.name != CONFIG)
             out.mark_complete(files, {"key": key, "stage": node.stage, **node.config,
                                       "inputs": {r: i.fingerprint for r, i in inputs.items()}})
-    summary = out.read_json("summary.json")
+    summary = read_summary(out)
     return NodeResult(key, out.fingerprint, str(out.path), cached, summary["seconds"], summary)

@@ -86,15 +86,45 @@ def run_select(cfg: PipelineConfig, inputs: dict[str, StageDir], out: StageDir) 
     pool, cleaning = np.arange(len(ids)), {}
     if cfg.select.cleans:  # near-duplicate removal and outlier trimming before the keep rule (dedt.dedup)
         pool, cleaning = _clean(cfg, inputs["encode"], ids, labels, scores, out)
-    kept = pool[select(scores[pool], labels[pool], cfg.select.keep_frac, per_class=cfg.select.per_class)]
+    levers = {}
+    if "score" in inputs and (cfg.select.stratifies or "reweight" in inputs):  # dedt.stratify
+        kept, levers = _stratified(cfg, inputs, ids, labels, scores, pool)
+    else:
+        kept = pool[select(scores[pool], labels[pool], cfg.select.keep_frac, per_class=cfg.select.per_class)]
     order = np.lexsort((ids, -scores))  # rank 0 = highest score, ties by sample id
     rank = np.empty(len(ids), np.int64)
     rank[order] = np.arange(len(ids))
     per_class = {str(k): int(v) for k, v in kept_per_class(kept, labels).items()}
     subset = pa.table({"sample_id": ids[kept], "label": labels[kept].astype(np.int32),
                        "score": scores[kept], "rank": rank[kept]})
-    write_parquet(subset, out.file(SUBSET), {"keep_frac": cfg.select.keep_frac, "kept_per_class": per_class} | cleaning)
-    return {"kept": len(kept), "of": len(ids), "kept_per_class": per_class, **cleaning}
+    write_parquet(subset, out.file(SUBSET), {"keep_frac": cfg.select.keep_frac, "kept_per_class": per_class}
+                  | cleaning | levers)
+    return {"kept": len(kept), "of": len(ids), "kept_per_class": per_class, **cleaning, **levers}
+
+
+def _stratified(cfg: PipelineConfig, inputs: dict[str, StageDir], ids: np.ndarray, labels: np.ndarray,
+                scores: np.ndarray, pool: np.ndarray) -> tuple[np.ndarray, dict[str, Any]]:
+    """Kept rows under k-means strata (the embeddings) and/or counts from the DRO class weights (the reweight
+    stage, learned on the full data), and what set them."""
+    from dedt.encoders.streaming import read_embeddings
+    from dedt.stratify import select_stratified
+
+    sel, embeddings, weights, levers = cfg.select, None, None, {}
+    if sel.stratifies:
+        emb_ids, embeddings, _ = read_embeddings(inputs["encode"].file(EMBEDDINGS))
+        if not np.array_equal(emb_ids, ids):
+            raise DedtError(f"{inputs['encode'].file(EMBEDDINGS)} covers other samples than the scores; re-run "
+                            "encode and score")
+        embeddings = embeddings[pool]
+        levers["strata"] = {"k": sel.strata_k, "within": sel.within}
+    if "reweight" in inputs:
+        weights = read_weights(inputs["reweight"])
+        levers["class_weights"] = [round(float(w), 6) for w in weights]
+    kept = select_stratified(scores[pool], labels[pool], sel.keep_frac, per_class=sel.per_class,
+                             embeddings=embeddings, strata_k=sel.strata_k if sel.stratifies else None,
+                             within=sel.within if sel.stratifies else "score", band=(sel.band_low, sel.band_high),
+                             class_weights=weights, seed=cfg.seed)
+    return pool[kept], levers
 
 
 def _clean(cfg: PipelineConfig, encode: StageDir, ids: np.ndarray, labels: np.ndarray, scores: np.ndarray,
