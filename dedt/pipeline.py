@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from dedt import stages
+from dedt.artifacts import CONFIG, SUMMARY, read_summary
 from dedt.config import PipelineConfig
 from dedt.errors import DedtError
 from dedt.store import CorruptArtifactWarning, StageDir, atomic_write_text, fingerprint
@@ -42,6 +43,7 @@ class Node:
     inputs: dict[str, str]  # role -> key of the input node
     run: StageFn
     out: StageDir = field(compare=False, default=None)  # type: ignore[assignment]
+    reads_latents: bool = False  # a diffusion-model stage: in latent diffusion it reads the VAE latents
 
 
 @dataclass
@@ -118,13 +120,13 @@ def nodes(cfg: PipelineConfig) -> list[Node]:
                       stages.run_select)
     if cfg.reweight.reference_path:
         reference = Node("reference", "reference", {"reference": _checkpoint_identity(cfg.reweight.reference_path)},
-                         {"data": "data"}, stages.run_reference_checkpoint)
+                         {"data": "data"}, stages.run_reference_checkpoint, reads_latents=True)
     else:
         reference = Node("reference", "train", _train_config(cfg, cfg.reweight.reference_kimg) | {"subset": "full"},
-                         {"data": "data"}, stages.run_train)
+                         {"data": "data"}, stages.run_train, reads_latents=True)
     budget = cfg.subset_budget_kimg
     baseline = Node("train:uniform", "train", _train_config(cfg, budget) | {"subset": "selected", "weights": "uniform"},
-                    {"data": "data", "select": "select"}, stages.run_train)
+                    {"data": "data", "select": "select"}, stages.run_train, reads_latents=True)
     classifier = Node("classifier", "classifier", {"evaluate": {"classifier_epochs": cfg.evaluate.classifier_epochs},
                                                    "seed": cfg.seed}, {"data": "data"}, stages.run_classifier)
     needs_encode = not _keeps_all(cfg) or cfg.reweight.groups == "kmeans"
@@ -139,9 +141,10 @@ def nodes(cfg: PipelineConfig) -> list[Node]:
         rw_inputs |= {"encode": "encode"} if cfg.reweight.groups == "kmeans" else {}
         # Iterated rounds re-train the reference with the full-data budget inside this stage.
         reweight = Node("reweight", "reweight", {"reweight": cfg.reweight.model_dump(exclude={"reference_path"})}
-                        | _train_config(cfg, None), rw_inputs, stages.run_reweight)
+                        | _train_config(cfg, None), rw_inputs, stages.run_reweight, reads_latents=True)
         weighted = Node("train", "train", _train_config(cfg, budget) | {"subset": "selected", "weights": "reweight"},
-                        {"data": "data", "select": "select", "reweight": "reweight"}, stages.run_train)
+                        {"data": "data", "select": "select", "reweight": "reweight"}, stages.run_train,
+                        reads_latents=True)
         graph += [reference, reweight]
         if _select_reads_weights(cfg):  # select follows the weights it reads
             graph.remove(select)
@@ -166,8 +169,7 @@ def nodes(cfg: PipelineConfig) -> list[Node]:
 
         latents = Node("latents", "latents", {"vae": vae_identity(cfg.train.vae_path)}, {"data": "data"},
                        stages.run_latents)
-        on_latents = (stages.run_train, stages.run_reweight, stages.run_reference_checkpoint, stages.run_calibrate)
-        graph = [graph[0], latents] + [replace(n, inputs=n.inputs | {"latents": "latents"}) if n.run in on_latents
+        graph = [graph[0], latents] + [replace(n, inputs=n.inputs | {"latents": "latents"}) if n.reads_latents
                                        else n for n in graph[1:]]
     return graph
 
@@ -179,7 +181,8 @@ def _curve_nodes(cfg: PipelineConfig, models: dict[str, Node], present: set[str]
     if "reference" in models:
         speed = cfg.train.model_dump(include={"preset", "batch_size", "precision", "channels_last", "compile", "tf32",
                                               "conditional", "optimizer", "device"})
-        out.append(Node("calibrate", "calibrate", {"train": speed}, {"data": "data"}, stages.run_calibrate))
+        out.append(Node("calibrate", "calibrate", {"train": speed}, {"data": "data"}, stages.run_calibrate,
+                        reads_latents=True))
     if cfg.train.snapshots == 0:
         return out
     for key, model in models.items():
@@ -205,8 +208,7 @@ def plan(cfg: PipelineConfig, root: Path) -> dict[str, Node]:
     for node in nodes(cfg):
         input_fps = {role: planned[key].out.fingerprint for role, key in node.inputs.items()}
         fp = fingerprint(node.stage, VERSIONS[node.stage], node.config, input_fps)
-        planned[node.key] = Node(node.key, node.stage, node.config, node.inputs, node.run,
-                                 StageDir(Path(root), node.stage, fp))
+        planned[node.key] = replace(node, out=StageDir(Path(root), node.stage, fp))
     return planned
 
 
@@ -242,10 +244,10 @@ def run_node(cfg: PipelineConfig, planned: dict[str, Node], key: str) -> NodeRes
                 raise DedtError(f"{key}: cannot write in {out.path}: {exc.strerror} ({exc.filename}); free disk "
                                 "space or fix permissions, then re-run: finished work is kept") from exc
             summary["seconds"] = round(time.perf_counter() - start, 3)
-            atomic_write_text(out.file("summary.json"), json.dumps(summary, indent=2, sort_keys=True))
+            atomic_write_text(out.file(SUMMARY), json.dumps(summary, indent=2, sort_keys=True))
             files = sorted(p.name for p in out.path.iterdir() if p.is_file() and not p.name.startswith((".", "_"))
-                           and p.name != "config.json")
+                           and p.name != CONFIG)
             out.mark_complete(files, {"key": key, "stage": node.stage, **node.config,
                                       "inputs": {r: i.fingerprint for r, i in inputs.items()}})
-    summary = out.read_json("summary.json")
+    summary = read_summary(out)
     return NodeResult(key, out.fingerprint, str(out.path), cached, summary["seconds"], summary)

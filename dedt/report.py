@@ -1,14 +1,18 @@
-"""Tables and plots as files: the run summary (full vs pruned vs pruned+reweighted) and weights."""
+"""Tables and plots: the run summary (full vs pruned vs pruned+reweighted), the evaluate stage's
+pictures and report, the DRO weights, and the PNGs the Prefect UI shows."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import io
+import json
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from dedt.store import atomic_path
+from dedt.artifacts import CLASS_FD_PLOT, GRID, REPORT
+from dedt.store import atomic_path, atomic_write_text
 
 MODEL_LABELS = {"reference": "full data", "train:uniform": "pruned", "train": "pruned+reweighted"}
 SELECTION_STAGES = ("encode", "score", "select")
@@ -27,8 +31,6 @@ def save_figure(fig: Any, path: Path) -> None:
 def quality_curves_png(curves: Mapping[str, Any], s_per_img: float) -> bytes:
     """FD against images seen and against calibrated seconds, one line per model curve
     (``dedt.quality.Curve``), log-log, as PNG bytes: what the Prefect UI shows of time to quality."""
-    import io
-
     import matplotlib
 
     matplotlib.use("Agg")
@@ -87,6 +89,52 @@ def plot_class_bars(series: Mapping[str, Mapping[str, float]], path: Path, *, ti
     ax.set(xlabel="class", ylabel=ylabel, title=title)
     ax.legend(fontsize=8)
     save_figure(fig, path)
+
+
+def write_evaluation(folder: Path, rows: Sequence[Any], fake: np.ndarray, fake_labels: np.ndarray, num_classes: int,
+                     *, space: str, references: Sequence[str], title: str, seed: int) -> None:
+    """The evaluate stage's pictures and report: grid.png (8 samples per class, a row each), class_fd.png
+    (per-class FD in ``space`` against each reference) and report.md (``dedt.evaluate.report_markdown``)."""
+    from dedt import evaluate
+    from dedt.diffusion.sample import save_grid
+
+    save_grid(fake[np.concatenate([np.flatnonzero(fake_labels == c)[:8] for c in range(num_classes)])],
+              folder / GRID, nrow=8)
+    plot_class_bars({f"vs {ref}": evaluate.per_class_fd(rows, space, ref) for ref in references},
+                    folder / CLASS_FD_PLOT, title=f"per-class FD, {space} features")
+    atomic_write_text(folder / REPORT, evaluate.report_markdown(
+        rows, title=title, seed=seed, images={"samples": GRID, "per-class FD": CLASS_FD_PLOT}))
+
+
+def enlarged_png(path: Path, min_width: int = 320) -> bytes:
+    """A sample grid scaled up by a whole factor (nearest neighbour): 8x8 digits are specks otherwise."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        factor = max(1, -(-min_width // image.width))
+        buffer = io.BytesIO()
+        image.resize((image.width * factor, image.height * factor), Image.Resampling.NEAREST).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def training_curves_png(logs: dict[str, Path]) -> bytes:
+    """Loss against kimg for each model's ``log.jsonl`` (one line per log interval), as PNG bytes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for label, log in logs.items():
+        lines = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+        ax.plot([r["kimg"] for r in lines], [r["loss"] for r in lines], marker=".", label=label)
+    ax.set(xlabel="kimg (thousands of images seen)", ylabel="loss", title="training curves")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    plt.close(fig)
+    return buffer.getvalue()
 
 
 def plot_class_fd(before: Mapping[str, float], after: Mapping[str, float], path: Path) -> None:

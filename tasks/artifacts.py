@@ -9,18 +9,18 @@ history of each across runs.
 from __future__ import annotations
 
 import base64
-import io
-import json
 import re
 from pathlib import Path
 from typing import Any
 
 from prefect.artifacts import create_image_artifact, create_markdown_artifact, create_table_artifact
 
+from dedt.artifacts import GRID, TRAIN_LOG, WEIGHTS_PLOT
 from dedt.config import PipelineConfig
 from dedt.pipeline import NodeResult
 from dedt.quality import Curve
-from dedt.report import MODEL_LABELS, markdown_table, quality_curves_png
+from dedt.report import MODEL_LABELS, enlarged_png, markdown_table, quality_curves_png, training_curves_png
+from dedt.sweep import COMPARISON, COST_PLOT, FD_PLOT
 
 
 def slug(name: str) -> str:
@@ -33,39 +33,8 @@ def data_uri(png: Path | bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(data).decode()
 
 
-def enlarged_png(path: Path, min_width: int = 320) -> bytes:
-    """A sample grid scaled up by a whole factor (nearest neighbour): 8x8 digits are specks otherwise."""
-    from PIL import Image
-
-    with Image.open(path) as image:
-        factor = max(1, -(-min_width // image.width))
-        buffer = io.BytesIO()
-        image.resize((image.width * factor, image.height * factor), Image.Resampling.NEAREST).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 def _png_markdown(png: Path | bytes, title: str) -> str:
     return f"\n\n**{title}**\n\n![{title}]({data_uri(png)})"
-
-
-def training_curves_png(logs: dict[str, Path]) -> bytes:
-    """Loss against kimg for each model's ``log.jsonl`` (one line per log interval), as PNG bytes."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    for label, log in logs.items():
-        lines = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
-        ax.plot([r["kimg"] for r in lines], [r["loss"] for r in lines], marker=".", label=label)
-    ax.set(xlabel="kimg (thousands of images seen)", ylabel="loss", title="training curves")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
-    plt.close(fig)
-    return buffer.getvalue()
 
 
 def _parquet_links(results: dict[str, NodeResult]) -> str:
@@ -85,15 +54,15 @@ def publish_run_artifacts(cfg: PipelineConfig, results: dict[str, NodeResult], r
         kept = results["select"].summary["kept_per_class"]
         create_table_artifact(key=f"{s}-kept-per-class", table=[{"class": c, "kept": n} for c, n in kept.items()],
                               description="Samples kept per class")
-    weights_png = Path(results["reweight"].path) / "weights.png" if "reweight" in results else None
+    weights_png = Path(results["reweight"].path) / WEIGHTS_PLOT if "reweight" in results else None
     if weights_png:
         weights = results["reweight"].summary["weights"]
         create_table_artifact(key=f"{s}-class-weights", table=[{"group": g, "weight": w} for g, w in enumerate(weights)],
                               description="Group-DRO class weights")
         create_image_artifact(image_url=data_uri(weights_png), key=f"{s}-dro-trajectory",
                               description="DRO trajectory of the class weights (left) and the averaged weights (right)")
-    logs = {MODEL_LABELS.get(k, k): Path(r.path) / "log.jsonl" for k, r in results.items()
-            if Path(r.path).parent.name == "train" and (Path(r.path) / "log.jsonl").exists()}
+    logs = {MODEL_LABELS.get(k, k): Path(r.path) / TRAIN_LOG for k, r in results.items()
+            if Path(r.path).parent.name == "train" and (Path(r.path) / TRAIN_LOG).exists()}
     curve = training_curves_png(logs) if logs else None
     if curve:
         create_image_artifact(image_url=data_uri(curve), key=f"{s}-training-curve", description="Loss vs kimg per model")
@@ -107,7 +76,7 @@ def publish_run_artifacts(cfg: PipelineConfig, results: dict[str, NodeResult], r
                               table=[{"model": label, "kimg": round(float(k), 3), "fd": round(float(f), 4)}
                                      for label, c in curves.items() for k, f in zip(c.kimg, c.fd)])
     models = {k.removeprefix("evaluate:"): r for k, r in results.items() if k.startswith("evaluate:")}
-    grids = {k: enlarged_png(Path(r.path) / "grid.png") for k, r in models.items()}
+    grids = {k: enlarged_png(Path(r.path) / GRID) for k, r in models.items()}
     if models:
         create_table_artifact(key=f"{s}-metrics", description="Fréchet distance in the classifier's feature space",
                               table=[{"model": MODEL_LABELS.get(k, k), "all": r.summary["fd"], **r.summary["fd_per_class"]}
@@ -143,15 +112,15 @@ def publish_sweep_artifacts(name: str, folder: Path, rows: list[dict[str, Any]],
                               description=f"Sweep {name}: speed-up to each target of the full-data curve "
                                           "[95% interval over seeds], per arm and setting")
     create_table_artifact(key=f"{s}-comparison", table=rows, description=f"Sweep {name}: one row per point and model")
-    for png in ("fd_vs_keep_frac.png", "fd_vs_cost.png"):
+    for png in (FD_PLOT, COST_PLOT):
         create_image_artifact(image_url=data_uri(folder / png), key=f"{s}-{slug(png.removesuffix('.png'))}",
                               description=f"Sweep {name}: {png.removesuffix('.png').replace('_', ' ')}")
-    table = folder / "comparison.parquet"
+    table = folder / COMPARISON
     create_markdown_artifact(key=f"{s}-summary", description=f"dedt sweep {name}",
                              markdown=f"# dedt sweep: {name}\n\n{markdown_table(rows)}\n\n"
                                       f"Table: [{table.name}]({table.as_uri()}) (`{table}`)"
-                                      + _png_markdown(folder / "fd_vs_keep_frac.png", "FD vs keep_frac")
-                                      + _png_markdown(folder / "fd_vs_cost.png", "FD vs cost"))
+                                      + _png_markdown(folder / FD_PLOT, "FD vs keep_frac")
+                                      + _png_markdown(folder / COST_PLOT, "FD vs cost"))
 
 
 def publish_report_artifact(name: str, report: Path) -> None:
