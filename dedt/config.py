@@ -114,11 +114,45 @@ class SelectConfig(Section):
     trim_outliers_frac: float = Field(
         0.0, ge=0.0, lt=1.0, description="then drop this fraction of lowest-density images (farthest 5th neighbour), "
                                          "per class or of all; keep_frac applies to what is left")
+    strata: Literal["none", "kmeans"] = Field(
+        "none", description="kmeans: FAISS k-means splits each class (or all) into strata_k clusters of the embeddings, "
+                            "each keeping its share of the kept count (Briq et al. 2024); none: off")
+    strata_k: int = Field(10, ge=2, le=10_000, description="clusters per class (or of all) with strata=kmeans")
+    within: Literal["random", "score", "centroid", "band"] = Field(
+        "random", description="pick inside a cluster: random (seeded), score (the scorer's best), centroid (nearest "
+                              "the cluster's centroid), band (random within the score band [band_low, band_high])")
+    band_low: float = Field(0.1, ge=0.0, lt=1.0, description="within=band: lowest score quantile kept in a cluster")
+    band_high: float = Field(0.9, gt=0.0, le=1.0, description="within=band: highest score quantile kept in a cluster")
+    keep_by: Literal["uniform", "weights"] = Field(
+        "uniform", description="uniform: every class keeps keep_frac of itself; weights: the same total, split by the "
+                               "reweight stage's class weights (learned first, on the full data)")
 
     @property
     def cleans(self) -> bool:
         """Whether near-duplicate removal or outlier trimming is on (both need the embeddings)."""
         return self.dedup_threshold is not None or self.trim_outliers_frac > 0
+
+    @property
+    def stratifies(self) -> bool:
+        """Whether cluster-stratified selection is on (it needs the embeddings; dedt.stratify)."""
+        return self.strata != "none"
+
+    def _changed(self, *names: str) -> bool:
+        return any(getattr(self, n) != type(self).model_fields[n].default for n in names)
+
+    @model_validator(mode="after")
+    def _lever_options(self) -> SelectConfig:
+        # Options of an unused lever are errors, not silently ignored; "set" = differs from the default, so
+        # a full dump (as GPU workers get it) validates again.
+        if not self.stratifies and self._changed("strata_k", "within"):
+            raise ValueError("select.strata_k and select.within act with select.strata: kmeans; set it or drop them")
+        if self.within != "band" and self._changed("band_low", "band_high"):
+            raise ValueError("select.band_low and select.band_high act with select.within: band; set it or drop them")
+        if self.band_low >= self.band_high:
+            raise ValueError(f"select.band_low {self.band_low} must be below select.band_high {self.band_high}")
+        if self.keep_by == "weights" and not self.per_class:
+            raise ValueError("select.keep_by: weights sets a count per class: it needs select.per_class: true")
+        return self
 
 
 class ReweightConfig(Section):
@@ -215,6 +249,9 @@ class PipelineConfig(Section):
             raise ValueError(f"reweight.t_min_frac {rw.t_min_frac} must be below reweight.t_max_frac {rw.t_max_frac}")
         if rw.groups == "kmeans" and self.train.conditional:
             raise ValueError("reweight.groups=kmeans reweights clusters, not classes: set train.conditional=false")
+        if self.select.keep_by == "weights" and (rw.method, rw.groups, rw.proxy_data) != ("doremi", "class", "full"):
+            raise ValueError("select.keep_by: weights reads class weights learned before selection: set "
+                             "reweight.method: doremi, reweight.groups: class and reweight.proxy_data: full")
         return self
 
 
