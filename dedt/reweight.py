@@ -10,16 +10,19 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 import numpy as np
+import pyarrow as pa
 
 from dedt.errors import DedtError
 
 if TYPE_CHECKING:
     import torch
 
+    from dedt.config import ReweightConfig
     from dedt.diffusion.options import TrainOptions
     from dedt.progress import ProgressFn
 
@@ -363,6 +366,52 @@ def train_reference(images: np.ndarray, labels: np.ndarray, groups: np.ndarray, 
         while trainer.nimg < options.budget_kimg * 1000:
             trainer.step()
     return trainer.ema.module.cpu()
+
+
+def iterated_dro(images: np.ndarray, labels: np.ndarray, groups: np.ndarray, reference: "torch.nn.Module",
+                 options: "TrainOptions", rw: "ReweightConfig",
+                 full_data: Callable[[], tuple[np.ndarray, np.ndarray, np.ndarray]], *, num_classes: int,
+                 num_groups: int, eta: float, seed: int, device: "str | torch.device" = "cpu",
+                 on_progress: "ProgressFn | None" = None) -> tuple[list[DroResult], float]:
+    """``rw.rounds`` rounds of group DRO (PAPER.md section 4): every round after the first re-trains the
+    reference on ``full_data()`` (images, labels, groups of the full train split), drawn by the previous
+    round's weights, then runs the proxy again. Returns each round's result and the seconds spent on
+    proxies and re-trained references; the last round's weights are the output."""
+    rounds: list[DroResult] = []
+    weights, seconds = None, 0.0
+    for r in range(rw.rounds):
+        if r > 0:  # the reference's data is the full train split, as in the first round
+            start = time.perf_counter()
+            full_images, full_labels, full_groups = full_data()
+            ref_options = options.model_copy(update={"budget_kimg": rw.reference_kimg})
+            reference = train_reference(full_images, full_labels, full_groups, weights, ref_options,
+                                        num_classes=num_classes, seed=seed + r)
+            seconds += time.perf_counter() - start
+        result = train_proxy(images, labels, groups, reference, options, num_classes=num_classes,
+                             budget_kimg=rw.proxy_kimg, eta=eta, smoothing=rw.smoothing, seed=seed + r,
+                             t_range=(rw.t_min_frac, rw.t_max_frac), num_groups=num_groups,
+                             excess=rw.excess, timesteps=rw.timesteps, device=device, on_progress=on_progress)
+        weights, seconds = result.weights, seconds + result.seconds
+        rounds.append(result)
+    return rounds, seconds
+
+
+def weights_table(weights: np.ndarray, groups: np.ndarray, num_groups: int) -> pa.Table:
+    """weights.parquet's rows: group, weight, and samples_in_subset (the proxy's samples of the group)."""
+    counts = np.bincount(groups, minlength=num_groups)
+    return pa.table({"group": np.arange(num_groups, dtype=np.int32), "weight": weights,
+                     "samples_in_subset": counts.astype(np.int64)})
+
+
+def trajectory_table(rounds: list[DroResult], num_groups: int) -> pa.Table:
+    """trajectory.parquet's rows: one per round, proxy step and group, with alpha and the clipped excess."""
+    k = num_groups
+    steps = np.concatenate([np.repeat(np.arange(len(res.alphas), dtype=np.int64), k) for res in rounds])
+    return pa.table({
+        "round": np.concatenate([np.full(res.alphas.size, r, np.int32) for r, res in enumerate(rounds)]),
+        "step": steps, "group": np.tile(np.arange(k, dtype=np.int32), len(steps) // k),
+        "alpha": np.concatenate([res.alphas.ravel() for res in rounds]),
+        "excess": np.concatenate([res.excess.ravel() for res in rounds])})
 
 
 def kmeans_groups(embeddings: np.ndarray, k: int, *, seed: int, fit: np.ndarray | None = None) -> np.ndarray:
