@@ -26,7 +26,6 @@ if TYPE_CHECKING:
     from dedt.diffusion.options import TrainOptions
     from dedt.progress import ProgressFn
 
-COLLAPSE_MAX_WEIGHT = 0.9
 Excess = Literal["raw", "normalized", "log-ratio"]
 Pairing = Literal["common", "independent"]
 # Bands of the normalized excess: 20 of DDPM's T = 1000 steps, 50 each (our choice). The reference
@@ -36,6 +35,19 @@ TIMESTEP_BANDS = 20
 # spread across classes as far over a default run (250 steps) as raw excess with eta 1 (std 0.33 on
 # digits; normalized 15.3 and log-ratio 11.8 at eta 1, measured with bench/dro_stability.py's data).
 DEFAULT_ETA: dict[str, float] = {"raw": 1.0, "normalized": 0.02, "log-ratio": 0.03}
+# collapse_warning's thresholds; DoReMi names none, so all are our choice. Collapsed: one group holds
+# over 90% of the mass, or the entropy is below half of uniform's log k (as if the mass sat evenly on
+# sqrt(k) groups: ~3 of 10 classes).
+COLLAPSE_MAX_WEIGHT = 0.9
+COLLAPSE_MIN_ENTROPY_FRAC = 0.5
+# Likely causes it names. Stratified batches give each group batch_size / k samples a step: under 4, a
+# group's excess (a difference of two mean losses) rests on 1-3 samples and is mostly noise.
+MIN_BATCH_PER_GROUP = 4
+# Above DoReMi's released step size, eta = 1.0 (the raw excess's default), the hint calls eta large.
+MAX_CALM_ETA = DEFAULT_ETA["raw"]
+# The weights are the mean of alpha over all steps: under 100 steps (a default run has 250, 32 kimg at
+# batch 128) that mean rests on few noisy updates.
+MIN_PROXY_STEPS = 100
 
 
 def doremi_update(alpha: np.ndarray, excess: np.ndarray, *, eta: float, smoothing: float) -> np.ndarray:
@@ -63,14 +75,14 @@ def collapse_warning(weights: np.ndarray, *, batch_size: int, eta: float, steps:
     """A message when the weights collapsed onto few groups (DoReMi's known failure), else None."""
     k = len(weights)
     entropy = float(-(weights * np.log(np.maximum(weights, 1e-300))).sum())
-    if weights.max() <= COLLAPSE_MAX_WEIGHT and entropy >= 0.5 * math.log(k):
+    if weights.max() <= COLLAPSE_MAX_WEIGHT and entropy >= COLLAPSE_MIN_ENTROPY_FRAC * math.log(k):
         return None
     causes = []
-    if batch_size < 4 * k:
-        causes.append(f"batch {batch_size} is small for {k} groups (use >= {4 * k})")
-    if eta > 1.0:
-        causes.append(f"eta {eta} is large (try 1.0 or less)")
-    if steps < 100:
+    if batch_size < MIN_BATCH_PER_GROUP * k:
+        causes.append(f"batch {batch_size} is small for {k} groups (use >= {MIN_BATCH_PER_GROUP * k})")
+    if eta > MAX_CALM_ETA:
+        causes.append(f"eta {eta} is large (try {MAX_CALM_ETA} or less)")
+    if steps < MIN_PROXY_STEPS:
         causes.append(f"only {steps} proxy steps (raise reweight.proxy_kimg)")
     return (f"DRO weights collapsed: max weight {weights.max():.3f}, entropy {entropy:.3f} "
             f"(uniform {math.log(k):.3f}). Likely causes: {'; '.join(causes) or 'noisy per-group losses'}.")
