@@ -165,7 +165,8 @@ def summary_rows(results: dict[str, Any], *, proxy_kimg: float = 0.0) -> list[di
     Equal-quality speed-up (PAPER.md section 7) = the full-data curve's time to reach this model's FD
     / this model's cost, both in calibrated seconds (images seen x the per-image cost of the
     calibrate stage): below 1, plain shorter training on all the data would have been better. The
-    cost counts selection (encode, score, select: measured seconds) and, reweighted, the DRO proxy
+    cost counts selection (encode, score, select: measured seconds) and, reweighted or with class counts
+    set by the weights (``pays_for_dro``), the DRO proxy
     (``proxy_kimg`` at the calibrated proxy cost); "from scratch" adds the reference DM's training,
     which the paper's setting takes as pre-trained. ≥ / ≤ mark bounds, where the full-data curve
     does not bracket the FD (better than its end / worse than its first point).
@@ -189,7 +190,7 @@ def summary_rows(results: dict[str, Any], *, proxy_kimg: float = 0.0) -> list[di
             cost = train["nimg"] / 1000 * s_per_kimg
             if key != "reference":
                 cost += selection
-            if key == "train":
+            if pays_for_dro(results, key):
                 cost += proxy_kimg * 1000.0 * costs["proxy_s_per_img"]
             row["cost_s"] = round(cost, 1)
             if key == "reference":  # the yardstick itself: 1x by definition (its FD is its curve's end)
@@ -197,10 +198,17 @@ def summary_rows(results: dict[str, Any], *, proxy_kimg: float = 0.0) -> list[di
                 rows.append(row | _extremes(per_class))
                 continue
             row["speedup"] = str(equal_quality_speedup(full, s_per_kimg, ev["fd"], cost))
-            scratch = cost + (full.kimg[-1] * s_per_kimg if key == "train" else 0.0)
+            scratch = cost + (full.kimg[-1] * s_per_kimg if pays_for_dro(results, key) else 0.0)
             row["speedup_scratch"] = str(equal_quality_speedup(full, s_per_kimg, ev["fd"], scratch))
         rows.append(row | _extremes(per_class))
     return rows
+
+
+def pays_for_dro(results: dict[str, Any], key: str) -> bool:
+    """Whether a model carries the DRO proxy's (and, from scratch, its reference's) cost: the reweighted one, and
+    any model whose subset's class counts the DRO weights set (``select.keep_by: weights``)."""
+    select = results.get("select")
+    return key == "train" or (key != "reference" and select is not None and "class_weights" in select.summary)
 
 
 def _extremes(per_class: dict[str, float]) -> dict[str, str]:

@@ -21,12 +21,12 @@ from typing import Any
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from dedt.artifacts import CURVE
 from dedt.config import PipelineConfig, build_config, load_pipelines
 from dedt.errors import DedtError
 from dedt.safe_yaml import load_yaml, read_yaml_text
 from dedt.pipeline import Node, NodeResult
-from dedt.report import MODEL_LABELS, save_figure, summary_rows
-from dedt.stages import CURVE
+from dedt.report import MODEL_LABELS, pays_for_dro, save_figure, summary_rows
 from dedt.store import StageDir, fingerprint, read_parquet, write_parquet
 
 VERSION = "3"  # bump when the comparison table or plots change
@@ -169,7 +169,7 @@ def comparison_rows(points: list[GridPoint], results: list[dict[str, NodeResult]
     a frontier report needs: the one-off costs apart, the other metrics, per-class FD and weights."""
     rows = []
     # Columns of dirty-data sweeps only, so that other sweeps' rows stay as they were.
-    cleaning = any(p.cfg.select.cleans for p in points)
+    cleaning = any(cleaning_label(p.cfg) for p in points)
     dirty = any(p.cfg.dataset.contaminate.active for p in points)
     for point, point_results in zip(points, results):
         cfg = point.cfg
@@ -208,20 +208,25 @@ def _model_details(cfg: PipelineConfig, results: dict[str, NodeResult]) -> list[
             "precision": full.get("precision"), "recall": full.get("recall"),
             "fd_per_class": json.dumps(results[f"evaluate:{key}"].summary["fd_per_class"]),
             "weights": None if weights is None else json.dumps(weights),
-            "curve": str(Path(curve.path) / CURVE) if curve else None,
+            "curve": str(CURVE.path(curve.path)) if curve else None,
             "train_s_per_img": costs.get("train_s_per_img"), "proxy_s_per_img": costs.get("proxy_s_per_img"),
-            "proxy_kimg": cfg.reweight.proxy_kimg * cfg.reweight.rounds if key == "train" else 0.0,
-            "reference_kimg": cfg.reweight.reference_kimg if key == "train" else 0.0,
+            "proxy_kimg": cfg.reweight.proxy_kimg * cfg.reweight.rounds if pays_for_dro(results, key) else 0.0,
+            "reference_kimg": cfg.reweight.reference_kimg if pays_for_dro(results, key) else 0.0,
             "floor_fd": results["classifier"].summary.get("real_floor_fd") if "classifier" in results else None,
         })
     return out
 
 
 def cleaning_label(cfg: PipelineConfig) -> str:
-    """The select stage's cleaning, e.g. "dedup 0.001 + trim 0.05"; "" when off."""
+    """The select stage's options beyond keep_frac, e.g. "dedup 0.001 + trim 0.05" or "kmeans 10 random + DRO
+    counts"; "" when all are off (so each lever's points form their own arm in a report)."""
     sel = cfg.select
     parts = ([f"dedup {sel.dedup_threshold:g}"] if sel.dedup_threshold is not None else []) + (
         [f"trim {sel.trim_outliers_frac:g}"] if sel.trim_outliers_frac > 0 else [])
+    if sel.stratifies:
+        band = f" {sel.band_low:g}-{sel.band_high:g}" if sel.within == "band" else ""
+        parts.append(f"{sel.strata} {sel.strata_k} {sel.within}{band}")
+    parts += ["DRO counts"] if sel.keep_by == "weights" else []
     return " + ".join(parts)
 
 
@@ -230,15 +235,15 @@ def _dirty_details(cfg: PipelineConfig, results: dict[str, NodeResult], model: s
     (None: the model saw the whole train split), and the memorization rates in the first feature space and in
     pixels."""
     from dedt.evaluate import PIXELS
-    from dedt.stages import MANIFEST, SUBSET
+    from dedt.artifacts import MANIFEST, SUBSET
 
     key = next(k for k, label in MODEL_LABELS.items() if label == model)
     overall = results[f"evaluate:{key}"].summary.get("overall", {})
     seen = "full" if key == "reference" else "subset"
     contaminated = cfg.dataset.contaminate.active
     out: dict[str, Any] = {
-        "manifest": str(Path(results["data"].path) / MANIFEST) if contaminated else None,
-        "subset": None if key == "reference" or not contaminated else str(Path(results["select"].path) / SUBSET)}
+        "manifest": str(MANIFEST.path(results["data"].path)) if contaminated else None,
+        "subset": None if key == "reference" or not contaminated else str(SUBSET.path(results["select"].path))}
     for suffix, space in (("", cfg.evaluate.feature_spaces[0]), ("_pixels", PIXELS)):
         values = overall.get(space, {}).get(seen, {})
         for metric in ("memorized_frac", "memorized_frac_duplicated"):

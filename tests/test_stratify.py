@@ -243,3 +243,25 @@ def test_select_stage_stratifies_and_reads_weights(tmp_path: Path) -> None:
     assert summary["kept"] == total and summary["kept_per_class"] == {str(c): int(n) for c, n in enumerate(expected)}
     assert summary["strata"] == {"k": 3, "within": "random"} and len(summary["class_weights"]) == 10
     assert np.array_equal(runs[0], runs[1])  # same config and seed: the same subset
+
+
+def test_each_lever_is_its_own_arm_in_a_sweep() -> None:
+    from dedt.sweep import cleaning_label, expand
+
+    labels = {cleaning_label(p.cfg) for p in expand("levers-data", ROOT / "pipelines.yaml")}
+    assert labels == {"", "kmeans 10 random", "kmeans 10 band 0.1-0.9", "DRO counts"}
+    both = build_config({"select": {"dedup_threshold": 0.01, "strata": "kmeans", "strata_k": 4, "keep_by": "weights"},
+                         "reweight": {"proxy_data": "full"}}, "x")
+    assert cleaning_label(both) == "dedup 0.01 + kmeans 4 random + DRO counts"
+
+
+def test_a_subset_chosen_by_the_weights_carries_the_proxy_cost() -> None:
+    from dedt.pipeline import NodeResult
+    from dedt.report import pays_for_dro
+
+    def select_summary(summary: dict) -> dict:
+        return {"select": NodeResult("select", "fp", "/p", True, 1.0, summary)}
+
+    plain, weighted = select_summary({"kept": 3}), select_summary({"kept": 3, "class_weights": [0.5, 0.5]})
+    assert [pays_for_dro(plain, k) for k in ("reference", "train:uniform", "train")] == [False, False, True]
+    assert [pays_for_dro(weighted, k) for k in ("reference", "train:uniform", "train")] == [False, True, True]
