@@ -122,9 +122,8 @@ def _dry_run(args: argparse.Namespace) -> None:
 
 def _run(args: argparse.Namespace) -> None:
     from dedt.config import resolve
-    from dedt.report import markdown_table
-
     from dedt.preflight import preflight
+    from dedt.report import markdown_table
     from dedt.store import default_root
 
     # Bad input fails here, before Prefect starts and before any work.

@@ -13,7 +13,6 @@ from dedt.diffusion.presets import build_model, build_scheduler
 from dedt.diffusion.sample import make_sampling_scheduler, sample, save_grid
 from dedt.errors import DedtError
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

@@ -112,7 +112,7 @@ def test_unconditional_export_runs_in_ddim_and_ddpm_pipelines_like_dedt(trained,
     assert {p.name for p in folder.iterdir()} == {"model_index.json", "unet", "scheduler", "README.md"}
     assert json.loads((folder / "model_index.json").read_text())["_class_name"] == "DDPMPipeline"
     seeds = [_sample_seed(SEED, i) for i in range(4)]
-    code = _snippet((folder / "README.md").read_text(), seeds=seeds) + f"""
+    code = _snippet((folder / "README.md").read_text(), seeds=seeds) + """
 from diffusers import DDPMPipeline
 ddpm = DDPMPipeline.from_pretrained(folder)(batch_size=4, generator=[torch.Generator().manual_seed(s) for s in seeds],
                                             num_inference_steps=5, output_type="np").images

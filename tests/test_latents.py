@@ -24,7 +24,6 @@ from dedt.diffusion.sample import sample
 from dedt.diffusion.train import load_model, train
 from dedt.errors import DedtError
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

@@ -9,7 +9,6 @@ from diffusers import UNet2DModel
 from dedt.diffusion.presets import PRESETS, build_model, build_scheduler, count_parameters
 from dedt.errors import DedtError
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

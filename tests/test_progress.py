@@ -11,8 +11,8 @@ import torch
 from dedt import progress
 from dedt.diffusion.options import TrainOptions
 from dedt.diffusion.presets import build_model
-from tests.helpers import tiny_vae
 from dedt.reweight import train_proxy
+from tests.helpers import tiny_vae
 
 OPTIONS = TrainOptions(preset="digits-tiny", batch_size=12, lr=1e-3)
 
