@@ -20,8 +20,12 @@ import numpy as np
 from dedt.errors import DedtError
 
 
-def apportion(total: int, weights: Sequence[float] | np.ndarray, upper: Sequence[int] | np.ndarray,
-              lower: Sequence[int] | np.ndarray | None = None) -> np.ndarray:
+def apportion(
+    total: int,
+    weights: Sequence[float] | np.ndarray,
+    upper: Sequence[int] | np.ndarray,
+    lower: Sequence[int] | np.ndarray | None = None,
+) -> np.ndarray:
     """Whole counts c_g with sum c_g = total and lower_g <= c_g <= upper_g, as near lam * w_g as the bounds allow.
 
     The exact quota of group g is q_g = clip(lam * w_g, lower_g, upper_g), lam chosen so the quotas sum
@@ -41,16 +45,20 @@ def apportion(total: int, weights: Sequence[float] | np.ndarray, upper: Sequence
     hi = np.asarray(upper, np.int64)
     lo = np.zeros(len(w), np.int64) if lower is None else np.asarray(lower, np.int64)
     if w.ndim != 1 or hi.shape != w.shape or lo.shape != w.shape:
-        raise DedtError(f"apportion: weights, upper and lower need one entry per group; got shapes "
-                        f"{w.shape}, {hi.shape}, {lo.shape}")
+        raise DedtError(
+            f"apportion: weights, upper and lower need one entry per group; got shapes "
+            f"{w.shape}, {hi.shape}, {lo.shape}"
+        )
     if not np.isfinite(w).all() or (w < 0).any():
         raise DedtError(f"apportion: weights must be finite and >= 0; got {w.tolist()}")
     if (lo < 0).any() or (lo > hi).any():
         raise DedtError(f"apportion: need 0 <= lower <= upper per group; got lower {lo.tolist()}, upper {hi.tolist()}")
     reachable = int(lo.sum() + (hi - lo)[w > 0].sum())
     if not int(lo.sum()) <= total <= reachable:
-        raise DedtError(f"apportion: cannot split {total} into counts between {int(lo.sum())} (the lower bounds) "
-                        f"and {reachable} (what the groups of positive weight hold)")
+        raise DedtError(
+            f"apportion: cannot split {total} into counts between {int(lo.sum())} (the lower bounds) "
+            f"and {reachable} (what the groups of positive weight hold)"
+        )
     exact = [Fraction(float(x)) for x in w]
     quotas = _quotas(total, exact, lo.tolist(), hi.tolist())
     counts = [math.floor(q) for q in quotas]
@@ -71,8 +79,11 @@ def _quotas(total: int, w: list[Fraction], lo: list[int], hi: list[int]) -> list
         return sum(clipped(lam), Fraction(0))
 
     # f is continuous and nondecreasing, linear between the breakpoints lo/w and hi/w.
-    points = sorted({Fraction(0)} | {Fraction(b) / wg for wg, a, b in zip(w, lo, hi, strict=True) if wg > 0}
-                    | {Fraction(a) / wg for wg, a, b in zip(w, lo, hi, strict=True) if wg > 0})
+    points = sorted(
+        {Fraction(0)}
+        | {Fraction(b) / wg for wg, a, b in zip(w, lo, hi, strict=True) if wg > 0}
+        | {Fraction(a) / wg for wg, a, b in zip(w, lo, hi, strict=True) if wg > 0}
+    )
     i = bisect.bisect_left(range(len(points)), True, key=lambda j: f(points[j]) >= total)
     if i == 0:  # total == sum(lo): every group at its lower bound
         return clipped(Fraction(0))
@@ -81,8 +92,9 @@ def _quotas(total: int, w: list[Fraction], lo: list[int], hi: list[int]) -> list
     return clipped(a + (total - fa) * (b - a) / (fb - fa))
 
 
-def counts_from_weights(weights: Sequence[float] | np.ndarray, sizes: Sequence[int] | np.ndarray,
-                        total: int) -> np.ndarray:
+def counts_from_weights(
+    weights: Sequence[float] | np.ndarray, sizes: Sequence[int] | np.ndarray, total: int
+) -> np.ndarray:
     """Kept count per class from learned class weights (``select.keep_by: weights``).
 
     A class's count is proportional to its weight, so uniform draws over the kept subset realise the
@@ -106,10 +118,14 @@ def counts_from_weights(weights: Sequence[float] | np.ndarray, sizes: Sequence[i
         raise DedtError(f"class weights must be finite, >= 0 and not all 0; got {w.tolist()}")
     present = (w > 0) & (n > 0)
     if total < present.sum():
-        raise DedtError(f"a kept total of {total} cannot keep one image of each of the {int(present.sum())} classes "
-                        "of positive weight; raise select.keep_frac")
+        raise DedtError(
+            f"a kept total of {total} cannot keep one image of each of the {int(present.sum())} classes "
+            "of positive weight; raise select.keep_frac"
+        )
     held = int(n[w > 0].sum())
     if total > held:
-        raise DedtError(f"the classes of positive weight hold {held} images, fewer than the {total} to keep; "
-                        "lower select.keep_frac or use select.keep_by: uniform")
+        raise DedtError(
+            f"the classes of positive weight hold {held} images, fewer than the {total} to keep; "
+            "lower select.keep_frac or use select.keep_by: uniform"
+        )
     return apportion(total, w, n, present.astype(np.int64))

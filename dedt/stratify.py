@@ -78,14 +78,17 @@ def select_stratified(
     counts = [keep_count(len(rows), frac) for _, rows in groups]
     if class_weights is not None:
         if not by_class:
-            raise DedtError("select.keep_by: weights sets a count per class: it needs labels and select.per_class: true")
+            raise DedtError(
+                "select.keep_by: weights sets a count per class: it needs labels and select.per_class: true"
+            )
         counts = _weighted_counts(class_weights, groups, sum(counts))
     x = None
     if strata_k is not None or within == "centroid":
         x = _check_embeddings(embeddings, len(s))
     kept = []
-    for (label, rows), count, child in zip(groups, counts, np.random.SeedSequence(seed).spawn(len(groups)),
-                                           strict=True):
+    for (label, rows), count, child in zip(
+        groups, counts, np.random.SeedSequence(seed).spawn(len(groups)), strict=True
+    ):
         if count == 0:
             continue
         rng = np.random.default_rng(child)
@@ -99,14 +102,22 @@ def select_stratified(
                 continue
             members = rows[strata == j]
             centre = None if centroids is None else centroids[j]
-            order = pick_order(within, s[members], rng, x=None if x is None else x[members], centre=centre,
-                               band=(low, high))
+            order = pick_order(
+                within, s[members], rng, x=None if x is None else x[members], centre=centre, band=(low, high)
+            )
             kept.append(members[order[:m]])
     return np.sort(np.concatenate(kept)).astype(np.int64)
 
 
-def pick_order(within: Within, scores: np.ndarray, rng: np.random.Generator, *, x: np.ndarray | None = None,
-               centre: np.ndarray | None = None, band: tuple[float, float] = (0.1, 0.9)) -> np.ndarray:
+def pick_order(
+    within: Within,
+    scores: np.ndarray,
+    rng: np.random.Generator,
+    *,
+    x: np.ndarray | None = None,
+    centre: np.ndarray | None = None,
+    band: tuple[float, float] = (0.1, 0.9),
+) -> np.ndarray:
     """Positions of one stratum's members, first kept first.
 
     score: descending score (ties: lower position); random: a uniform permutation; centroid: ascending
@@ -141,8 +152,7 @@ def kmeans_strata(x: np.ndarray, k: int, *, seed: int) -> tuple[np.ndarray, np.n
     import faiss
 
     xs = np.ascontiguousarray(x, np.float32)
-    km = faiss.Kmeans(xs.shape[1], k, niter=KMEANS_ITERATIONS, seed=int(seed), verbose=False,
-                      min_points_per_centroid=1)
+    km = faiss.Kmeans(xs.shape[1], k, niter=KMEANS_ITERATIONS, seed=int(seed), verbose=False, min_points_per_centroid=1)
     km.train(xs)
     _, assign = km.index.search(xs, 1)
     raw = assign[:, 0].astype(np.int64)
@@ -162,14 +172,17 @@ def check_band(band: tuple[float, float]) -> tuple[float, float]:
     return low, high
 
 
-def _weighted_counts(class_weights: Sequence[float] | np.ndarray, groups: list[tuple[int, np.ndarray]],
-                     total: int) -> list[int]:
+def _weighted_counts(
+    class_weights: Sequence[float] | np.ndarray, groups: list[tuple[int, np.ndarray]], total: int
+) -> list[int]:
     """Counts of the present classes (in ``groups`` order) from weights indexed by class id."""
     w = np.asarray(class_weights, np.float64)
     ids = [label for label, _ in groups]
     if w.ndim != 1 or min(ids) < 0 or max(ids) >= len(w):
-        raise DedtError(f"{len(w)} class weights cannot index the classes {ids[0]}..{ids[-1]}; re-run the "
-                        "reweight stage (reweight.groups: class) on this data")
+        raise DedtError(
+            f"{len(w)} class weights cannot index the classes {ids[0]}..{ids[-1]}; re-run the "
+            "reweight stage (reweight.groups: class) on this data"
+        )
     return counts_from_weights(w[ids], [len(rows) for _, rows in groups], total).tolist()
 
 
@@ -179,8 +192,10 @@ def _check_embeddings(embeddings: np.ndarray | None, n: int) -> np.ndarray:
         raise DedtError("select.strata and select.within: centroid need the embeddings; pass embeddings=")
     x = np.asarray(embeddings)
     if x.ndim != 2 or len(x) != n or not np.isfinite(x).all():
-        raise DedtError(f"embeddings must be a finite ({n}, d) array aligned with the scores; got shape {x.shape}; "
-                        "re-run the encode stage")
+        raise DedtError(
+            f"embeddings must be a finite ({n}, d) array aligned with the scores; got shape {x.shape}; "
+            "re-run the encode stage"
+        )
     return x
 
 
@@ -190,5 +205,7 @@ def _check_k(k: int, n: int, label: int | None) -> None:
         raise DedtError(f"select.strata_k must be at least 1; got {k}")
     if k > n:
         where = "all samples" if label is None else f"class {label}"
-        raise DedtError(f"select.strata_k={k} is more than the {n} images of {where}; lower select.strata_k to at "
-                        "most the smallest class's size")
+        raise DedtError(
+            f"select.strata_k={k} is more than the {n} images of {where}; lower select.strata_k to at "
+            "most the smallest class's size"
+        )

@@ -102,15 +102,19 @@ def test_without_levers_it_is_the_plain_rule() -> None:
     rng = np.random.default_rng(1)
     scores, labels = rng.random(200), rng.integers(0, 5, 200)
     for per_class in (True, False):
-        assert np.array_equal(select_stratified(scores, labels, 0.3, per_class=per_class),
-                              select(scores, labels, 0.3, per_class=per_class))
+        assert np.array_equal(
+            select_stratified(scores, labels, 0.3, per_class=per_class),
+            select(scores, labels, 0.3, per_class=per_class),
+        )
 
 
 def test_same_seed_same_subset_other_seed_other() -> None:
     x, scores = _two_clusters(300, 100)
     labels = np.tile([0, 1], 200)
-    runs = {seed: select_stratified(scores, labels, 0.2, embeddings=x, strata_k=4, within="random", seed=seed)
-            for seed in (0, 0, 1)}
+    runs = {
+        seed: select_stratified(scores, labels, 0.2, embeddings=x, strata_k=4, within="random", seed=seed)
+        for seed in (0, 0, 1)
+    }
     again = select_stratified(scores, labels, 0.2, embeddings=x, strata_k=4, within="random", seed=0)
     assert np.array_equal(runs[0], again) and not np.array_equal(runs[0], runs[1])
     assert len(runs[1]) == len(runs[0])
@@ -173,24 +177,32 @@ def test_bad_input_is_named() -> None:
 # -- config, fingerprints, the select stage ------------------------------------------------------
 
 
-@pytest.mark.parametrize(("select_cfg", "match"), [
-    ({"strata": "spectral"}, "select.strata"),
-    ({"strata": "kmeans", "strata_k": 1}, "select.strata_k"),
-    ({"within": "centroid"}, "act with select.strata: kmeans"),
-    ({"strata": "kmeans", "band_low": 0.2}, "act with select.within: band"),
-    ({"strata": "kmeans", "within": "band", "band_low": 0.5, "band_high": 0.4}, "must be below"),
-    ({"keep_by": "dro"}, "select.keep_by"),
-    ({"keep_by": "weights", "per_class": False}, "needs select.per_class: true"),
-    ({"keep_by": "weights"}, "reweight.proxy_data: full"),
-])
+@pytest.mark.parametrize(
+    ("select_cfg", "match"),
+    [
+        ({"strata": "spectral"}, "select.strata"),
+        ({"strata": "kmeans", "strata_k": 1}, "select.strata_k"),
+        ({"within": "centroid"}, "act with select.strata: kmeans"),
+        ({"strata": "kmeans", "band_low": 0.2}, "act with select.within: band"),
+        ({"strata": "kmeans", "within": "band", "band_low": 0.5, "band_high": 0.4}, "must be below"),
+        ({"keep_by": "dro"}, "select.keep_by"),
+        ({"keep_by": "weights", "per_class": False}, "needs select.per_class: true"),
+        ({"keep_by": "weights"}, "reweight.proxy_data: full"),
+    ],
+)
 def test_options_are_validated(select_cfg: dict, match: str) -> None:
     with pytest.raises(DedtError, match=match):
         build_config({"select": select_cfg}, "x")
 
 
 def test_a_full_dump_validates_again() -> None:
-    cfg = build_config({"select": {"strata": "kmeans", "within": "band", "band_low": 0.2, "keep_by": "weights"},
-                        "reweight": {"proxy_data": "full"}}, "x")
+    cfg = build_config(
+        {
+            "select": {"strata": "kmeans", "within": "band", "band_low": 0.2, "keep_by": "weights"},
+            "reweight": {"proxy_data": "full"},
+        },
+        "x",
+    )
     assert build_config(cfg.model_dump(), "x") == cfg
 
 
@@ -198,10 +210,14 @@ def test_fingerprints_change_only_when_a_lever_is_on() -> None:
     demo = resolve("digits-demo", ROOT / "pipelines.yaml")
     assert _select_config(demo) == {"keep_frac": 0.3, "per_class": True}  # as before the levers existed
     base = plan(demo, Path("/store"))["select"].out.fingerprint
-    on = [["select.strata=kmeans"], ["select.strata=kmeans", "select.within=score"],
-          ["select.keep_by=weights", "reweight.proxy_data=full"]]
-    fps = {plan(resolve("digits-demo", ROOT / "pipelines.yaml", o), Path("/store"))["select"].out.fingerprint
-           for o in on}
+    on = [
+        ["select.strata=kmeans"],
+        ["select.strata=kmeans", "select.within=score"],
+        ["select.keep_by=weights", "reweight.proxy_data=full"],
+    ]
+    fps = {
+        plan(resolve("digits-demo", ROOT / "pipelines.yaml", o), Path("/store"))["select"].out.fingerprint for o in on
+    }
     assert len(fps) == 3 and base not in fps
 
 
@@ -220,8 +236,14 @@ def test_select_stage_stratifies_and_reads_weights(tmp_path: Path) -> None:
     from dedt.stages import WEIGHTS, run_select
     from dedt.store import StageDir, read_parquet, write_parquet
 
-    cfg = build_config({"dataset": {"source": "digits"}, "select": {"keep_frac": 0.2, "strata": "kmeans",
-                        "strata_k": 3, "keep_by": "weights"}, "reweight": {"proxy_data": "full"}}, "levers")
+    cfg = build_config(
+        {
+            "dataset": {"source": "digits"},
+            "select": {"keep_frac": 0.2, "strata": "kmeans", "strata_k": 3, "keep_by": "weights"},
+            "reweight": {"proxy_data": "full"},
+        },
+        "levers",
+    )
     planned = plan(cfg, tmp_path)
     for key in ("data", "encode", "score"):
         run_node(cfg, planned, key)
@@ -250,8 +272,13 @@ def test_each_lever_is_its_own_arm_in_a_sweep() -> None:
 
     labels = {cleaning_label(p.cfg) for p in expand("levers-data", ROOT / "pipelines.yaml")}
     assert labels == {"", "kmeans 10 random", "kmeans 10 band 0.1-0.9", "DRO counts"}
-    both = build_config({"select": {"dedup_threshold": 0.01, "strata": "kmeans", "strata_k": 4, "keep_by": "weights"},
-                         "reweight": {"proxy_data": "full"}}, "x")
+    both = build_config(
+        {
+            "select": {"dedup_threshold": 0.01, "strata": "kmeans", "strata_k": 4, "keep_by": "weights"},
+            "reweight": {"proxy_data": "full"},
+        },
+        "x",
+    )
     assert cleaning_label(both) == "dedup 0.01 + kmeans 4 random + DRO counts"
 
 
