@@ -12,7 +12,7 @@ Sections, in this order (the compiled training rows last, while the time budget 
 
 MFU = images/s x training FLOPs per image / the GPU's dense peak at that precision; training FLOPs
 = 3 x forward FLOPs (backward ~ 2x forward, Kaplan et al. 2020), forward FLOPs counted by torch's
-FlopCounterMode, peaks from dedt.diffusion.train.peak_flops (NVIDIA's SXM data sheets).
+FlopCounterMode, peaks from dedt.diffusion.device.peak_flops (NVIDIA's SXM data sheets).
 
     python bench/gpu_check.py            # on a GPU machine (bench/gpu_check.sh sets the environment)
     python bench/gpu_check.py --dry      # every section on the CPU at toy sizes: tests this script
@@ -100,8 +100,9 @@ class Check:
     # --- sections -----------------------------------------------------------------------------------
 
     def train_rate(self, precision: str, tf32: bool, compiled: bool) -> list[tuple[str, str]]:
+        from dedt.diffusion.device import backend_flags, forward_flops, peak_flops
         from dedt.diffusion.options import TrainOptions
-        from dedt.diffusion.train import Trainer, backend_flags, forward_flops, peak_flops
+        from dedt.diffusion.train import Trainer
 
         s = self.sizes
         options = TrainOptions(preset=s.preset, batch_size=s.batch, precision=precision, tf32=tf32, compile=compiled,
@@ -231,9 +232,9 @@ class Check:
                  f"for {agree:.4%} of {q:,} queries x 5, max abs distance diff {np.abs(dist[:q] - ref_dist[:, 1:]).max():.2g}")]
 
     def proxy(self) -> list[tuple[str, str]]:
+        from dedt.diffusion.device import backend_flags
         from dedt.diffusion.options import TrainOptions
         from dedt.diffusion.presets import build_model
-        from dedt.diffusion.train import backend_flags
         from dedt.reweight import ProxyTrainer, stratified_batch
 
         s = self.sizes

@@ -30,9 +30,10 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler, UNet2DModel
 
+from dedt.diffusion.device import backend_flags
 from dedt.diffusion.options import TrainOptions
 from dedt.diffusion.timestep_sampler import HISTORY
-from dedt.diffusion.train import Trainer, backend_flags, train
+from dedt.diffusion.train import Trainer, train
 
 # Input shape per preset: what each is meant for.
 SHAPES = {"digits-tiny": (1, 8), "mnist-small": (1, 16), "cifar10-ddpm": (3, 32)}

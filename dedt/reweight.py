@@ -195,9 +195,9 @@ class ProxyTrainer:
             raise DedtError(f"the reference is conditioned on {embeds} classes but the labels reach {labels.max()}; "
                             "condition the reference on the same classes as the proxy")
         self.reference_conditional = embeds is not None
-        from dedt.diffusion.train import _make_optimizer
+        from dedt.diffusion.optim import make_optimizer
 
-        self.optimizer = _make_optimizer(self.proxy, options)  # the same optimiser as final training
+        self.optimizer = make_optimizer(self.proxy, options)  # the same optimiser as final training
         # The trainer's mixed precision on CUDA only: CPU weights stay those of fp32 (byte-identical artifacts).
         self.amp = self.device.type == "cuda" and options.precision != "fp32"
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp and options.precision == "fp16")
@@ -298,11 +298,11 @@ class ProxyTrainer:
         """The trainer's ``precision`` autocast on CUDA; nothing on the CPU."""
         import torch
 
-        from dedt.diffusion.train import _AUTOCAST
+        from dedt.diffusion.device import AUTOCAST
 
         if not self.amp:
             return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=_AUTOCAST[self.options.precision])
+        return torch.autocast(self.device.type, dtype=AUTOCAST[self.options.precision])
 
 
 def _rng_state(device: "torch.device") -> "torch.Tensor":
@@ -368,13 +368,14 @@ def train_reference(images: np.ndarray, labels: np.ndarray, groups: np.ndarray, 
     (classes or clusters): the excess then compares models that see the same conditioning.
     Returns the EMA model on the CPU.
     """
+    from dedt.diffusion.device import World, derive_seed, fork_rng
     from dedt.diffusion.sampler import BatchSampler
-    from dedt.diffusion.train import Trainer, World, _derive_seed, _fork_rng
+    from dedt.diffusion.train import Trainer
 
-    with _fork_rng(options.device, World()):
+    with fork_rng(options.device, World()):
         trainer = Trainer(images, labels, options, num_classes=num_classes, seed=seed)
         trainer.sampler = BatchSampler(groups, batch_size=options.batch_size, num_classes=len(weights),
-                                       class_weights=weights, seed=_derive_seed(seed, "sampler"))
+                                       class_weights=weights, seed=derive_seed(seed, "sampler"))
         while trainer.nimg < options.budget_kimg * 1000:
             trainer.step()
     return trainer.ema.module.cpu()

@@ -18,9 +18,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from dedt import knn as knn_module
 from dedt.diffusion import train as train_module
+from dedt.diffusion.checkpoint import run_identity
+from dedt.diffusion.device import backend_flags, forward_flops, init_world
 from dedt.diffusion.options import TrainOptions
 from dedt.diffusion.presets import PRESETS, Preset, build_model
-from dedt.diffusion.train import World, _identity, _init_world, backend_flags, forward_flops, train
+from dedt.diffusion.train import train
 from dedt.precision import ieee_fp32, tf32
 from dedt.store import file_sha256
 from tests.helpers import Kill, kill_at, tiny_vae
@@ -108,8 +110,8 @@ def test_resume_loads_the_training_state_onto_the_cpu(tmp_path: Path, monkeypatc
 @pytest.mark.parametrize("other", ["cuda", "auto"])
 def test_checkpoint_identity_ignores_the_device(other: str) -> None:
     images, labels = tiny_data()
-    here = _identity(images, labels, TrainOptions(device="cpu", **TINY), 3, None, 0, World())
-    there = _identity(images, labels, TrainOptions(device=other, **TINY), 3, None, 0, World())
+    here = run_identity(images, labels, TrainOptions(device="cpu", **TINY), 3, None, 0, 1)
+    there = run_identity(images, labels, TrainOptions(device=other, **TINY), 3, None, 0, 1)
     assert here == there
     assert "device" not in here["options"] and "device_type" not in here
 
@@ -157,7 +159,7 @@ def test_a_caller_initialised_process_group_still_binds_the_gpu(
     monkeypatch.setenv("LOCAL_RANK", "3")
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
     try:
-        world, created = _init_world("cuda")
+        world, created = init_world("cuda")
     finally:
         dist.destroy_process_group()
     assert bound == [3] and not created and world.local_rank == 3

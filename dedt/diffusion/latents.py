@@ -92,7 +92,7 @@ def _as_vae(vae: AutoencoderKL | str | Path, device: torch.device) -> Autoencode
 
 
 def _device(device: str | torch.device) -> torch.device:
-    from dedt.diffusion.train import resolve_device
+    from dedt.diffusion.device import resolve_device
 
     return resolve_device(device) if isinstance(device, str) else device
 
