@@ -23,6 +23,7 @@ from dedt import stages
 from dedt.artifacts import CONFIG, SUMMARY, read_summary
 from dedt.config import PipelineConfig
 from dedt.errors import DedtError
+from dedt.remote_store import DAMAGED, IN_SYNC, remote_for
 from dedt.store import CorruptArtifactWarning, StageDir, atomic_write_text, fingerprint
 
 # Errors that mean the store cannot take the stage's files: reported as such, not as a crash.
@@ -217,10 +218,14 @@ def run_node(cfg: PipelineConfig, planned: dict[str, Node], key: str) -> NodeRes
     node = planned[key]
     out = node.out
     inputs = {role: planned[k].out for role, k in node.inputs.items()}
+    remote = remote_for(out.root)  # an s3:// store: the stage is pulled first and pushed when new
     with out.lock(), contextlib.ExitStack() as reading:
+        synced = remote.pull(out) if remote else None
         cached = out.is_complete()
         if not cached:
             for role, stage_dir in inputs.items():
+                if remote:
+                    remote.pull_input(stage_dir)
                 # A reader's lock: an input being (re)computed by another process is waited for.
                 reading.enter_context(stage_dir.lock(shared=True))
                 if not stage_dir.is_complete():
@@ -249,5 +254,7 @@ def run_node(cfg: PipelineConfig, planned: dict[str, Node], key: str) -> NodeRes
                            and p.name != CONFIG)
             out.mark_complete(files, {"key": key, "stage": node.stage, **node.config,
                                       "inputs": {r: i.fingerprint for r, i in inputs.items()}})
+        if remote and (not cached or synced != IN_SYNC):
+            remote.push(out, replace=synced == DAMAGED)
     summary = read_summary(out)
     return NodeResult(key, out.fingerprint, str(out.path), cached, summary["seconds"], summary)

@@ -26,6 +26,7 @@ import numpy as np
 from dedt.config import PipelineConfig
 from dedt.errors import DedtError
 from dedt.pipeline import Node, plan
+from dedt.remote_store import remote_for
 from dedt.store import StageDir
 
 PREFECT_RESULTS = "_prefect_results"  # where earlier dedt versions let Prefect persist task results
@@ -38,6 +39,11 @@ def preflight(cfg: PipelineConfig, root: Path) -> None:
     root = Path(root)
     planned = plan(cfg, root)
     check_store(root, {node.stage for node in planned.values()})
+    remote = remote_for(root)
+    if remote is not None:  # an s3:// store: reachable, then the stages finished there are in the cache
+        remote.check()
+        for node in planned.values():
+            remote.pull_input(node.out)
     if (root / PREFECT_RESULTS).exists():
         print(f"dedt: warning: {root / PREFECT_RESULTS} is ignored (a Prefect result file can carry code, so "
               "dedt never reads one); delete it", file=sys.stderr)

@@ -18,16 +18,16 @@ from pathlib import Path
 from dedt.config import PipelineConfig, resolve
 from dedt.errors import exit_code
 from dedt.pipeline import NodeResult, plan, run_node
-from dedt.store import default_root
+from dedt.store import default_root, store_root
 
 
-def run_pipeline(cfg: PipelineConfig, root: Path | None = None, *, check: bool = True,
+def run_pipeline(cfg: PipelineConfig, root: Path | str | None = None, *, check: bool = True,
                  on_result: Callable[[NodeResult], None] | None = None) -> dict[str, NodeResult]:
     """Compute every stage of ``cfg`` in ``root`` (default ``$DEDT_HOME``); finished stages are reused.
 
     ``check`` runs :func:`dedt.preflight.preflight` first, so bad input fails before any work.
     """
-    root = Path(root) if root is not None else default_root()
+    root = store_root(root) if root is not None else default_root()
     if check:
         from dedt.preflight import preflight
 
@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("name", help="pipeline name in the pipelines file")
     parser.add_argument("--pipelines", type=Path, default=Path("pipelines.yaml"), metavar="FILE")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
-    parser.add_argument("--root", type=Path, default=None, help="store root (default $DEDT_HOME or ./.dedt)")
+    parser.add_argument("--root", default=None, help="store root: a folder or s3://bucket/prefix (default $DEDT_HOME or ./.dedt)")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
     return parser
 

@@ -35,8 +35,30 @@ class CorruptArtifactWarning(UserWarning):
 
 
 def default_root() -> Path:
-    """The store root: ``$DEDT_HOME`` or ``./.dedt``."""
-    return Path(os.environ.get("DEDT_HOME", ".dedt")).resolve()
+    """The store root: ``$DEDT_HOME`` or ``./.dedt`` (for ``s3://...``, this machine's cache of it)."""
+    return store_root(os.environ.get("DEDT_HOME", ".dedt")).resolve()
+
+
+def store_root(spec: str | os.PathLike[str]) -> Path:
+    """The local folder of a store: ``spec`` itself, or for ``s3://bucket/prefix`` this machine's cache
+    of that bucket (``dedt.remote_store``), whose stages are downloaded and uploaded around each run."""
+    text = os.fspath(spec)
+    if "://" in text:
+        if not text.startswith("s3://"):
+            raise DedtError(f"store {text!r}: only local folders and s3://bucket/prefix URLs are supported (an "
+                            "S3-compatible server such as MinIO, R2 or GCS is reached through AWS_ENDPOINT_URL)")
+        from dedt.remote_store import attach
+
+        return attach(text)
+    return Path(text)
+
+
+def root_spec(root: Path) -> str:
+    """How to name the store ``root`` to another machine: its ``s3://`` URL for a cache, else the path."""
+    from dedt.remote_store import remote_for
+
+    remote = remote_for(root)
+    return remote.url if remote is not None else str(root)
 
 
 def canonical_json(obj: Any) -> str:
@@ -106,8 +128,11 @@ class StageDir:
     def mark_complete(self, files: list[str], config: Mapping[str, Any]) -> None:
         """Record checksums of ``files`` and the resolved config; the marker goes last."""
         atomic_write_text(self.path / "config.json", json.dumps(config, indent=2, sort_keys=True, default=str))
-        digests = {name: file_sha256(self.path / name) for name in files}
-        atomic_write_text(self.path / MARKER, json.dumps({"files": digests}, indent=2, sort_keys=True))
+        self.write_marker({name: file_sha256(self.path / name) for name in files})
+
+    def write_marker(self, digests: Mapping[str, str]) -> None:
+        """The completion marker (file name -> SHA-256), written once every file it names is in place."""
+        atomic_write_text(self.path / MARKER, json.dumps({"files": dict(digests)}, indent=2, sort_keys=True))
 
     def invalidate(self) -> None:
         """Drop the marker so the stage recomputes (a corrupted artifact was found)."""

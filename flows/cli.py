@@ -31,7 +31,8 @@ EPILOG = """examples:
   prefect deployment run 'dedt-pipeline/digits-demo' --watch
 
 environment:
-  DEDT_HOME         store root for all artifacts (default ./.dedt)
+  DEDT_HOME         store root for all artifacts (default ./.dedt), or s3://bucket/prefix
+  DEDT_CACHE        this machine's cache of an s3:// store (default ~/.cache/dedt)
   DEDT_SERVER_HOME  state of `dedt server` (default $DEDT_HOME/../.prefect-server)
   PREFECT_API_URL   a Prefect server to report to (default: the `dedt server` when it runs,
                     else Prefect's embedded local server)

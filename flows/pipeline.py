@@ -11,7 +11,7 @@ from dedt.config import resolve
 from dedt.export import check_export
 from dedt.pipeline import NodeResult, plan
 from dedt.report import markdown_table, stage_table, summary_rows, weights_vs_difficulty
-from dedt.store import default_root
+from dedt.store import default_root, store_root
 from tasks.artifacts import publish_run_artifacts
 from tasks.export import export_task
 from tasks.stages import stage_task
@@ -26,7 +26,7 @@ def pipeline_flow(name: str, pipelines_file: str = "pipelines.yaml", overrides: 
     pool; ``root`` (default ``$DEDT_HOME``) must then be the same path on the GPU worker.
     """
     cfg = resolve(name, Path(pipelines_file), overrides or [])
-    store = Path(root) if root else default_root()
+    store = store_root(root) if root else default_root()
     if cfg.export.to:  # a bad export target or model fails before any stage runs
         check_export(cfg, store)
     results: dict[str, NodeResult] = {}

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from dedt.errors import DedtError
-from dedt.store import atomic_write_text, default_root, open_regular
+from dedt.store import atomic_write_text, default_root, open_regular, root_spec
 
 DEFAULT_PORT = 4200
 DEFAULT_POOL = "dedt-default"  # the pool of every deployment that names none
@@ -140,7 +140,7 @@ def _environment(state: Path, port: int, query_seconds: float, auth: str | None)
     return os.environ | secret | {
         "PREFECT_HOME": str(state), "PREFECT_API_URL": url, "PREFECT_UI_API_URL": url,
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1", "PREFECT_WORKER_QUERY_SECONDS": f"{query_seconds:g}",
-        "DEDT_HOME": str(default_root()), "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
+        "DEDT_HOME": root_spec(default_root()), "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
     }
 
 

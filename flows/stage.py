@@ -7,13 +7,13 @@ travels as a parameter, so the GPU worker needs the code and the shared store, n
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from prefect import flow
 
 from dedt.config import PipelineConfig
 from dedt.pipeline import plan
+from dedt.store import store_root
 from tasks.stages import STAGE_TASKS
 
 
@@ -25,7 +25,7 @@ def stage_flow(config: dict[str, Any], key: str, root: str, concurrency_tag: str
     GPU worker never trains (or samples) two models at once even when several runs are queued.
     """
     cfg = PipelineConfig.model_validate(config)
-    node = plan(cfg, Path(root))[key]
+    node = plan(cfg, store_root(root))[key]
     stage = STAGE_TASKS[node.stage].with_options(tags=[concurrency_tag])
     result = stage(cfg, key, root)
     print(f"{key} done in {result['seconds']:.1f}s, {result['path']}")

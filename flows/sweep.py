@@ -20,7 +20,7 @@ from prefect.task_runners import ProcessPoolTaskRunner
 
 from dedt.pipeline import NodeResult, plan
 from dedt.report import markdown_table
-from dedt.store import default_root
+from dedt.store import default_root, store_root
 from dedt.frontier import describe_setup, time_to_quality_rows, write_report
 from dedt.sweep import BRIEF_COLUMNS, compare, comparison_dir, expand, node_id, resolve_sweep, unique_nodes
 from tasks.artifacts import publish_report_artifact, publish_sweep_artifacts
@@ -34,7 +34,7 @@ def sweep_flow(name: str, pipelines_file: str = "pipelines.yaml", root: str | No
     ``report``: also write the frontier report (Markdown + plots) there, from the comparison rows."""
     sweep = resolve_sweep(name, Path(pipelines_file))
     points = expand(name, Path(pipelines_file))
-    store = Path(root) if root else default_root()
+    store = store_root(root) if root else default_root()
     plans = [plan(p.cfg, store) for p in points]
     nodes = unique_nodes(plans)
     cached = {n.id for n in nodes if plans[n.point][n.key].out.is_complete()}

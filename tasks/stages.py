@@ -16,7 +16,6 @@ progress artifact and a log line a few times a minute (``tasks.progress``).
 from __future__ import annotations
 
 from dataclasses import asdict
-from pathlib import Path
 from typing import Any
 
 from prefect import Task, task
@@ -26,6 +25,7 @@ from dedt.config import PipelineConfig
 from dedt.errors import DedtError
 from dedt.pipeline import VERSIONS, Node, plan, run_node
 from dedt.progress import reporting
+from dedt.store import root_spec, store_root
 from tasks.progress import artifact_progress
 
 # Store folder names of the stages that run models on the resolved device (train also holds the
@@ -42,7 +42,7 @@ def gpu_tag(pool: str) -> str:
 
 def _run(cfg: PipelineConfig, key: str, root: str) -> dict[str, Any]:
     with reporting(artifact_progress(key)):
-        return asdict(run_node(cfg, plan(cfg, Path(root)), key))
+        return asdict(run_node(cfg, plan(cfg, store_root(root)), key))
 
 
 def _dispatch(cfg: PipelineConfig, key: str, root: str) -> dict[str, Any]:
@@ -51,10 +51,11 @@ def _dispatch(cfg: PipelineConfig, key: str, root: str) -> dict[str, Any]:
     from prefect.exceptions import ObjectNotFound
 
     pool = cfg.deployment.gpu_pool
-    if not plan(cfg, Path(root))[key].out.is_complete():
+    if not plan(cfg, store_root(root))[key].out.is_complete():
         try:
             run = run_deployment(f"{STAGE_FLOW}/{pool}", flow_run_name=f"{cfg.name}:{key}",
-                                 parameters={"config": cfg.model_dump(mode="json"), "key": key, "root": root,
+                                 parameters={"config": cfg.model_dump(mode="json"), "key": key,
+                                             "root": root_spec(store_root(root)),
                                              "concurrency_tag": gpu_tag(pool)},
                                  poll_interval=DISPATCH_POLL_S)
         except ObjectNotFound:
