@@ -90,11 +90,11 @@ def _t(stamp: str) -> float:
 
 def _compute_seconds(pipelines: Path, store: Path) -> dict[str, float]:
     """Each stage's own time as ``run_node`` measured it, from the summary.json in its store folder."""
+    from dedt.artifacts import read_summary
     from dedt.config import resolve
     from dedt.pipeline import plan
 
-    return {key: json.loads(node.out.file("summary.json").read_text())["seconds"]
-            for key, node in plan(resolve("bench", pipelines), store).items()}
+    return {key: read_summary(node.out)["seconds"] for key, node in plan(resolve("bench", pipelines), store).items()}
 
 
 def _flow_stages(api: str, flow_run_id: str, compute: dict[str, float]) -> tuple[dict[str, Any], float, float]:

@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from dedt.artifacts import MANIFEST, read_summary
 from dedt.errors import DedtError
 from dedt.metrics import frechet_distance, gaussian_stats
 from dedt.metrics.fidelity import kid, nn_distance_stats, prdc
@@ -98,6 +99,18 @@ class Row:
     value: float
     n_real: int
     n_fake: int
+
+
+def stage_source(root: Path, data: StageDir, subset_ids: np.ndarray | None, *,
+                 contaminated: bool = False) -> RealSource:
+    """The reals of a finished data stage of the store ``root``: its manifest's splits, and on contaminated
+    data (``dataset.contaminate``) its duplicated train images."""
+    from dedt.data.contaminate import duplicated_ids
+    from dedt.data.manifest import load_split
+
+    manifest = MANIFEST.path(data)
+    return RealSource(root, data.fingerprint, lambda split: load_split(manifest, split), subset_ids,
+                      read_summary(data)["n_holdout"], duplicated_ids(manifest) if contaminated else None)
 
 
 def refstats_dir(root: Path, data_fingerprint: str, split: str, space: FeatureSpace) -> StageDir:
@@ -317,6 +330,15 @@ def write_metrics(rows: Iterable[Row], seed: int, path: Path) -> None:
         "n_real": np.asarray([r.n_real for r in rows], np.int64),
         "n_fake": np.asarray([r.n_fake for r in rows], np.int64),
         "seed": np.full(len(rows), seed, np.int64)}), path)
+
+
+def samples_table(fake: np.ndarray, labels: np.ndarray) -> pa.Table:
+    """samples.parquet's rows: sample_id, label and the image as PNG bytes (uint8, as the metrics saw it)."""
+    from dedt.data.manifest import encode_png
+    from dedt.metrics.registry import to_uint8
+
+    return pa.table({"sample_id": np.arange(len(fake), dtype=np.int64), "label": labels.astype(np.int32),
+                     "image": pa.array([encode_png(p) for p in to_uint8(fake)], pa.binary())})
 
 
 def read_metrics(path: Path) -> list[Row]:

@@ -26,6 +26,7 @@ from typing import Any
 
 import yaml
 
+from dedt.artifacts import MANIFEST, METRICS, read_summary
 from dedt.config import PipelineConfig
 from dedt.diffusion.ema import MAX_SIGMA_REL
 from dedt.errors import DedtError
@@ -140,7 +141,7 @@ def stage_results(planned: dict[str, Node]) -> dict[str, NodeResult]:
     results = {}
     for key, node in planned.items():
         if node.out.is_complete():
-            summary = node.out.read_json("summary.json")
+            summary = read_summary(node.out)
             results[key] = NodeResult(key, node.out.fingerprint, str(node.out.path), True, summary["seconds"], summary)
     return results
 
@@ -217,10 +218,9 @@ def model_card(job: ExportPlan, results: dict[str, NodeResult], *, folder: Path,
     """The README.md of an exported model: what data, budget and cost made it, what it scored, how to
     use it and how to reproduce it, every number read from the stage artifacts in ``results``."""
     from dedt.data.manifest import class_names
-    from dedt.stages import MANIFEST
 
     cfg, key = job.cfg, job.key
-    names = class_names(Path(results["data"].path) / MANIFEST)
+    names = class_names(MANIFEST.path(results["data"].path))
     conditional = cfg.train.conditional
     label = MODEL_LABELS.get(key, key)
     train = results[key].summary
@@ -347,9 +347,7 @@ def _train_counts(results: dict[str, NodeResult]) -> dict[str, int]:
     """Images per class of the train split, from the manifest's label and split columns only."""
     import pyarrow.parquet as pq
 
-    from dedt.stages import MANIFEST
-
-    table = pq.read_table(Path(results["data"].path) / MANIFEST, columns=["label", "split"])
+    table = pq.read_table(MANIFEST.path(results["data"].path), columns=["label", "split"])
     counts: dict[str, int] = {}
     for label, split in zip(table.column("label").to_pylist(), table.column("split").to_pylist()):
         if split == "train":
@@ -370,13 +368,12 @@ def _training_section(job: ExportPlan, results: dict[str, NodeResult], train: di
 def _metrics_section(job: ExportPlan, results: dict[str, NodeResult]) -> list[str]:
     """Every overall metric row of metrics.parquet, the first space's per-class FD, memorization."""
     from dedt.evaluate import read_metrics
-    from dedt.stages import METRICS
 
     key = f"evaluate:{job.key}"
     if key not in results:
         return ["## Metrics", "", "Not evaluated: the pipeline has no evaluate stage for this model "
                 "(`evaluate.baselines` false)."]
-    rows = read_metrics(Path(results[key].path) / METRICS)
+    rows = read_metrics(METRICS.path(results[key].path))
     s, ev = job.cfg.sample, job.cfg.evaluate
     overall = [r for r in rows if r.cls == "all" and not r.metric.startswith("nn_")]
     space = ev.feature_spaces[0]
@@ -384,7 +381,7 @@ def _metrics_section(job: ExportPlan, results: dict[str, NodeResult]) -> list[st
                  and r.reference == "full"]
     memorization = [r for r in rows if r.metric.startswith("nn_")]
     lines = ["## Metrics", "",
-             f"From `{results[key].path}/{METRICS}`: {s.method.upper()}-{s.steps} samples, {s.per_class} per class, "
+             f"From `{METRICS.path(results[key].path)}`: {s.method.upper()}-{s.steps} samples, {s.per_class} per class, "
              f"noise bank {s.bank_seed}. Reference `full` = the whole real train split, `subset` = the kept images "
              "the model trained on; `kept_data_*` scores the kept subset itself against the full split, "
              "`fd_real_floor` held-out reals (what a perfect model scores). Feature spaces: "

@@ -5,8 +5,9 @@ lock): the store root must be a writable folder; the dataset is loaded and valid
 data stage is already in the store); the encoder's weights file and the reference checkpoint must
 exist and fit the data; every finished stage that an unfinished one will read must hold
 artifacts of the right schema, for the same samples (embeddings of the encoder's width, scores
-and a subset of the manifest's samples, class weights on the simplex). Any failure is a
-``DedtError`` naming the field or file and the fix: the CLI prints it as one line, exit code 2.
+and a subset of the manifest's samples, class weights on the simplex: ``dedt.artifacts``'s
+checks). Any failure is a ``DedtError`` naming the field or file and the fix: the CLI prints it
+as one line, exit code 2.
 
 The Prefect flow and ``dedt.runner`` call the same stage functions, which check their inputs
 again; preflight only moves those failures to before the first stage starts.
@@ -19,15 +20,14 @@ import math
 import os
 import sys
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
+from dedt import artifacts
 from dedt.config import PipelineConfig
 from dedt.errors import DedtError
 from dedt.pipeline import Node, plan
 from dedt.remote_store import remote_for
-from dedt.store import StageDir
 
 PREFECT_RESULTS = "_prefect_results"  # where earlier dedt versions let Prefect persist task results
 MAX_RESOLUTION = 1024  # the largest dataset.resolution: a native size above it must be resized
@@ -50,7 +50,7 @@ def preflight(cfg: PipelineConfig, root: Path) -> None:
     complete = {key: node.out.is_complete() for key, node in planned.items()}
     if all(complete.values()):
         return  # nothing will run, nothing will be read
-    shape = data_shape(cfg, planned["data"].out) if complete["data"] else check_dataset(cfg)
+    shape = artifacts.image_shape(planned["data"].out) if complete["data"] else check_dataset(cfg)
     if not complete.get("encode", True):
         check_encoder(cfg)
     if cfg.reweight.reference_path and not all(complete.get(k, True) for k in ("reference", "reweight")):
@@ -74,13 +74,6 @@ def check_store(root: Path, stages: set[str] = frozenset()) -> None:
     for stage in sorted(stages):
         if (root / stage).exists() and not (root / stage).is_dir():
             raise DedtError(f"store {root}: {root / stage} is a file where a stage folder belongs; remove it")
-
-
-def data_shape(cfg: PipelineConfig, data: StageDir) -> tuple[int, int, int]:
-    """(H, W, C) of the images in a finished data stage."""
-    summary = data.read_json("summary.json")
-    height, width, channels = summary["shape"]
-    return int(height), int(width), int(channels)
 
 
 def check_dataset(cfg: PipelineConfig) -> tuple[int, int, int]:
@@ -168,119 +161,20 @@ def check_inputs(cfg: PipelineConfig, planned: dict[str, Node], complete: dict[s
     """Every finished stage that an unfinished one reads holds artifacts that fit this pipeline."""
     needed = {role_key for key, node in planned.items() if not complete[key]
               for role_key in node.inputs.values() if complete[role_key]}
-    checks = {"encode": _check_embeddings, "score": _check_scores, "select": _check_subset,
-              "reweight": _check_weights}
     manifest_ids: np.ndarray | None = None
     for key in sorted(needed, key=list(planned).index):
-        node = planned[key]
-        check = checks.get(node.stage)
-        if check is None:
+        out = planned[key].out
+        if out.stage not in ("encode", "score", "select", "reweight"):
             continue
         if manifest_ids is None:
-            manifest_ids = _train_ids(planned["data"].out)
-        check(cfg, node, planned, manifest_ids, shape)
-
-
-def _delete_hint(out: StageDir) -> str:
-    return f"it was not written by this pipeline's {out.stage} stage: delete {out.path} and re-run"
-
-
-def _train_ids(data: StageDir) -> np.ndarray:
-    """The manifest's train-split sample ids (two narrow columns read, no images)."""
-    import pyarrow.parquet as pq
-
-    from dedt.stages import MANIFEST
-
-    path = data.file(MANIFEST)
-    try:
-        table = pq.read_table(path, columns=["sample_id", "split"])
-    except Exception as exc:  # noqa: BLE001 - any read failure is a damaged artifact
-        raise DedtError(f"artifact {path} is unreadable ({exc}); delete {data.path} and re-run") from exc
-    keep = np.asarray(table.column("split").to_pylist()) == "train"
-    return table.column("sample_id").to_numpy()[keep]
-
-
-def _read_columns(out: StageDir, name: str, columns: list[str]) -> tuple[Any, dict[str, Any]]:
-    import pyarrow.parquet as pq
-
-    from dedt.store import parquet_metadata
-
-    path = out.file(name)
-    try:
-        schema = pq.read_schema(path)
-        missing = [c for c in columns if c not in schema.names]
-        if missing:
-            raise DedtError(f"artifact {path} lacks columns {missing}; {_delete_hint(out)}")
-        table = pq.read_table(path, columns=columns)
-    except DedtError:
-        raise
-    except Exception as exc:  # noqa: BLE001
-        raise DedtError(f"artifact {path} is unreadable ({exc}); delete {out.path} and re-run") from exc
-    return table, parquet_metadata(table.replace_schema_metadata(schema.metadata))
-
-
-def _same_samples(out: StageDir, name: str, ids: np.ndarray, expected: np.ndarray, what: str) -> None:
-    if len(ids) != len(expected) or not np.array_equal(np.sort(ids), np.sort(expected)):
-        raise DedtError(f"artifact {out.file(name)} covers other samples than {what} ({len(ids)} rows, "
-                        f"{len(expected)} expected); {_delete_hint(out)}")
-
-
-def _check_embeddings(cfg: PipelineConfig, node: Node, planned: dict[str, Node], manifest_ids: np.ndarray,
-                      shape: tuple[int, int, int]) -> None:
-    import pyarrow.parquet as pq
-
-    from dedt.stages import EMBEDDINGS
-
-    out, path = node.out, node.out.file(EMBEDDINGS)
-    table, metadata = _read_columns(out, EMBEDDINGS, ["sample_id"])
-    kind = pq.read_schema(path).field("embedding").type if "embedding" in pq.read_schema(path).names else None
-    if kind is None or not hasattr(kind, "list_size"):
-        raise DedtError(f"artifact {path}: column embedding is {kind}, expected fixed_size_list<float32>; "
-                        f"{_delete_hint(out)}")
-    expected = {"pixels": math.prod(shape), "random-projection": cfg.encode.dim}.get(cfg.encode.encoder)
-    width = kind.list_size
-    if metadata.get("dim") not in (None, width) or (expected is not None and width != expected):
-        want = expected if expected is not None else metadata.get("dim")
-        raise DedtError(f"artifact {path} holds {width}-d embeddings but encode.encoder={cfg.encode.encoder} "
-                        f"gives {want}-d; {_delete_hint(out)}")
-    _same_samples(out, EMBEDDINGS, table.column("sample_id").to_numpy(), manifest_ids, "the manifest's train split")
-
-
-def _check_scores(cfg: PipelineConfig, node: Node, planned: dict[str, Node], manifest_ids: np.ndarray,
-                  shape: tuple[int, int, int]) -> None:
-    from dedt.stages import SCORES
-
-    table, _ = _read_columns(node.out, SCORES, ["sample_id", "label", "score"])
-    _same_samples(node.out, SCORES, table.column("sample_id").to_numpy(), manifest_ids, "the manifest's train split")
-    scores = table.column("score").to_numpy(zero_copy_only=False)
-    if not np.all(np.isfinite(scores)):
-        raise DedtError(f"artifact {node.out.file(SCORES)} holds NaN/inf scores; {_delete_hint(node.out)}")
-
-
-def _check_subset(cfg: PipelineConfig, node: Node, planned: dict[str, Node], manifest_ids: np.ndarray,
-                  shape: tuple[int, int, int]) -> None:
-    from dedt.stages import SUBSET
-
-    table, _ = _read_columns(node.out, SUBSET, ["sample_id"])
-    ids = table.column("sample_id").to_numpy()
-    if len(ids) == 0 or not np.all(np.isin(ids, manifest_ids)) or len(np.unique(ids)) != len(ids):
-        raise DedtError(f"artifact {node.out.file(SUBSET)} names samples that are not in the manifest's train "
-                        f"split (or none, or twice); {_delete_hint(node.out)}")
-
-
-def _check_weights(cfg: PipelineConfig, node: Node, planned: dict[str, Node], manifest_ids: np.ndarray,
-                   shape: tuple[int, int, int]) -> None:
-    from dedt.stages import WEIGHTS
-
-    table, _ = _read_columns(node.out, WEIGHTS, ["group", "weight"])
-    weights = table.column("weight").to_numpy(zero_copy_only=False).astype(np.float64)
-    if len(weights) == 0 or not np.all(np.isfinite(weights)) or np.any(weights < 0) \
-            or abs(weights.sum() - 1.0) > 1e-6:
-        raise DedtError(f"artifact {node.out.file(WEIGHTS)}: class weights are not on the simplex "
-                        f"(sum {weights.sum():.6g}, min {weights.min() if len(weights) else 'n/a'}); "
-                        f"{_delete_hint(node.out)}")
-    if cfg.reweight.groups == "class":
-        summary = planned["data"].out.read_json("summary.json")
-        if len(weights) != summary["classes"]:
-            raise DedtError(f"artifact {node.out.file(WEIGHTS)} has {len(weights)} class weights for "
-                            f"{summary['classes']} classes; {_delete_hint(node.out)}")
+            manifest_ids = artifacts.train_ids(planned["data"].out)
+        if out.stage == "encode":
+            expected = {"pixels": math.prod(shape), "random-projection": cfg.encode.dim}.get(cfg.encode.encoder)
+            artifacts.check_embeddings(out, manifest_ids, cfg.encode.encoder, expected)
+        elif out.stage == "score":
+            artifacts.check_scores(out, manifest_ids)
+        elif out.stage == "select":
+            artifacts.check_subset(out, manifest_ids)
+        else:
+            classes = artifacts.read_summary(planned["data"].out)["classes"] if cfg.reweight.groups == "class" else None
+            artifacts.check_weights(out, classes)

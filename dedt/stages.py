@@ -9,21 +9,39 @@ DRO proxy, sampling, encoding) report progress to ``dedt.progress.current()``, s
 from __future__ import annotations
 
 import json
+import warnings
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
 from dedt import progress
+from dedt.artifacts import (
+    CLASSIFIER,
+    CONFIG,
+    CURVE,
+    DUPLICATES,
+    EMBEDDINGS,
+    GROUPS,
+    MANIFEST,
+    METRICS,
+    SAMPLES,
+    SCORES,
+    SUBSET,
+    TRAJECTORY,
+    WEIGHTS,
+    WEIGHTS_PLOT,
+    image_shape,
+    read_summary,
+    read_weights,
+    subset_ids,
+)
 from dedt.config import PipelineConfig
 from dedt.data.manifest import class_names, holdout_mask, load_split, prepare_images, write_manifest
 from dedt.data.sources import load_source
 from dedt.errors import DedtError
-from dedt.store import StageDir, atomic_write_text, read_parquet, write_parquet
-
-MANIFEST, EMBEDDINGS, SCORES, SUBSET = "manifest.parquet", "embeddings.parquet", "scores.parquet", "subset.parquet"
-WEIGHTS, TRAJECTORY, METRICS, SAMPLES = "weights.parquet", "trajectory.parquet", "metrics.parquet", "samples.parquet"
-GROUPS, CURVE, DUPLICATES = "groups.parquet", "curve.parquet", "duplicates.parquet"
+from dedt.store import StageDir, atomic_write_text
 
 
 def run_data(cfg: PipelineConfig, inputs: dict[str, StageDir], out: StageDir) -> dict[str, Any]:
@@ -39,7 +57,7 @@ def run_data(cfg: PipelineConfig, inputs: dict[str, StageDir], out: StageDir) ->
         contamination = {"contaminants": dirty.counts()}
     images = prepare_images(raw, ds.resolution, ds.channels)
     meta = {"source": ds.source, "resize": "PIL bicubic"} | contamination
-    write_manifest(raw, images, holdout, out.file(MANIFEST), meta, columns)
+    write_manifest(raw, images, holdout, MANIFEST.path(out), meta, columns)
     return {"n_train": int((~holdout).sum()), "n_holdout": int(holdout.sum()), "shape": list(images.shape[1:]),
             "classes": len(raw.class_names), **contamination}
 
@@ -48,10 +66,10 @@ def run_encode(cfg: PipelineConfig, inputs: dict[str, StageDir], out: StageDir) 
     from dedt.encoders import get_encoder
     from dedt.encoders.streaming import encode_to_parquet
 
-    ids, images, _ = load_split(inputs["data"].file(MANIFEST))
+    ids, images, _ = load_split(MANIFEST.path(inputs["data"]))
     enc = cfg.encode
     encoder = get_encoder(enc.encoder, weights=enc.weights, device=enc.device, seed=cfg.seed, dim=enc.dim)
-    meta = encode_to_parquet(images, len(images), ids, encoder, out.file(EMBEDDINGS), out.path / "shards",
+    meta = encode_to_parquet(images, len(images), ids, encoder, EMBEDDINGS.path(out), out.path / "shards",
                              batch_size=enc.batch_size, shard_size=enc.shard_size, progress=False,
                              on_progress=progress.current())
     return {"n": len(ids), **meta}
@@ -61,15 +79,15 @@ def run_score(cfg: PipelineConfig, inputs: dict[str, StageDir], out: StageDir) -
     from dedt.encoders.streaming import read_embeddings
     from dedt.scoring import score
 
-    ids, embeddings, _ = read_embeddings(inputs["encode"].file(EMBEDDINGS))
+    ids, embeddings, _ = read_embeddings(EMBEDDINGS.path(inputs["encode"]))
     manifest_ids, _, labels = _train_labels(inputs["data"])
     if not np.array_equal(ids, manifest_ids):
-        raise DedtError(f"{inputs['encode'].file(EMBEDDINGS)} covers other samples than the manifest; re-run encode")
+        raise DedtError(f"{EMBEDDINGS.path(inputs['encode'])} covers other samples than the manifest; re-run encode")
     sc = cfg.score
     params = {"k": sc.k, "index": sc.index, "nprobe": sc.nprobe} if sc.method == "knn" else {}
     scores = score(cfg.score.method, embeddings, labels, per_class=cfg.score.per_class, seed=cfg.seed, **params)
     table = pa.table({"sample_id": ids, "label": labels.astype(np.int32), "score": scores.astype(np.float64)})
-    write_parquet(table, out.file(SCORES), {"method": cfg.score.method, "params": cfg.score.model_dump()})
+    SCORES.write(out, table, {"method": cfg.score.method, "params": cfg.score.model_dump()})
     return {"n": len(ids), "method": cfg.score.method}
 
 
@@ -77,7 +95,7 @@ def run_select(cfg: PipelineConfig, inputs: dict[str, StageDir], out: StageDir) 
     from dedt.selection import kept_per_class, select
 
     if "score" in inputs:
-        table = read_parquet(inputs["score"].file(SCORES), ("sample_id", "label", "score"))
+        table = SCORES.read(inputs["score"])
         ids, labels = table.column("sample_id").to_numpy(), table.column("label").to_numpy().astype(np.int64)
         scores = table.column("score").to_numpy()
     else:  # keep_frac 1: everything is kept, so nothing was scored; all scores tie (rank = sample id order)
@@ -97,7 +115,7 @@ def run_select(cfg: PipelineConfig, inputs: dict[str, StageDir], out: StageDir) 
     per_class = {str(k): int(v) for k, v in kept_per_class(kept, labels).items()}
     subset = pa.table({"sample_id": ids[kept], "label": labels[kept].astype(np.int32),
                        "score": scores[kept], "rank": rank[kept]})
-    write_parquet(subset, out.file(SUBSET), {"keep_frac": cfg.select.keep_frac, "kept_per_class": per_class}
+    SUBSET.write(out, subset, {"keep_frac": cfg.select.keep_frac, "kept_per_class": per_class}
                   | cleaning | levers)
     return {"kept": len(kept), "of": len(ids), "kept_per_class": per_class, **cleaning, **levers}
 
@@ -111,9 +129,9 @@ def _stratified(cfg: PipelineConfig, inputs: dict[str, StageDir], ids: np.ndarra
 
     sel, embeddings, weights, levers = cfg.select, None, None, {}
     if sel.stratifies:
-        emb_ids, embeddings, _ = read_embeddings(inputs["encode"].file(EMBEDDINGS))
+        emb_ids, embeddings, _ = read_embeddings(EMBEDDINGS.path(inputs["encode"]))
         if not np.array_equal(emb_ids, ids):
-            raise DedtError(f"{inputs['encode'].file(EMBEDDINGS)} covers other samples than the scores; re-run "
+            raise DedtError(f"{EMBEDDINGS.path(inputs['encode'])} covers other samples than the scores; re-run "
                             "encode and score")
         embeddings = embeddings[pool]
         levers["strata"] = {"k": sel.strata_k, "within": sel.within}
@@ -134,20 +152,20 @@ def _clean(cfg: PipelineConfig, encode: StageDir, ids: np.ndarray, labels: np.nd
     from dedt.dedup import clean, group_table
     from dedt.encoders.streaming import read_embeddings
 
-    emb_ids, embeddings, _ = read_embeddings(encode.file(EMBEDDINGS))
+    emb_ids, embeddings, _ = read_embeddings(EMBEDDINGS.path(encode))
     if not np.array_equal(emb_ids, ids):
-        raise DedtError(f"{encode.file(EMBEDDINGS)} covers other samples than the scores; re-run encode and score")
+        raise DedtError(f"{EMBEDDINGS.path(encode)} covers other samples than the scores; re-run encode and score")
     sel = cfg.select
     cleaned = clean(embeddings, scores, labels, dedup_threshold=sel.dedup_threshold,
                     trim_outliers_frac=sel.trim_outliers_frac, per_class=sel.per_class)
     if sel.dedup_threshold is not None:
-        write_parquet(pa.table(group_table(ids, cleaned)), out.file(DUPLICATES), {"threshold": sel.dedup_threshold})
+        DUPLICATES.write(out, pa.table(group_table(ids, cleaned)), {"threshold": sel.dedup_threshold})
     return np.flatnonzero(cleaned.kept), {"removed_duplicates": int(cleaned.duplicate.sum()),
                                           "trimmed_outliers": int(cleaned.trimmed.sum())}
 
 
 def _train_labels(data: StageDir) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    return load_split(data.file(MANIFEST))
+    return load_split(MANIFEST.path(data))
 
 
 def _subset_arrays(inputs: dict[str, StageDir]) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
@@ -158,28 +176,21 @@ def _subset_arrays(inputs: dict[str, StageDir]) -> tuple[np.ndarray, np.ndarray,
         from dedt.diffusion.latents import read_latents
 
         images = read_latents(inputs["latents"].path, ids)
-    num_classes = len(class_names(inputs["data"].file(MANIFEST)))
+    num_classes = len(class_names(MANIFEST.path(inputs["data"])))
     if "select" in inputs:
-        kept = read_parquet(inputs["select"].file(SUBSET), ("sample_id",)).column("sample_id").to_numpy()
+        kept = subset_ids(inputs["select"])
         mask = np.isin(ids, kept)
         if mask.sum() != len(kept):
-            raise DedtError(f"{inputs['select'].file(SUBSET)} names samples missing from the manifest; re-run select")
+            raise DedtError(f"{SUBSET.path(inputs['select'])} names samples missing from the manifest; re-run select")
         ids, images, labels = ids[mask], images[mask], labels[mask]
     return ids, images, labels, num_classes
 
 
-def read_weights(reweight: StageDir) -> np.ndarray:
-    weights = read_parquet(reweight.file(WEIGHTS), ("group", "weight")).column("weight").to_numpy()
-    if np.any(weights < 0) or abs(weights.sum() - 1.0) > 1e-6:
-        raise DedtError(f"{reweight.file(WEIGHTS)}: weights are not on the simplex (sum {weights.sum():.6f})")
-    return weights
-
-
 def _groups_of(inputs: dict[str, StageDir], labels: np.ndarray, ids: np.ndarray) -> np.ndarray:
     """Sampling groups of these samples: the reweight stage's clusters when it made some, else labels."""
-    if "reweight" not in inputs or not inputs["reweight"].file(GROUPS).exists():
+    if "reweight" not in inputs or not GROUPS.path(inputs["reweight"]).exists():
         return labels
-    table = read_parquet(inputs["reweight"].file(GROUPS), ("sample_id", "group"))
+    table = GROUPS.read(inputs["reweight"])
     lookup = dict(zip(table.column("sample_id").to_pylist(), table.column("group").to_pylist()))
     return np.asarray([lookup[i] for i in ids], np.int64)
 
@@ -219,11 +230,8 @@ def run_reference_checkpoint(cfg: PipelineConfig, inputs: dict[str, StageDir], o
     """Check a local diffusers reference fits the data; the reweight stage loads it from its path."""
     from dedt.reweight import load_reference
 
-    shape = json.loads(inputs["data"].file("summary.json").read_text())["shape"]
-    if "latents" in inputs:  # a latent-space UNet: (c, h, w) of the latents as (h, w, c)
-        c, h, w = json.loads(inputs["latents"].file("summary.json").read_text())["shape"]
-        shape = [h, w, c]
-    load_reference(cfg.reweight.reference_path, in_channels=shape[2], resolution=shape[0])
+    channels, height, _ = _model_shape(inputs)
+    load_reference(cfg.reweight.reference_path, in_channels=channels, resolution=height)
     return {"reference_path": cfg.reweight.reference_path}
 
 
@@ -235,76 +243,61 @@ def run_reweight(cfg: PipelineConfig, inputs: dict[str, StageDir], out: StageDir
     k-means clusters, only say what is weighted. A group with no sample in the proxy's data gets
     weight 0.
     """
-    import time
-
     from dedt.diffusion.train import load_model, resolve_device
-    from dedt.reweight import DEFAULT_ETA, kmeans_groups, load_reference, train_proxy, train_reference
+    from dedt.report import plot_weights
+    from dedt.reweight import DEFAULT_ETA, iterated_dro, load_reference, trajectory_table, weights_table
 
     ids, images, labels, num_classes = _subset_arrays(inputs)
     rw, device = cfg.reweight, resolve_device(cfg.train.device)
     eta = DEFAULT_ETA[rw.excess] if rw.eta is None else rw.eta
-    groups, k = labels, num_classes
+    groups, k, group_of = labels, num_classes, None
     if rw.groups == "kmeans":
-        from dedt.encoders.streaming import read_embeddings
-
-        emb_ids, embeddings, _ = read_embeddings(inputs["encode"].file(EMBEDDINGS))
-        all_groups = kmeans_groups(embeddings, rw.clusters, seed=cfg.seed, fit=np.isin(emb_ids, ids))
-        groups, k = all_groups[np.isin(emb_ids, ids)], rw.clusters
-        write_parquet(pa.table({"sample_id": ids, "group": groups}), out.file(GROUPS))
+        group_of = _kmeans_groups(cfg, inputs["encode"], ids)
+        groups, k = group_of(ids), rw.clusters
+        GROUPS.write(out, pa.table({"sample_id": ids, "group": groups}))
     if rw.reference_path:
         reference = load_reference(rw.reference_path, in_channels=images.shape[1], resolution=images.shape[2])
     else:
         reference = load_model(inputs["reference"].path, ema=True, device=device)
-    rounds, weights, seconds = [], None, 0.0
-    for r in range(rw.rounds):
-        if r > 0:  # the reference's data is the full train split, as in the first round
-            start = time.perf_counter()
-            full_ids, full_images, full_labels, _ = _subset_arrays({role: stage for role, stage in inputs.items()
-                                                                        if role != "select"})
-            full_groups = full_labels if rw.groups == "class" else all_groups[np.isin(emb_ids, full_ids)]
-            ref_options = cfg.train.model_copy(update={"budget_kimg": rw.reference_kimg})
-            reference = train_reference(full_images, full_labels, full_groups, weights, ref_options,
-                                        num_classes=num_classes, seed=cfg.seed + r)
-            seconds += time.perf_counter() - start
-        result = train_proxy(images, labels, groups, reference, cfg.train, num_classes=num_classes,
-                             budget_kimg=rw.proxy_kimg, eta=eta, smoothing=rw.smoothing, seed=cfg.seed + r,
-                             t_range=(rw.t_min_frac, rw.t_max_frac), num_groups=k,
-                             excess=rw.excess, timesteps=rw.timesteps, device=device,
-                             on_progress=progress.current())
-        weights, seconds = result.weights, seconds + result.seconds
-        rounds.append(result)
-    counts = np.bincount(groups, minlength=k)
-    write_parquet(pa.table({"group": np.arange(k, dtype=np.int32), "weight": weights,
-                            "samples_in_subset": counts.astype(np.int64)}), out.file(WEIGHTS),
-                  {"eta": eta, "excess": rw.excess})
-    steps = np.concatenate([np.repeat(np.arange(len(res.alphas), dtype=np.int64), k) for res in rounds])
-    write_parquet(pa.table({
-        "round": np.concatenate([np.full(res.alphas.size, r, np.int32) for r, res in enumerate(rounds)]),
-        "step": steps, "group": np.tile(np.arange(k, dtype=np.int32), len(steps) // k),
-        "alpha": np.concatenate([res.alphas.ravel() for res in rounds]),
-        "excess": np.concatenate([res.excess.ravel() for res in rounds])}), out.file(TRAJECTORY))
-    from dedt.report import plot_weights
 
-    plot_weights(weights, rounds[-1].alphas, out.file("weights.png"))
-    warning = rounds[-1].warning
+    def full_data() -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # a further round's reference: the full split
+        full_ids, full_images, full_labels, _ = _subset_arrays({r: d for r, d in inputs.items() if r != "select"})
+        return full_images, full_labels, full_labels if group_of is None else group_of(full_ids)
+
+    rounds, seconds = iterated_dro(images, labels, groups, reference, cfg.train, rw, full_data,
+                                   num_classes=num_classes, num_groups=k, eta=eta, seed=cfg.seed, device=device,
+                                   on_progress=progress.current())
+    weights, warning = rounds[-1].weights, rounds[-1].warning
+    WEIGHTS.write(out, weights_table(weights, groups, k), {"eta": eta, "excess": rw.excess})
+    TRAJECTORY.write(out, trajectory_table(rounds, k))
+    plot_weights(weights, rounds[-1].alphas, out.file(WEIGHTS_PLOT))
     if warning:
-        import warnings
-
         warnings.warn(warning, stacklevel=1)
     return {"weights": [round(float(w), 4) for w in weights], "proxy_images_per_s": round(rounds[-1].images_per_s, 1),
             "proxy_seconds": round(seconds, 2), "warning": warning, "groups": rw.groups}
+
+
+def _kmeans_groups(cfg: PipelineConfig, encode: StageDir, ids: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
+    """reweight.groups=kmeans: k-means clusters fitted on the embeddings of ``ids``, as the map from sorted
+    train-split sample ids to their clusters."""
+    from dedt.encoders.streaming import read_embeddings
+    from dedt.reweight import kmeans_groups
+
+    emb_ids, embeddings, _ = read_embeddings(EMBEDDINGS.path(encode))
+    all_groups = kmeans_groups(embeddings, cfg.reweight.clusters, seed=cfg.seed, fit=np.isin(emb_ids, ids))
+    return lambda some_ids: all_groups[np.isin(emb_ids, some_ids)]
 
 
 def run_classifier(cfg: PipelineConfig, inputs: dict[str, StageDir], out: StageDir) -> dict[str, Any]:
     from dedt.metrics import frechet_distance, gaussian_stats
     from dedt.metrics.classifier import accuracy, features, save_classifier, train_classifier
 
-    manifest = inputs["data"].file(MANIFEST)
+    manifest = MANIFEST.path(inputs["data"])
     _, x_train, y_train = load_split(manifest, "train")
     _, x_hold, y_hold = load_split(manifest, "holdout")
     num_classes = len(class_names(manifest))
     model = train_classifier(x_train, y_train, num_classes, epochs=cfg.evaluate.classifier_epochs, seed=cfg.seed)
-    save_classifier(model, out.file("classifier.safetensors"), x_train.shape[1], num_classes)
+    save_classifier(model, out.file(CLASSIFIER), x_train.shape[1], num_classes)
     summary: dict[str, Any] = {"train_accuracy": round(accuracy(model, x_train, y_train), 4)}
     if len(x_hold) > 1:
         summary["holdout_accuracy"] = round(accuracy(model, x_hold, y_hold), 4)
@@ -322,48 +315,30 @@ def run_evaluate(cfg: PipelineConfig, inputs: dict[str, StageDir], out: StageDir
     statistics go to the shared ``refstats`` cache of the store.
     """
     from dedt import evaluate
-    from dedt.data.manifest import encode_png
-    from dedt.diffusion.sample import save_grid
     from dedt.diffusion.train import load_model
-    from dedt.metrics.registry import feature_space, to_uint8
-    from dedt.report import MODEL_LABELS, plot_class_bars
-    from dedt.store import atomic_write_text
+    from dedt.metrics.registry import feature_space
+    from dedt.report import MODEL_LABELS, write_evaluation
 
-    manifest = inputs["data"].file(MANIFEST)
-    names = class_names(manifest)
-    counts = json.loads(inputs["data"].file("summary.json").read_text())
-    subset_ids = (read_parquet(inputs["select"].file(SUBSET), ("sample_id",)).column("sample_id").to_numpy()
-                  if "select" in inputs else None)
+    names, counts = class_names(MANIFEST.path(inputs["data"])), read_summary(inputs["data"])
+    kept_ids = subset_ids(inputs["select"]) if "select" in inputs else None
     ev, s = cfg.evaluate, cfg.sample
     fake_labels = np.repeat(np.arange(len(names), dtype=np.int64), s.per_class)
     evaluate.check_sample_counts(len(fake_labels), {"real train images": counts["n_train"]} | (
-        {"images in the kept subset": len(subset_ids)} if subset_ids is not None else {}), ev.prdc_k)
-    classifier_file = inputs["classifier"].file("classifier.safetensors")
+        {"images in the kept subset": len(kept_ids)} if kept_ids is not None else {}), ev.prdc_k)
+    classifier_file = inputs["classifier"].file(CLASSIFIER)
     spaces = [feature_space(name, classifier=classifier_file) for name in ev.feature_spaces]
-    model_config = json.loads(inputs["model"].file("config.json").read_text())
-    model = load_model(inputs["model"].path, ema=True)
-    fake, fake_labels = generate(cfg, model, model_config["train"]["preset"], fake_labels, classifier_file,
-                                 s.bank_seed)
-    save_grid(fake[np.concatenate([np.flatnonzero(fake_labels == c)[:8] for c in range(len(names))])],
-              out.file("grid.png"), nrow=8)
-    from dedt.data.contaminate import duplicated_ids
-
-    source = evaluate.RealSource(out.root, inputs["data"].fingerprint, lambda split: load_split(manifest, split),
-                                 subset_ids, counts["n_holdout"],
-                                 duplicated_ids(manifest) if cfg.dataset.contaminate.active else None)
+    model_config = inputs["model"].read_json(CONFIG)
+    fake, fake_labels = generate(cfg, load_model(inputs["model"].path, ema=True), model_config["train"]["preset"],
+                                 fake_labels, classifier_file, s.bank_seed)
+    source = evaluate.stage_source(out.root, inputs["data"], kept_ids, contaminated=cfg.dataset.contaminate.active)
     rows = evaluate.evaluate_samples(fake, fake_labels, spaces, source, names, prdc_k=ev.prdc_k, with_kid=ev.kid,
                                      seed=cfg.seed, pixels=True)
-    evaluate.write_metrics(rows, cfg.seed, out.file(METRICS))
-    write_parquet(pa.table({"sample_id": np.arange(len(fake), dtype=np.int64), "label": fake_labels.astype(np.int32),
-                            "image": pa.array([encode_png(p) for p in to_uint8(fake)], pa.binary())}),
-                  out.file(SAMPLES))
-    references = ("full", "subset") if subset_ids is not None else ("full",)
-    plot_class_bars({f"vs {ref}": evaluate.per_class_fd(rows, ev.feature_spaces[0], ref) for ref in references},
-                    out.file("class_fd.png"), title=f"per-class FD, {ev.feature_spaces[0]} features")
+    evaluate.write_metrics(rows, cfg.seed, METRICS.path(out))
+    SAMPLES.write(out, evaluate.samples_table(fake, fake_labels))
     model_key = model_config.get("key", inputs["model"].fingerprint)
-    title = f"{cfg.name}, {MODEL_LABELS.get(model_key, model_key)} model"
-    atomic_write_text(out.file("report.md"), evaluate.report_markdown(
-        rows, title=title, seed=cfg.seed, images={"samples": "grid.png", "per-class FD": "class_fd.png"}))
+    write_evaluation(out.path, rows, fake, fake_labels, len(names), space=ev.feature_spaces[0],
+                     references=("full", "subset") if kept_ids is not None else ("full",), seed=cfg.seed,
+                     title=f"{cfg.name}, {MODEL_LABELS.get(model_key, model_key)} model")
     return {**evaluate.summary(rows, ev.feature_spaces), "n_fake": len(fake)}
 
 
@@ -398,13 +373,18 @@ def run_calibrate(cfg: PipelineConfig, inputs: dict[str, StageDir], out: StageDi
     the exchange rate from images seen to seconds of every time-to-quality figure."""
     from dedt.calibrate import measure_costs
 
-    shape = json.loads(inputs["data"].file("summary.json").read_text())["shape"]
+    num_classes = len(class_names(MANIFEST.path(inputs["data"])))
+    return measure_costs(_model_shape(inputs), num_classes, cfg.train, seed=cfg.seed)
+
+
+def _model_shape(inputs: dict[str, StageDir]) -> tuple[int, int, int]:
+    """(C, H, W) of what the diffusion model sees: the VAE latents' with a latents input (latent
+    diffusion), else the images'."""
     if "latents" in inputs:
-        shape = json.loads(inputs["latents"].file("summary.json").read_text())["shape"]
-    else:  # the manifest's (h, w, c) -> (c, h, w)
-        shape = [shape[2], shape[0], shape[1]]
-    num_classes = len(class_names(inputs["data"].file(MANIFEST)))
-    return measure_costs(tuple(shape), num_classes, cfg.train, seed=cfg.seed)
+        channels, height, width = read_summary(inputs["latents"])["shape"]
+        return channels, height, width
+    height, width, channels = image_shape(inputs["data"])
+    return channels, height, width
 
 
 def run_curve(cfg: PipelineConfig, inputs: dict[str, StageDir], out: StageDir) -> dict[str, Any]:
@@ -419,18 +399,15 @@ def run_curve(cfg: PipelineConfig, inputs: dict[str, StageDir], out: StageDir) -
     from dedt.diffusion.train import load_model
     from dedt.metrics.registry import feature_space
 
-    manifest = inputs["data"].file(MANIFEST)
-    names = class_names(manifest)
-    counts = json.loads(inputs["data"].file("summary.json").read_text())
+    names = class_names(MANIFEST.path(inputs["data"]))
     ev = cfg.evaluate
-    classifier_file = inputs["classifier"].file("classifier.safetensors")
+    classifier_file = inputs["classifier"].file(CLASSIFIER)
     space = feature_space(ev.feature_spaces[0], classifier=classifier_file)
-    source = evaluate.RealSource(out.root, inputs["data"].fingerprint, lambda split: load_split(manifest, split),
-                                 None, counts["n_holdout"])
+    source = evaluate.stage_source(out.root, inputs["data"], None)
     model_dir = inputs["model"].path
-    preset = json.loads(inputs["model"].file("config.json").read_text())["train"]["preset"]
+    preset = inputs["model"].read_json(CONFIG)["train"]["preset"]
     labels = np.repeat(np.arange(len(names), dtype=np.int64), cfg.sample.per_class)
-    train_summary = json.loads(inputs["model"].file("summary.json").read_text())
+    train_summary = read_summary(inputs["model"])
     final = {"nimg": int(train_summary["nimg"]), "seconds": float(train_summary["seconds"])}
     points_dir = out.path / "points"
     points_dir.mkdir(exist_ok=True)
@@ -459,12 +436,12 @@ def run_curve(cfg: PipelineConfig, inputs: dict[str, StageDir], out: StageDir) -
     for snap in list_snapshots(model_dir):
         point = cached(f"{snap.nimg:012d}", lambda snap=snap: measure(snap.weights, cfg.sample.bank_seed))
         records.append({"nimg": snap.nimg, "seconds": snap.seconds, **point, "fd_bank2": None, "final": False})
-    end = _curve_point(evaluate.read_metrics(inputs["evaluate"].file(METRICS)), ev.feature_spaces[0])
+    end = _curve_point(evaluate.read_metrics(METRICS.path(inputs["evaluate"])), ev.feature_spaces[0])
     second = cached("final-bank2", lambda: measure(None, cfg.sample.bank_seed + 1))
     records.append({**final, **end, "fd_bank2": second["fd"], "final": True})
 
     def stage_seconds(*roles: str) -> float:
-        return sum(json.loads(inputs[r].file("summary.json").read_text())["seconds"] for r in roles if r in inputs)
+        return sum(read_summary(inputs[r])["seconds"] for r in roles if r in inputs)
 
     overhead = stage_seconds("encode", "score", "select", "reweight")
     reference = stage_seconds("reference")
@@ -480,7 +457,7 @@ def run_curve(cfg: PipelineConfig, inputs: dict[str, StageDir], out: StageDir) -
         "fd_bank2": pa.array([r["fd_bank2"] for r in records], pa.float64()),
         "final": [r["final"] for r in records],
     })
-    write_parquet(table, out.file(CURVE), {"feature_space": ev.feature_spaces[0], "n_fake": len(labels),
+    CURVE.write(out, table, {"feature_space": ev.feature_spaces[0], "n_fake": len(labels),
                                            "bank_seed": cfg.sample.bank_seed})
     return {"points": len(records), "kimg": table.column("kimg").to_pylist(), "fd": table.column("fd").to_pylist(),
             "fd_bank2": second["fd"], "overhead_seconds": overhead, "reference_seconds": reference}

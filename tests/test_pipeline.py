@@ -39,6 +39,21 @@ def test_uniform_pipeline_has_no_dro_stages():
     assert "reweight" not in fps and "train:uniform" in fps and "evaluate:reference" in fps
 
 
+def test_latent_diffusion_feeds_latents_to_the_diffusion_model_stages_only(tmp_path):
+    """Node.reads_latents: the stages that train, load or time a DM read the VAE latents; the others
+    (selection, classifier, metrics) keep reading the images, with or without a reference checkpoint."""
+    (tmp_path / "vae").mkdir()
+    (tmp_path / "vae" / "config.json").write_text("{}")  # planning hashes the VAE's files, loads nothing
+    (tmp_path / "ref").mkdir()
+    (tmp_path / "ref" / "config.json").write_text("{}")
+    train = TINY["train"] | {"vae_path": str(tmp_path / "vae"), "snapshots": 1}
+    for reference in ({}, {"reference_path": str(tmp_path / "ref")}):
+        cfg = build_config({**TINY, "train": train, "reweight": TINY["reweight"] | reference}, "latent")
+        readers = {key for key, node in plan(cfg, tmp_path / "store").items() if "latents" in node.inputs}
+        assert readers == {"reference", "reweight", "train", "train:uniform", "calibrate"} - (
+            {"calibrate"} if reference else set())
+
+
 def test_end_to_end_then_fully_cached(prefect_harness, store, pipelines_file):
     from flows.pipeline import pipeline_flow
 

@@ -7,8 +7,14 @@ import torch
 
 from dedt.diffusion.options import TrainOptions
 from dedt.diffusion.presets import build_model
-from dedt.reweight import (TIMESTEP_BANDS, ProxyTrainer, member_slots, stratified_batch, stratified_timesteps,
-                           train_proxy)
+from dedt.reweight import (
+    TIMESTEP_BANDS,
+    ProxyTrainer,
+    member_slots,
+    stratified_batch,
+    stratified_timesteps,
+    train_proxy,
+)
 
 OPTIONS = TrainOptions(preset="digits-tiny", batch_size=12, lr=1e-3)
 
@@ -126,8 +132,8 @@ def test_proxy_gets_the_trainers_warmup():
 def test_absent_class_gets_weight_zero_and_training_accepts_it(tmp_path):
     import pyarrow as pa
 
+    from dedt.artifacts import WEIGHTS, read_weights
     from dedt.diffusion.train import train
-    from dedt.stages import WEIGHTS, read_weights
     from dedt.store import StageDir, write_parquet
 
     images, labels = _data()
@@ -138,7 +144,7 @@ def test_absent_class_gets_weight_zero_and_training_accepts_it(tmp_path):
     assert result.weights[[0, 2]].min() > 0 and result.weights.sum() == pytest.approx(1.0)
     stage = StageDir(tmp_path, "reweight", "fp")
     stage.path.mkdir(parents=True)
-    write_parquet(pa.table({"group": np.arange(3, dtype=np.int32), "weight": result.weights}), stage.file(WEIGHTS))
+    write_parquet(pa.table({"group": np.arange(3, dtype=np.int32), "weight": result.weights}), WEIGHTS.path(stage))
     weights = read_weights(stage)
     out = train(images[kept], labels[kept], OPTIONS.model_copy(update={"budget_kimg": 0.024}), tmp_path / "run",
                 num_classes=3, class_weights=weights, progress=False)
