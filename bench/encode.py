@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> None:
     for encoder in encoders:
         for mode in MODES:
             rows = [run_worker(args, encoder, mode, n) for n in sizes]
-            for n, row in zip(sizes, rows):
+            for n, row in zip(sizes, rows, strict=True):
                 growth = row["peak_rss_mib"] / rows[0]["peak_rss_mib"]
                 print(f"| {encoder} | {mode} | {n:,} | {n / row['seconds']:,.0f} | {row['seconds']:.2f} | "
                       f"{row['peak_rss_mib']:.0f} | {row['import_rss_mib']:.0f} | {growth:.2f}x |")

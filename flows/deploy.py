@@ -9,6 +9,7 @@ pools, tags and schedules (a removed ``cron`` clears the schedule).
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -84,11 +85,9 @@ def ensure_work_pool(name: str) -> None:
         try:
             client.read_work_pool(name)
         except ObjectNotFound:
-            try:
+            with contextlib.suppress(ObjectAlreadyExists):  # a worker created it meanwhile
                 client.create_work_pool(WorkPoolCreate(name=name, type="process",
                                                        base_job_template=ProcessWorker.get_default_base_job_template()))
-            except ObjectAlreadyExists:  # a worker created it meanwhile
-                pass
 
 
 def apply(specs: list[DeploymentSpec], source: Path = REPO) -> dict[str, str]:

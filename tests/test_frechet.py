@@ -60,7 +60,7 @@ def test_shifted_means_give_squared_distance():
 @settings(max_examples=40, deadline=None)
 @given(st.lists(st.tuples(st.floats(1e-3, 1e3), st.floats(1e-3, 1e3)), min_size=1, max_size=12), st.integers(0, 99))
 def test_diagonal_and_commuting_covariances(pairs, seed):
-    a, b = (np.array(x) for x in zip(*pairs))
+    a, b = (np.array(x) for x in zip(*pairs, strict=True))
     expected = float(np.sum((np.sqrt(a) - np.sqrt(b)) ** 2))
     zero = np.zeros(len(a))
     assert frechet_distance(zero, np.diag(a), zero, np.diag(b)) == pytest.approx(expected, rel=1e-9, abs=1e-9)

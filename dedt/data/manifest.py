@@ -88,7 +88,7 @@ def load_split(path: Path, split: str = "train") -> tuple[np.ndarray, np.ndarray
     keep = np.asarray(table.column("split").to_pylist()) == split
     ids = table.column("sample_id").to_numpy()[keep]
     labels = table.column("label").to_numpy()[keep].astype(np.int64)
-    pngs = [b for b, k in zip(table.column("image").to_pylist(), keep) if k]
+    pngs = [b for b, k in zip(table.column("image").to_pylist(), keep, strict=True) if k]
     arrays = [np.asarray(Image.open(io.BytesIO(b)), np.uint8) for b in pngs]
     x = np.stack(arrays).astype(np.float32)
     x = x[:, None] if x.ndim == 3 else x.transpose(0, 3, 1, 2)

@@ -255,7 +255,7 @@ def _walk_pickle(data: bytes) -> Any:
             target = {} if name == "DICT" else stack[-1]
             if not isinstance(target, dict) or any(not isinstance(k, (bytes, str, int)) for k in items[::2]):
                 raise ValueError("a dict that is not keyed by strings")
-            target.update(zip(items[::2], items[1::2]))
+            target.update(zip(items[::2], items[1::2], strict=True))  # an odd count is malformed
             if name == "DICT":
                 stack.append(target)
         elif name in ("PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE"):

@@ -69,8 +69,8 @@ def encode_to_parquet(
     work_dir.mkdir(parents=True, exist_ok=True)
     bounds = [(start, min(start + shard_size, n)) for start in range(0, n, shard_size)]
     paths = [work_dir / f"shard-{index:05d}.parquet" for index in range(len(bounds))]
-    done = [_shard_is_done(path, encoder, start, stop) for path, (start, stop) in zip(paths, bounds)]
-    skipped = sum(stop - start for (start, stop), ok in zip(bounds, done) if ok)
+    done = [_shard_is_done(path, encoder, start, stop) for path, (start, stop) in zip(paths, bounds, strict=True)]
+    skipped = sum(stop - start for (start, stop), ok in zip(bounds, done, strict=True) if ok)
     report, encoded = Throttle(on_progress, n, initial=skipped), [skipped]
     with tqdm(total=n, initial=skipped, unit="img", desc=f"encode {encoder.name}", disable=not progress) as bar:
 
@@ -79,7 +79,7 @@ def encode_to_parquet(
             encoded[0] += count
             report(encoded[0])
 
-        for path, (start, stop), ok in zip(paths, bounds, done):
+        for path, (start, stop), ok in zip(paths, bounds, done, strict=True):
             if not ok:
                 _encode_shard(load, sample_ids[start:stop], start, stop, encoder, batch_size, path, advance)
     metadata = _concatenate(paths, Path(out_path), batch_size)
@@ -224,13 +224,15 @@ def _concatenate(paths: list[Path], out_path: Path, rows: int) -> dict[str, Any]
     first = json.loads(schema.metadata[b"dedt"])
     metadata = {key: first[key] for key in METADATA_KEYS}
     schema = schema.with_metadata({b"dedt": canonical_json(metadata).encode()})
-    with atomic_path(out_path) as tmp:
-        # zstd without statistics, as dedt.store.write_parquet; no dictionary: float embeddings never repeat.
-        with pq.ParquetWriter(tmp, schema, compression="zstd", write_statistics=False, use_dictionary=False) as writer:
-            for path in paths:
-                with pq.ParquetFile(path) as shard:
-                    if shard.schema_arrow.field("embedding").type != schema.field("embedding").type:
-                        raise DedtError(f"shard {path} differs in width from {paths[0]}; delete {path.parent}")
-                    for batch in shard.iter_batches(batch_size=rows, use_threads=False):
-                        writer.write_batch(batch)
+    # zstd without statistics, as dedt.store.write_parquet; no dictionary: float embeddings never repeat.
+    with (
+        atomic_path(out_path) as tmp,
+        pq.ParquetWriter(tmp, schema, compression="zstd", write_statistics=False, use_dictionary=False) as writer,
+    ):
+        for path in paths:
+            with pq.ParquetFile(path) as shard:
+                if shard.schema_arrow.field("embedding").type != schema.field("embedding").type:
+                    raise DedtError(f"shard {path} differs in width from {paths[0]}; delete {path.parent}")
+                for batch in shard.iter_batches(batch_size=rows, use_threads=False):
+                    writer.write_batch(batch)
     return metadata

@@ -130,7 +130,7 @@ def nn_distance_stats(
     to_train, to_heldout = (_nearest_distance(ref, fake) for ref in (train, heldout))
     stats: dict[str, float] = {}
     for name, dist in (("train", to_train), ("heldout", to_heldout)):
-        for q, value in zip(NN_QUANTILES, np.quantile(dist, NN_QUANTILES)):
+        for q, value in zip(NN_QUANTILES, np.quantile(dist, NN_QUANTILES), strict=True):
             stats[f"{name}_q{round(q * 100):02d}"] = float(value)
     heldout_median = stats["heldout_q50"]
     stats["median_ratio"] = stats["train_q50"] / heldout_median if heldout_median > 0 else float("nan")
