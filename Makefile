@@ -37,7 +37,7 @@ clean-store:
 	rm -rf .dedt
 
 # The headline time-to-quality benchmark: the frontier-mnist5k sweep (24 grid points, 30 models with
-# their curves, sized for ~90 minutes on 2 quiet cores; resumable: run it again after an interruption)
+# their curves: 46 minutes on 2 cores from an empty store; resumable: run it again after an interruption)
 # and docs/RESULTS.md generated from its artifacts.
 # The quick variant: make frontier FRONTIER=frontier-digits REPORT=docs/RESULTS-digits.md
 .PHONY: frontier
