@@ -159,14 +159,14 @@ def plot_curves(all_arms: Sequence[Arm], ys: Yardstick, s_per_img: float, proxy_
                                                                       ls="-" if arm.reweighting == "dro" else "--")
             ax.plot(x, mean.fd, marker=".", label=arm.label, **style)
             ax.fill_between(x, fds.min(axis=0), fds.max(axis=0), alpha=0.12, color=style["color"])
-            envelope += list(zip(x, mean.fd))
+            envelope += list(zip(x, mean.fd, strict=True))
         envelope.sort()
         best, lower = math.inf, []
         for x, fd in envelope:
             if fd < best:
                 best = fd
                 lower.append((x, fd))
-        ax.step(*zip(*lower), where="post", color="grey", ls=":", lw=1.5, label="lower envelope")
+        ax.step(*zip(*lower, strict=True), where="post", color="grey", ls=":", lw=1.5, label="lower envelope")
         for name, target in ys.targets.items():
             ax.axhline(target, color="grey", lw=0.5)
             ax.annotate(name, (envelope[0][0], target), fontsize=6)  # sorted: the leftmost x
@@ -240,14 +240,14 @@ def plot_weights_vs_difficulty(all_arms: Sequence[Arm], full: Arm, path: Path) -
     if weights and len(weights[0]) == len(classes):
         mean_w = np.mean(np.asarray(weights), axis=0)
         ax.scatter([ref[c] for c in classes], mean_w)
-        for c, x, y in zip(classes, [ref[c] for c in classes], mean_w):
+        for c, x, y in zip(classes, [ref[c] for c in classes], mean_w, strict=True):
             ax.annotate(c, (x, y), xytext=(3, 3), textcoords="offset points", fontsize=8)
         ax.axhline(1 / len(classes), color="k", ls="--", lw=1, label="uniform")
         ax.legend()
     ax.set(xlabel="full-data model's FD on the class (harder →)", ylabel="mean DRO weight",
            title="weights vs class difficulty")
     save_figure(fig, path)
-    return {c: float(w) for c, w in zip(classes, mean_w)}
+    return {c: float(w) for c, w in zip(classes, mean_w, strict=True)}
 
 
 
@@ -265,7 +265,7 @@ def _per_class(arm: Arm) -> dict[str, float]:
 def _classes_improved(before: Arm, after: Arm) -> list[float]:
     """Per seed: the fraction of classes whose final FD fell from the uniform to the reweighted model."""
     out = []
-    for b, a in zip(before.finals, after.finals):
+    for b, a in zip(before.finals, after.finals, strict=False):  # seeds of the shorter arm
         fb, fa = json.loads(b["fd_per_class"]), json.loads(a["fd_per_class"])
         classes = [c for c in fb if fb[c] is not None and fa.get(c) is not None]
         if classes:
@@ -281,15 +281,15 @@ def _spearman(a: Sequence[float], b: Sequence[float]) -> float:
 
 def _weights_vs_reference(arm: Arm, full: Arm) -> list[float]:
     """Per seed: Spearman(weight of class c, full-data model's final FD on class c)."""
-    refs = {int(r["seed"]): json.loads(f["fd_per_class"]) for r, f in zip(full.rows, full.finals)}
+    refs = {int(r["seed"]): json.loads(f["fd_per_class"]) for r, f in zip(full.rows, full.finals, strict=True)}
     rhos = []
     for row in arm.rows:
         ref = refs.get(int(row["seed"]))
         if row.get("weights") and ref:
             weights = json.loads(row["weights"])
-            pairs = [(w, ref[c]) for w, c in zip(weights, ref) if ref[c] is not None]
+            pairs = [(w, ref[c]) for w, c in zip(weights, ref, strict=False) if ref[c] is not None]
             if len(weights) == len(ref) and len(pairs) > 2:
-                rhos.append(_spearman(*zip(*pairs)))
+                rhos.append(_spearman(*zip(*pairs, strict=True)))
     return [r for r in rhos if not math.isnan(r)]
 
 

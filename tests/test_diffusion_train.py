@@ -263,7 +263,7 @@ def test_ddp_on_two_cpu_processes_matches_one_process(tmp_path: Path) -> None:
     # Adam turns rounding noise in near-zero gradients (biases right before a GroupNorm) into steps of
     # up to ~lr, so weights can differ by a few lr; a wrong slice or a missing all-reduce moves the
     # losses above far more.
-    for (name, a), b in zip(ddp.state_dict().items(), single.state_dict().values()):
+    for (name, a), b in zip(ddp.state_dict().items(), single.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=8 * TrainOptions().lr, msg=name)  # 8 steps
     state = json.loads(next((tmp_path / "ddp" / "checkpoints").glob("ckpt-*/state.json")).read_text())
     assert state["identity"]["world_size"] == 2

@@ -60,7 +60,7 @@ def test_each_kind_is_generated_as_declared() -> None:
         assert len(np.unique(sources)) == 18 and np.all(kinds[sources] == "none")
         assert np.bincount(np.unique(sources, return_counts=True)[1]).nonzero()[0].max() <= 8
         assert np.array_equal(labels[rows], labels[sources])
-        same = [np.array_equal(images[r], images[s]) for r, s in zip(rows, sources)]
+        same = [np.array_equal(images[r], images[s]) for r, s in zip(rows, sources, strict=True)]
         assert all(same) if exact else not any(same)
         if not exact:  # near: small changes (12 px images are not shifted), far below two random images' gap
             gap = np.abs(images[rows].astype(int) - images[sources].astype(int)).mean()

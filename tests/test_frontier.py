@@ -23,7 +23,7 @@ def _curve_file(path, scale, per_class=(9.0, 10.0, 11.0), bank2=None):
     pq.write_table(pa.table({
         "kimg": KIMG, "train_seconds": KIMG, "overhead_seconds": np.zeros(4), "reference_seconds": np.zeros(4),
         "fd": fd, "precision": np.full(4, 0.5), "recall": np.full(4, 0.4),
-        "fd_per_class": [json.dumps(dict(zip(CLASSES, per_class)))] * 4,
+        "fd_per_class": [json.dumps(dict(zip(CLASSES, per_class, strict=True)))] * 4,
         "fd_bank2": pa.array([None, None, None, bank2 if bank2 else fd[-1] * 1.02], pa.float64()),
         "final": [False, False, False, True]}), path)
     return str(path)

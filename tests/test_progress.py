@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import numpy as np
@@ -67,7 +68,7 @@ def test_throttle_reports_a_bounded_number_of_times(monkeypatch):
         clock[0] += 0.1
         report(10 * step, lambda: {"loss": 0.5})
     assert 10 <= len(calls) <= 11 and calls[-1][0] == 10_000  # every 10 s, and the end
-    assert all(a[0] < b[0] for a, b in zip(calls, calls[1:]))
+    assert all(a[0] < b[0] for a, b in itertools.pairwise(calls))
     assert calls[-1][1]["images_per_s"] == pytest.approx(100.0) and calls[-1][1]["eta_s"] == 0.0
     assert calls[-1][1]["loss"] == 0.5
     progress.Throttle(None, 10)(10)  # no callback: nothing to do

@@ -83,7 +83,7 @@ def test_local_reference_checkpoint_folder(tmp_path):
     model = _reference()
     model.save_pretrained(tmp_path / "pipe" / "unet")
     loaded = load_reference(str(tmp_path / "pipe"), in_channels=1, resolution=8)
-    for a, b in zip(model.state_dict().values(), loaded.state_dict().values()):
+    for a, b in zip(model.state_dict().values(), loaded.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b)
     with pytest.raises(DedtError, match="1x8px images but the data is 3x32px"):
         load_reference(str(tmp_path / "pipe"), in_channels=3, resolution=32)

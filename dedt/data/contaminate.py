@@ -94,7 +94,7 @@ def contaminate(raw: RawDataset, holdout: np.ndarray, options: ContaminateConfig
     added_labels, added_kinds, added_of = [], [], []
     for kind, sources in (("duplicate", exact_sources), ("near-duplicate", near_sources)):
         copies = np.minimum(rng_copies.zipf(options.copies_exponent, len(sources)), options.max_copies)
-        for source, m in zip(sources, copies):
+        for source, m in zip(sources, copies, strict=True):
             for _ in range(m):
                 added_images.append(images[source] if kind == "duplicate" else _perturb(images[source], rng_perturb))
                 added_labels.append(labels[source])
