@@ -190,7 +190,7 @@ def test_model_card_numbers_are_the_artifacts(trained, tmp_path):
     train = results["train"].summary
     assert training["images seen"] == f"{train['nimg']:,}" and training["wall-clock"] == f"{train['seconds']:.1f} s"
     expected = summary_rows(results, proxy_kimg=cfg.reweight.proxy_kimg * cfg.reweight.rounds)
-    speedups = [dict(zip(expected[0], row)) for row in tables[tuple(expected[0])]]
+    speedups = [dict(zip(expected[0], row, strict=True)) for row in tables[tuple(expected[0])]]
     assert speedups == [{k: "" if v is None else str(v) for k, v in row.items()} for row in expected]
     assert any(row["model"] == "pruned+reweighted" and row["speedup"] for row in speedups)
     for key in ("data", "select", "reweight", "train", "evaluate:train"):
