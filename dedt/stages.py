@@ -197,7 +197,7 @@ def _groups_of(inputs: dict[str, StageDir], labels: np.ndarray, ids: np.ndarray)
 
 def run_train(cfg: PipelineConfig, inputs: dict[str, StageDir], out: StageDir) -> dict[str, Any]:
     """Train a DM; a reference (no select input) trains on the full train split."""
-    from dedt.diffusion.train import train
+    from dedt.diffusion.launch import launch_train
 
     ids, images, labels, num_classes = _subset_arrays(inputs)
     budget = cfg.subset_budget_kimg if "select" in inputs else cfg.reweight.reference_kimg
@@ -205,8 +205,8 @@ def run_train(cfg: PipelineConfig, inputs: dict[str, StageDir], out: StageDir) -
     weights = read_weights(inputs["reweight"]) if "reweight" in inputs else None
     groups = _groups_of(inputs, labels, ids)
     num_groups = num_classes if groups is labels else len(weights)
-    result = train(images, groups, options, out.path, num_classes=num_groups, class_weights=weights,
-                   seed=cfg.seed, progress=False, on_progress=progress.current())
+    result = launch_train(images, groups, options, out.path, num_classes=num_groups, class_weights=weights,
+                          seed=cfg.seed, progress=False, on_progress=progress.current())  # on train.processes
     return {"n_images": len(images), **result}
 
 

@@ -202,7 +202,8 @@ def test_levers_at_their_defaults_keep_the_identity() -> None:
     plain = TrainOptions()
     assert plain.identity(exclude=set()) == {
         k: v for k, v in plain.model_dump().items()
-        if k not in {"timestep_weighting", "snr_gamma", "timestep_sampling", "posthoc_ema", "posthoc_snapshots"}
+        if k not in {"timestep_weighting", "snr_gamma", "timestep_sampling", "posthoc_ema", "posthoc_snapshots",
+                     "processes"}  # processes: a runtime field, never in an identity
     }  # fmt: skip
     lever = TrainOptions(timestep_weighting="min-snr").identity(exclude=set())
     assert lever["timestep_weighting"] == "min-snr" and "snr_gamma" not in lever

@@ -12,9 +12,11 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from dedt.diffusion.presets import PRESETS
 
-
 # Fields added after stores held fingerprints (the training levers of issue 15).
 LATER_FIELDS = frozenset({"timestep_weighting", "snr_gamma", "timestep_sampling", "posthoc_ema", "posthoc_snapshots"})
+# Fields that say how a run is spread over processes, not what it computes: never in an identity (a
+# checkpoint records its world size itself).
+RUNTIME_FIELDS = frozenset({"processes"})
 
 
 class TrainOptions(BaseModel):
@@ -106,6 +108,12 @@ class TrainOptions(BaseModel):
         description="TF32 matmuls and convolutions on CUDA: ~7x the fp32 peak at a 10-bit mantissa; no effect on CPU",
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="'auto' = CUDA when available, else CPU")
+    processes: int | Literal["auto"] = Field(
+        1,
+        description="pipelines' train stages: data-parallel processes (DDP under torchrun, one per GPU) the stage "
+        "launches; 'auto' = one per visible CUDA GPU (1 without one). batch_size is the global batch and must divide "
+        "by it; the fingerprint and, up to rounding, the losses do not depend on it",
+    )
     vae_path: str | None = Field(
         None,
         description="latent diffusion (Rombach et al. 2022): a local diffusers AutoencoderKL folder (or a pipeline "
@@ -122,6 +130,13 @@ class TrainOptions(BaseModel):
 
             check_vae_folder(value)  # a missing VAE fails while the config is validated, before any stage runs
         return value
+
+    @field_validator("processes", mode="before")
+    @classmethod
+    def _processes(cls, value: Any) -> Any:
+        if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+            return value
+        raise ValueError(f"must be a whole number of processes >= 1 or 'auto' (one per visible GPU), got {value!r}")
 
     @property
     def latent(self) -> bool:
@@ -153,10 +168,10 @@ class TrainOptions(BaseModel):
         return self
 
     def identity(self, *, exclude: set[str]) -> dict[str, Any]:
-        """The fields that define what a run computes, for fingerprints and checkpoint identities;
-        ``LATER_FIELDS`` at their defaults are left out, so runs that don't use them keep the
-        identities they had before those fields existed (stores and checkpoints stay valid)."""
-        dump = self.model_dump(exclude=exclude)
+        """The fields that define what a run computes, for fingerprints and checkpoint identities.
+        ``RUNTIME_FIELDS`` are always left out, and ``LATER_FIELDS`` at their defaults, so runs that don't
+        use them keep the identities they had before those fields existed (stores and checkpoints stay valid)."""
+        dump = self.model_dump(exclude=set(exclude) | RUNTIME_FIELDS)
         return {k: v for k, v in dump.items() if not (k in LATER_FIELDS and v == TrainOptions.model_fields[k].default)}
 
 
