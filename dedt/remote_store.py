@@ -256,6 +256,7 @@ class Remote:
             moved += self._put_file(out, name, names[name])
         marker = canonical_json({"files": files, "extra": {k: v for k, v in names.items() if k not in files}})
         if self._put_marker(out, marker.encode(), replace):
+            self._damaged.pop(out.path, None)  # replaced: the bucket's copy is good again
             self.transfers.append(Transfer(str(out.path), "up", len(names), moved, time.perf_counter() - start))
         else:
             self.pull(out)  # lost the race: the winner's files replace ours
