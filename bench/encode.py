@@ -47,10 +47,14 @@ def main(argv: list[str] | None = None) -> None:
         return
     sizes = [int(s) for s in args.sizes.split(",") if s]
     encoders = [e for e in args.encoders.split(",") if e]
-    print(f"<!-- {platform.processor() or platform.machine()}, Python {platform.python_version()}, "
-          f"numpy {np.__version__} -->")
-    print(f"Synthetic {args.channels}x{args.resolution}x{args.resolution} images, batch {args.batch_size}, "
-          f"shard {args.shard_size}, random-projection dim {args.dim}; one fresh process per row.\n")
+    print(
+        f"<!-- {platform.processor() or platform.machine()}, Python {platform.python_version()}, "
+        f"numpy {np.__version__} -->"
+    )
+    print(
+        f"Synthetic {args.channels}x{args.resolution}x{args.resolution} images, batch {args.batch_size}, "
+        f"shard {args.shard_size}, random-projection dim {args.dim}; one fresh process per row.\n"
+    )
     print("| encoder | mode | N | images/s | seconds | peak RSS (MiB) | RSS after imports (MiB) | peak vs smallest N |")
     print("|---|---|---:|---:|---:|---:|---:|---:|")
     verdicts = []
@@ -59,13 +63,17 @@ def main(argv: list[str] | None = None) -> None:
             rows = [run_worker(args, encoder, mode, n) for n in sizes]
             for n, row in zip(sizes, rows, strict=True):
                 growth = row["peak_rss_mib"] / rows[0]["peak_rss_mib"]
-                print(f"| {encoder} | {mode} | {n:,} | {n / row['seconds']:,.0f} | {row['seconds']:.2f} | "
-                      f"{row['peak_rss_mib']:.0f} | {row['import_rss_mib']:.0f} | {growth:.2f}x |")
+                print(
+                    f"| {encoder} | {mode} | {n:,} | {n / row['seconds']:,.0f} | {row['seconds']:.2f} | "
+                    f"{row['peak_rss_mib']:.0f} | {row['import_rss_mib']:.0f} | {growth:.2f}x |"
+                )
             if mode == "streaming":
                 growth = rows[-1]["peak_rss_mib"] / rows[0]["peak_rss_mib"]
                 verdicts.append(f"{encoder}: {growth:.3f}x ({'met' if growth <= RSS_TARGET else 'MISSED'})")
-    print(f"\nStreaming peak RSS at N={sizes[-1]:,} vs N={sizes[0]:,} (target <= {RSS_TARGET:.2f}x): "
-          + "; ".join(verdicts))
+    print(
+        f"\nStreaming peak RSS at N={sizes[-1]:,} vs N={sizes[0]:,} (target <= {RSS_TARGET:.2f}x): "
+        + "; ".join(verdicts)
+    )
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -88,9 +96,25 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 def run_worker(args: argparse.Namespace, encoder: str, mode: str, n: int) -> dict[str, float]:
     """One measurement in a fresh interpreter: ru_maxrss is a process-lifetime maximum."""
     command = [
-        sys.executable, __file__, "--worker", "--encoder", encoder, "--mode", mode, "--n", str(n),
-        "--resolution", str(args.resolution), "--channels", str(args.channels), "--dim", str(args.dim),
-        "--batch-size", str(args.batch_size), "--shard-size", str(args.shard_size),
+        sys.executable,
+        __file__,
+        "--worker",
+        "--encoder",
+        encoder,
+        "--mode",
+        mode,
+        "--n",
+        str(n),
+        "--resolution",
+        str(args.resolution),
+        "--channels",
+        str(args.channels),
+        "--dim",
+        str(args.dim),
+        "--batch-size",
+        str(args.batch_size),
+        "--shard-size",
+        str(args.shard_size),
     ]
     result = subprocess.run(command, check=True, capture_output=True, text=True)
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -116,8 +140,17 @@ def measure(args: argparse.Namespace) -> dict[str, float]:
         out = Path(tmp) / "embeddings.parquet"
         start = time.perf_counter()
         if args.mode == "streaming":
-            encode_to_parquet(load, args.n, ids, encoder, out, Path(tmp) / "work",
-                              batch_size=args.batch_size, shard_size=args.shard_size, progress=False)
+            encode_to_parquet(
+                load,
+                args.n,
+                ids,
+                encoder,
+                out,
+                Path(tmp) / "work",
+                batch_size=args.batch_size,
+                shard_size=args.shard_size,
+                progress=False,
+            )
         else:
             embeddings = encoder.encode_batch(load(0, args.n))
             metadata = {"encoder": encoder.name, "dim": embeddings.shape[1], "preprocessing": encoder.preprocessing}

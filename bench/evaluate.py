@@ -60,34 +60,46 @@ def main(argv: list[str] | None = None) -> None:
             if key != EVALUATED:
                 run_node(cfg, planned, key)
         setup = time.perf_counter() - setup
-        print(f"<!-- {platform.processor() or platform.machine()}, torch {torch.__version__}, "
-              f"{torch.get_num_threads()} torch threads, load average {os.getloadavg()[0]:.1f} at start; "
-              f"setup (data .. train, not timed below) {setup:.0f} s -->")
+        print(
+            f"<!-- {platform.processor() or platform.machine()}, torch {torch.__version__}, "
+            f"{torch.get_num_threads()} torch threads, load average {os.getloadavg()[0]:.1f} at start; "
+            f"setup (data .. train, not timed below) {setup:.0f} s -->"
+        )
         stage, stage_s = _timed(lambda: run_node(cfg, planned, EVALUATED))
         parts = _parts(cfg, planned)
         n_fake = stage.summary["n_fake"]
     n_real, n_subset, n_holdout = parts.pop("_counts")
     rate = _inception_rate(parts.pop("_images"), args.inception_images)
 
-    print(f"| evaluate stage, mnist5k {args.resolution}x{args.resolution}, {n_fake} samples "
-          f"({n_real} train reals, {n_subset} kept, {n_holdout} held out) | classifier space (d = 64) "
-          "| d = 2048 (inception space) |")
+    print(
+        f"| evaluate stage, mnist5k {args.resolution}x{args.resolution}, {n_fake} samples "
+        f"({n_real} train reals, {n_subset} kept, {n_holdout} held out) | classifier space (d = 64) "
+        "| d = 2048 (inception space) |"
+    )
     print("|---|---:|---:|")
     print(f"| whole stage (sampling, reference statistics computed, metrics, report) | {stage_s:.1f} s | |")
     print(f"| sampling, DDIM {args.steps} steps, mnist-small (CPU) | {parts.pop('sampling'):.1f} s | same |")
-    print(f"| all metrics after sampling (evaluate_samples), reference statistics computed "
-          f"| {parts.pop('metrics_cold'):.1f} s | |")
-    print(f"| all metrics after sampling (evaluate_samples), reference statistics from the cache "
-          f"| {parts.pop('metrics_warm'):.1f} s | |")
+    print(
+        f"| all metrics after sampling (evaluate_samples), reference statistics computed "
+        f"| {parts.pop('metrics_cold'):.1f} s | |"
+    )
+    print(
+        f"| all metrics after sampling (evaluate_samples), reference statistics from the cache "
+        f"| {parts.pop('metrics_warm'):.1f} s | |"
+    )
     print(f"| decode the manifest's train PNGs (cold only) | {parts.pop('decode'):.2f} s | same |")
     feats_real, feats_fake = parts.pop("features_real"), parts.pop("features_fake")
-    print(f"| features of the {n_real + n_holdout} reals (cold only) | {feats_real:.2f} s "
-          f"| ≈ {(n_real + n_holdout) / rate:.0f} s (projected from the Inception rate) |")
+    print(
+        f"| features of the {n_real + n_holdout} reals (cold only) | {feats_real:.2f} s "
+        f"| ≈ {(n_real + n_holdout) / rate:.0f} s (projected from the Inception rate) |"
+    )
     print(f"| features of the {n_fake} samples | {feats_fake:.2f} s | ≈ {n_fake / rate:.0f} s (projected) |")
     for name, (small, large) in parts.items():
         print(f"| {name} | {small:.2f} s | {large:.2f} s |")
-    print(f"| Inception features, feature_space('inception') on {args.inception_images} dataset images, CPU "
-          f"| {rate:.2f} images/s | |")
+    print(
+        f"| Inception features, feature_space('inception') on {args.inception_images} dataset images, CPU "
+        f"| {rate:.2f} images/s | |"
+    )
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -133,9 +145,18 @@ def _parts(cfg: Any, planned: dict) -> dict[str, Any]:
     manifest = planned["data"].out.file("manifest.parquet")
     model = load_model(planned["train:uniform"].out.path, ema=True)
     labels = np.repeat(np.arange(10, dtype=np.int64), cfg.sample.per_class)
-    fake, sampling = _timed(lambda: sample(model, build_scheduler(cfg.train.preset), labels, num=len(labels),
-                                           method=cfg.sample.method, steps=cfg.sample.steps, seed=cfg.seed,
-                                           progress=False))
+    fake, sampling = _timed(
+        lambda: sample(
+            model,
+            build_scheduler(cfg.train.preset),
+            labels,
+            num=len(labels),
+            method=cfg.sample.method,
+            steps=cfg.sample.steps,
+            seed=cfg.seed,
+            progress=False,
+        )
+    )
     (ids, real, real_labels), decode = _timed(lambda: load_split(manifest, "train"))
     _, holdout, _ = load_split(manifest, "holdout")
     space = feature_space("classifier", classifier=planned["classifier"].out.file("classifier.safetensors"))
@@ -143,27 +164,59 @@ def _parts(cfg: Any, planned: dict) -> dict[str, Any]:
     f_fake, t_fake = _timed(lambda: space.extract(fake))
     subset_ids = read_parquet(planned["select"].out.file("subset.parquet")).column("sample_id").to_numpy()
     kept = np.isin(ids, subset_ids)
-    source = RealSource(planned["data"].out.root, planned["data"].out.fingerprint,
-                        lambda split: load_split(manifest, split), subset_ids, len(holdout))
+    source = RealSource(
+        planned["data"].out.root,
+        planned["data"].out.fingerprint,
+        lambda split: load_split(manifest, split),
+        subset_ids,
+        len(holdout),
+    )
     for split in SPLITS:
         shutil.rmtree(refstats_dir(source.root, source.data_fingerprint, split, space).path)
-    metrics = [_timed(lambda: evaluate_samples(fake, labels, [space], source, [str(c) for c in range(10)],
-                                               prdc_k=cfg.evaluate.prdc_k, with_kid=cfg.evaluate.kid,
-                                               seed=cfg.seed))[1] for _ in ("cold", "warm")]
-    small = _metric_seconds(f_real[: len(real)], real_labels, kept, f_real[len(real):], f_fake, labels, cfg.seed)
+    metrics = [
+        _timed(
+            lambda: evaluate_samples(
+                fake,
+                labels,
+                [space],
+                source,
+                [str(c) for c in range(10)],
+                prdc_k=cfg.evaluate.prdc_k,
+                with_kid=cfg.evaluate.kid,
+                seed=cfg.seed,
+            )
+        )[1]
+        for _ in ("cold", "warm")
+    ]
+    small = _metric_seconds(f_real[: len(real)], real_labels, kept, f_real[len(real) :], f_fake, labels, cfg.seed)
     rng = np.random.default_rng(0)
     mixing = rng.standard_normal((2048, 2048)).astype(np.float32) / np.sqrt(2048)
-    wide = [np.maximum(rng.standard_normal((len(x), 2048)).astype(np.float32) @ mixing, 0.0)
-            for x in (real, holdout, fake)]
+    wide = [
+        np.maximum(rng.standard_normal((len(x), 2048)).astype(np.float32) @ mixing, 0.0) for x in (real, holdout, fake)
+    ]
     large = _metric_seconds(wide[0], real_labels, kept, wide[1], wide[2], labels, cfg.seed)
-    return {"sampling": sampling, "decode": decode, "features_real": t_real, "features_fake": t_fake,
-            "metrics_cold": metrics[0], "metrics_warm": metrics[1],
-            **{name: (small[name], large[name]) for name in small},
-            "_counts": (len(real), int(kept.sum()), len(holdout)), "_images": real}
+    return {
+        "sampling": sampling,
+        "decode": decode,
+        "features_real": t_real,
+        "features_fake": t_fake,
+        "metrics_cold": metrics[0],
+        "metrics_warm": metrics[1],
+        **{name: (small[name], large[name]) for name in small},
+        "_counts": (len(real), int(kept.sum()), len(holdout)),
+        "_images": real,
+    }
 
 
-def _metric_seconds(real: np.ndarray, real_labels: np.ndarray, kept: np.ndarray, holdout: np.ndarray,
-                    fake: np.ndarray, fake_labels: np.ndarray, seed: int) -> dict[str, float]:
+def _metric_seconds(
+    real: np.ndarray,
+    real_labels: np.ndarray,
+    kept: np.ndarray,
+    holdout: np.ndarray,
+    fake: np.ndarray,
+    fake_labels: np.ndarray,
+    seed: int,
+) -> dict[str, float]:
     """Each metric of dedt.evaluate against both references, as the stage runs them."""
     from dedt.evaluate import Reals, floor_row, kept_data_rows, memorization_rows
     from dedt.metrics import frechet_distance, gaussian_stats
@@ -185,13 +238,16 @@ def _metric_seconds(real: np.ndarray, real_labels: np.ndarray, kept: np.ndarray,
     return {
         "Gaussian (mean, covariance) of the train split and the subset": stats,
         "FD overall + 10 per-class, both references": _timed(fds)[1],
-        "KID (100 subsets of 1,000), both references": _timed(lambda: [kid(r.features, fake, seed=seed)
-                                                                         for r in (full, subset)])[1],
+        "KID (100 subsets of 1,000), both references": _timed(
+            lambda: [kid(r.features, fake, seed=seed) for r in (full, subset)]
+        )[1],
         "precision/recall/density/coverage (k = 5), both references": _timed(
-            lambda: [prdc(r.features, fake, k=5) for r in (full, subset)])[1],
+            lambda: [prdc(r.features, fake, k=5) for r in (full, subset)]
+        )[1],
         "kept subset vs full split (FD + PRDC)": _timed(lambda: kept_data_rows("x", full, subset, 5))[1],
         "memorization (NN to train vs held-out) + real-data floor": _timed(
-            lambda: (memorization_rows("x", "subset", fake, subset, held, seed=seed), floor_row("x", full, held)))[1],
+            lambda: (memorization_rows("x", "subset", fake, subset, held, seed=seed), floor_row("x", full, held))
+        )[1],
     }
 
 

@@ -43,8 +43,10 @@ def main(argv: list[str] | None = None) -> None:
     import torch
     from cleanfid.fid import frechet_distance as cleanfid_frechet_distance
 
-    print(f"<!-- {platform.processor() or platform.machine()}, numpy {np.__version__}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} torch threads, load average {os.getloadavg()[0]:.1f} at start -->")
+    print(
+        f"<!-- {platform.processor() or platform.machine()}, numpy {np.__version__}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} torch threads, load average {os.getloadavg()[0]:.1f} at start -->"
+    )
     print("| measurement | dedt | clean-fid (scipy sqrtm) | speed-up | rel. diff |")
     print("|---|---:|---:|---:|---:|")
     cases = [(d, 4 * d) for d in (int(s) for s in args.dims.split(",") if s)]
@@ -53,15 +55,20 @@ def main(argv: list[str] | None = None) -> None:
     for d, n in cases:
         stats = _synthetic_stats(d, n, seed=d + n)
         ours, t_ours = _best_of(functools.partial(frechet_distance, *stats), args.repeats)
-        theirs, t_theirs = _best_of(functools.partial(_quiet, cleanfid_frechet_distance, *stats),
-                                    1 if d >= 2048 else args.repeats)
+        theirs, t_theirs = _best_of(
+            functools.partial(_quiet, cleanfid_frechet_distance, *stats), 1 if d >= 2048 else args.repeats
+        )
         label = f"FD, d = {d}, n = {n}" + (" (singular)" if n <= d else "")
-        print(f"| {label} | {t_ours:.4f} s | {t_theirs:.4f} s | {t_theirs / t_ours:.1f}x | "
-              f"{abs(ours - theirs) / abs(theirs):.1e} |")
+        print(
+            f"| {label} | {t_ours:.4f} s | {t_theirs:.4f} s | {t_theirs / t_ours:.1f}x | "
+            f"{abs(ours - theirs) / abs(theirs):.1e} |"
+        )
     resize_rate, total_rate = _inception_throughput(args.images, args.batch_size)
     print(f"| clean-fid resize to 299 (PIL bicubic per channel), CPU | {resize_rate:.1f} images/s | | | |")
-    print(f"| Inception features (resize + forward), {args.images} images, batch {args.batch_size}, CPU "
-          f"| {total_rate:.2f} images/s | | | |")
+    print(
+        f"| Inception features (resize + forward), {args.images} images, batch {args.batch_size}, CPU "
+        f"| {total_rate:.2f} images/s | | | |"
+    )
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:

@@ -22,6 +22,7 @@ Without a CUDA GPU (and without --dry) it says so, prints the rows as not run, a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import tempfile
 import time
@@ -105,8 +106,16 @@ class Check:
         from dedt.diffusion.train import Trainer
 
         s = self.sizes
-        options = TrainOptions(preset=s.preset, batch_size=s.batch, precision=precision, tf32=tf32, compile=compiled,
-                               conditional=False, hflip=True, device=self.device.type)
+        options = TrainOptions(
+            preset=s.preset,
+            batch_size=s.batch,
+            precision=precision,
+            tf32=tf32,
+            compile=compiled,
+            conditional=False,
+            hflip=True,
+            device=self.device.type,
+        )
         with backend_flags(options):
             trainer = Trainer(self.images, self.labels, options, num_classes=10)
             flops = 3 * forward_flops(trainer.model, trainer.images[:1], None)
@@ -130,10 +139,19 @@ class Check:
 
         s = self.sizes
         batch = s.batch // 2
-        options = TrainOptions(preset=s.preset, batch_size=batch, budget_kimg=16 * batch / 1000,
-                               checkpoint_every_kimg=8 * batch / 1000, log_every_kimg=4 * batch / 1000,
-                               warmup_kimg=4 * batch / 1000, precision="bf16" if self.device.type == "cuda" else "fp32",
-                               tf32=True, conditional=False, hflip=True, device=self.device.type)
+        options = TrainOptions(
+            preset=s.preset,
+            batch_size=batch,
+            budget_kimg=16 * batch / 1000,
+            checkpoint_every_kimg=8 * batch / 1000,
+            log_every_kimg=4 * batch / 1000,
+            warmup_kimg=4 * batch / 1000,
+            precision="bf16" if self.device.type == "cuda" else "fp32",
+            tf32=True,
+            conditional=False,
+            hflip=True,
+            device=self.device.type,
+        )
 
         def cut(step: int, nimg: int) -> None:
             if step == 9:  # the first checkpoint was written at step 8
@@ -143,18 +161,23 @@ class Check:
             runs = Path(tmp)
             for name in ("a", "b"):
                 train(self.images, self.labels, options, runs / name, num_classes=10, progress=False)
-            try:
+            with contextlib.suppress(Killed):
                 train(self.images, self.labels, options, runs / "cut", num_classes=10, progress=False, on_step=cut)
-            except Killed:
-                pass
             train(self.images, self.labels, options, runs / "cut", num_classes=10, progress=False)
             ema = {name: (runs / name / "ema.safetensors").read_bytes() for name in ("a", "b", "cut")}
-            diff = {name: _max_weight_diff(runs / "a" / "ema.safetensors", runs / name / "ema.safetensors")
-                    for name in ("b", "cut")}
+            diff = {
+                name: _max_weight_diff(runs / "a" / "ema.safetensors", runs / name / "ema.safetensors")
+                for name in ("b", "cut")
+            }
         verdict = "identical" if ema["cut"] == ema["a"] else "differ"
-        return [(f"EMA bytes {verdict}", f"resumed vs uninterrupted: max abs diff {diff['cut']:.3g}; two uninterrupted "
-                 f"runs: {'identical' if ema['b'] == ema['a'] else 'differ'}, max abs diff {diff['b']:.3g} "
-                 f"({options.precision}, deterministic algorithms, 16 steps of {batch}, cut at step 9)")]
+        return [
+            (
+                f"EMA bytes {verdict}",
+                f"resumed vs uninterrupted: max abs diff {diff['cut']:.3g}; two uninterrupted "
+                f"runs: {'identical' if ema['b'] == ema['a'] else 'differ'}, max abs diff {diff['b']:.3g} "
+                f"({options.precision}, deterministic algorithms, 16 steps of {batch}, cut at step 9)",
+            )
+        ]
 
     def sample(self) -> list[tuple[str, str]]:
         from dedt.diffusion.presets import build_model, build_scheduler
@@ -176,12 +199,19 @@ class Check:
         first = sample(model, scheduler, None, method="ddpm", device=self.device, **run)
         again = sample(model, scheduler, None, method="ddpm", device=self.device, **run)
         return [
-            (f"max abs(GPU - CPU) {np.abs(ieee - cpu).max():.2g}",
-             f"DDIM-20, {s.samples} images from fixed noise, IEEE fp32 (mean {np.abs(ieee - cpu).mean():.2g}; "
-             f"pixels in [-1, 1]); CPU took {cpu_s:.1f} s"),
-            (f"max abs(GPU - CPU) {np.abs(fast - cpu).max():.2g}", f"the same with TF32 (mean {np.abs(fast - cpu).mean():.2g})"),
-            ("DDPM-20 " + ("identical" if np.array_equal(first, again) else "differs"),
-             "two runs on this device, per-sample generators on the device"),
+            (
+                f"max abs(GPU - CPU) {np.abs(ieee - cpu).max():.2g}",
+                f"DDIM-20, {s.samples} images from fixed noise, IEEE fp32 (mean {np.abs(ieee - cpu).mean():.2g}; "
+                f"pixels in [-1, 1]); CPU took {cpu_s:.1f} s",
+            ),
+            (
+                f"max abs(GPU - CPU) {np.abs(fast - cpu).max():.2g}",
+                f"the same with TF32 (mean {np.abs(fast - cpu).mean():.2g})",
+            ),
+            (
+                "DDPM-20 " + ("identical" if np.array_equal(first, again) else "differs"),
+                "two runs on this device, per-sample generators on the device",
+            ),
         ]
 
     def features(self) -> list[tuple[str, str]]:
@@ -210,8 +240,12 @@ class Check:
             fast = features()
             fast_s = time.perf_counter() - begin
         relative = ((fast - ieee).norm(dim=1) / ieee.norm(dim=1).clamp_min(1e-12)).numpy()
-        return [(f"TF32 vs IEEE: relative abs diff mean {relative.mean():.2g}, max {relative.max():.2g}",
-                 f"{source}; {n} random images at 299 px; IEEE {n / ieee_s:,.0f} images/s, TF32 {n / fast_s:,.0f}")]
+        return [
+            (
+                f"TF32 vs IEEE: relative abs diff mean {relative.mean():.2g}, max {relative.max():.2g}",
+                f"{source}; {n} random images at 299 px; IEEE {n / ieee_s:,.0f} images/s, TF32 {n / fast_s:,.0f}",
+            )
+        ]
 
     def knn(self) -> list[tuple[str, str]]:
         from dedt.knn import knn
@@ -227,9 +261,13 @@ class Check:
         ref_dist, ref_idx = knn(x, 6, queries=x[:q], exclude_self=False, device="cpu")
         agree = float((idx[:q] == ref_idx[:, 1:]).mean())
         gflop = 2 * s.knn_rows * s.knn_rows * s.knn_dim / 1e9
-        return [(f"{seconds:.2f} s ({gflop / seconds:,.0f} GFLOP/s)",
-                 f"exact k=5, {s.knn_rows:,} x {s.knn_dim} self-search on {device}; neighbours equal to the CPU's "
-                 f"for {agree:.4%} of {q:,} queries x 5, max abs distance diff {np.abs(dist[:q] - ref_dist[:, 1:]).max():.2g}")]
+        return [
+            (
+                f"{seconds:.2f} s ({gflop / seconds:,.0f} GFLOP/s)",
+                f"exact k=5, {s.knn_rows:,} x {s.knn_dim} self-search on {device}; neighbours equal to the CPU's "
+                f"for {agree:.4%} of {q:,} queries x 5, max abs distance diff {np.abs(dist[:q] - ref_dist[:, 1:]).max():.2g}",
+            )
+        ]
 
     def proxy(self) -> list[tuple[str, str]]:
         from dedt.diffusion.device import backend_flags
@@ -238,12 +276,27 @@ class Check:
         from dedt.reweight import ProxyTrainer, stratified_batch
 
         s = self.sizes
-        options = TrainOptions(preset=s.preset, batch_size=s.batch, precision="bf16" if self.device.type == "cuda"
-                               else "fp32", tf32=True, device=self.device.type)
+        options = TrainOptions(
+            preset=s.preset,
+            batch_size=s.batch,
+            precision="bf16" if self.device.type == "cuda" else "fp32",
+            tf32=True,
+            device=self.device.type,
+        )
         with backend_flags(options):
             reference = build_model(s.preset, in_channels=s.channels, resolution=s.resolution, num_classes=10)
-            trainer = ProxyTrainer(self.images, self.labels, self.labels, reference, options, num_classes=10,
-                                   eta=1.0, smoothing=1e-3, seed=0, device=self.device)  # the row names it
+            trainer = ProxyTrainer(
+                self.images,
+                self.labels,
+                self.labels,
+                reference,
+                options,
+                num_classes=10,
+                eta=1.0,
+                smoothing=1e-3,
+                seed=0,
+                device=self.device,
+            )  # the row names it
             where = next(trainer.proxy.parameters()).device
             rng = np.random.default_rng(1)
             step = lambda: trainer.step(stratified_batch(self.labels, s.batch, rng))  # noqa: E731
@@ -251,8 +304,12 @@ class Check:
             if on_gpu:
                 step()  # warm-up
             seconds = self.per_call(step, 5 if on_gpu else 1)
-        return [(f"{seconds * 1000:,.0f} ms per step", f"DRO proxy + reference forward, batch {s.batch}, proxy on {where}"
-                 f" ({s.batch / seconds:,.0f} images/s)")]
+        return [
+            (
+                f"{seconds * 1000:,.0f} ms per step",
+                f"DRO proxy + reference forward, batch {s.batch}, proxy on {where} ({s.batch / seconds:,.0f} images/s)",
+            )
+        ]
 
 
 def _max_weight_diff(a: Path, b: Path) -> float:
@@ -284,14 +341,32 @@ def _inception(device: torch.device) -> tuple[Callable[[torch.Tensor], torch.Ten
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dry", action="store_true", help="every section on the CPU at toy sizes")
-    parser.add_argument("--budget-s", type=float, default=float(os.environ.get("BUDGET_S", 450)),
-                        help="the whole check's time: a compiled training row starts only with COMPILE_S left")
+    parser.add_argument(
+        "--budget-s",
+        type=float,
+        default=float(os.environ.get("BUDGET_S", 450)),
+        help="the whole check's time: a compiled training row starts only with COMPILE_S left",
+    )
     args = parser.parse_args()
     cuda = torch.cuda.is_available()
-    print(f"torch {torch.__version__}, CUDA {torch.version.cuda}, "
-          f"{torch.cuda.get_device_name() if cuda else 'no CUDA GPU visible'}", flush=True)
-    names = ["train fp32", "train fp32 + TF32", "train bf16", "resume", "sample", "features", "knn", "proxy",
-             "train bf16, compiled", "train fp32 + TF32, compiled", "train fp32, compiled"]
+    print(
+        f"torch {torch.__version__}, CUDA {torch.version.cuda}, "
+        f"{torch.cuda.get_device_name() if cuda else 'no CUDA GPU visible'}",
+        flush=True,
+    )
+    names = [
+        "train fp32",
+        "train fp32 + TF32",
+        "train bf16",
+        "resume",
+        "sample",
+        "features",
+        "knn",
+        "proxy",
+        "train bf16, compiled",
+        "train fp32 + TF32, compiled",
+        "train fp32, compiled",
+    ]
     if not cuda and not args.dry:
         print("No CUDA GPU: nothing measured (bench/gpu_check.sh --dry runs every section on the CPU).\n")
         print("| section | result | notes |\n|---|---|---|")
@@ -299,7 +374,7 @@ def main() -> int:
         return 0
     torch.use_deterministic_algorithms(True, warn_only=True)  # the resume check compares bytes
     check = Check(torch.device("cuda" if cuda and not args.dry else "cpu"), DRY if args.dry else GPU, args.budget_s)
-    print(f"\n| section | result | notes |\n|---|---|---|", flush=True)
+    print("\n| section | result | notes |\n|---|---|---|", flush=True)
     precisions = {"train fp32": ("fp32", False), "train fp32 + TF32": ("fp32", True), "train bf16": ("bf16", False)}
     for name, (precision, tf32) in precisions.items():
         check.run(name, lambda p=precision, t=tf32: check.train_rate(p, t, False))

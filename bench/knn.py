@@ -46,10 +46,14 @@ def main(argv: list[str] | None = None) -> None:
     args = _parse(argv)
     sizes = [int(s) for s in args.sizes.split(",") if s]
     gemm = gemm_rate()
-    print(f"<!-- {platform.processor() or platform.machine()}, faiss {faiss.__version__}, "
-          f"{faiss.omp_get_max_threads()} OpenMP threads, numpy float32 GEMM {gemm:.1f} GFLOP/s -->")
-    print(f"Synthetic clustered data, d = {args.dim}, k = {args.k}, self excluded; "
-          f"machine float32 GEMM rate {gemm:.1f} GFLOP/s (numpy, best of 2048^3 and 2048x512x8192, same run).\n")
+    print(
+        f"<!-- {platform.processor() or platform.machine()}, faiss {faiss.__version__}, "
+        f"{faiss.omp_get_max_threads()} OpenMP threads, numpy float32 GEMM {gemm:.1f} GFLOP/s -->"
+    )
+    print(
+        f"Synthetic clustered data, d = {args.dim}, k = {args.k}, self excluded; "
+        f"machine float32 GEMM rate {gemm:.1f} GFLOP/s (numpy, best of 2048^3 and 2048x512x8192, same run).\n"
+    )
     print("| N | method | seconds | GFLOP/s | of GEMM | recall@k | speed-up vs dedt exact |")
     print("|---:|---|---:|---:|---:|---:|---:|")
     for n in sizes:
@@ -67,8 +71,11 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--nprobe", type=int, default=8, help="IVF lists visited per query (default 8, as dedt.knn)")
     p.add_argument("--ef-search", type=int, default=128, help="HNSW search breadth (default 128)")
     p.add_argument("--million", action="store_true", help="also score 1,000,000 rows with IVF")
-    p.add_argument("--methods", default=",".join(METHODS),
-                   help=f"comparisons beside dedt exact, which always runs (default {','.join(METHODS)})")
+    p.add_argument(
+        "--methods",
+        default=",".join(METHODS),
+        help=f"comparisons beside dedt exact, which always runs (default {','.join(METHODS)})",
+    )
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     unknown = set(args.methods.split(",")) - set(METHODS)
@@ -149,10 +156,14 @@ def _bench_size(n: int, args: argparse.Namespace, gemm: float) -> None:
         "faiss-flat": ("FAISS IndexFlatL2.search (bundled OpenBLAS)", lambda: faiss_flat(x, args.k)),
         "numpy": ("numpy GEMM + argpartition", lambda: numpy_topk(x, args.k)),
         "sklearn": ("sklearn NearestNeighbors(brute)", lambda: sklearn_brute(x, args.k)),
-        "ivf": (f"dedt IVF ({_describe('ivf', n, args)})",
-                lambda: knn(x, args.k, index="ivf", device="cpu", nprobe=args.nprobe)),
-        "hnsw": (f"FAISS HNSW ({_describe('hnsw', n, args)})",
-                 lambda: knn(x, args.k, index="hnsw", device="cpu", ef_search=args.ef_search)),
+        "ivf": (
+            f"dedt IVF ({_describe('ivf', n, args)})",
+            lambda: knn(x, args.k, index="ivf", device="cpu", nprobe=args.nprobe),
+        ),
+        "hnsw": (
+            f"FAISS HNSW ({_describe('hnsw', n, args)})",
+            lambda: knn(x, args.k, index="hnsw", device="cpu", ef_search=args.ef_search),
+        ),
     }
     for key in args.methods.split(","):
         name, fn = methods[key]
@@ -168,8 +179,15 @@ def _bench_million(args: argparse.Namespace, gemm: float) -> None:
     sample = np.random.default_rng(args.seed).choice(n, 1000, replace=False)
     exact_d, exact_i = knn(x, args.k + 1, queries=x[sample], device="cpu")
     _, exact = _drop_own(exact_d, exact_i, sample, args.k)
-    _row(n, f"dedt IVF ({_describe('ivf', n, args)}); recall on 1,000 queries", t, 2.0 * n * n * args.dim, gemm,
-         recall(idx[sample], exact), None)
+    _row(
+        n,
+        f"dedt IVF ({_describe('ivf', n, args)}); recall on 1,000 queries",
+        t,
+        2.0 * n * n * args.dim,
+        gemm,
+        recall(idx[sample], exact),
+        None,
+    )
 
 
 def _describe(index: str, n: int, args: argparse.Namespace) -> str:
@@ -205,8 +223,11 @@ def _row(
 ) -> None:
     """Print one table row."""
     rate = flops / seconds / 1e9
-    print(f"| {n:,} | {name} | {seconds:.2f} | {rate:.1f} | {rate / gemm:.0%} | "
-          f"{'' if rec is None else f'{rec:.3f}'} | {'' if speedup is None else f'{speedup:.2f}x'} |", flush=True)
+    print(
+        f"| {n:,} | {name} | {seconds:.2f} | {rate:.1f} | {rate / gemm:.0%} | "
+        f"{'' if rec is None else f'{rec:.3f}'} | {'' if speedup is None else f'{speedup:.2f}x'} |",
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

@@ -31,8 +31,15 @@ def _start_moto() -> object:
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
-    os.environ.update({"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1",
-                       "AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_EC2_METADATA_DISABLED": "true"})
+    os.environ.update(
+        {
+            "AWS_ACCESS_KEY_ID": "bench",
+            "AWS_SECRET_ACCESS_KEY": "bench",
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_ENDPOINT_URL": f"http://{host}:{port}",
+            "AWS_EC2_METADATA_DISABLED": "true",
+        }
+    )
     return server
 
 
@@ -52,7 +59,7 @@ def main() -> None:
 
     from dedt.config import PipelineConfig
     from dedt.remote_store import LINK, remote_for
-    from dedt.store import store_root
+    from dedt.store_root import store_root
     from tests.helpers import TINY
 
     server = None
@@ -102,8 +109,10 @@ def main() -> None:
         up = uploads.get(result.path)
         if up is None:
             continue
-        print(f"| {key} | {result.seconds:.2f} | {up.seconds:.3f} | {up.seconds / max(result.seconds, 1e-3):.3f} | "
-              f"{up.files} | {up.bytes / 1024:.0f} |")
+        print(
+            f"| {key} | {result.seconds:.2f} | {up.seconds:.3f} | {up.seconds / max(result.seconds, 1e-3):.3f} | "
+            f"{up.files} | {up.bytes / 1024:.0f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -150,15 +150,19 @@ def main() -> None:
     wall_base = statistics.median(r[0] for r in rates["bare diffusers loop"])
     cpu_base = statistics.median(r[1] for r in rates["bare diffusers loop"])
     cpu_step = statistics.median(r[1] for r in rates["dedt Trainer.step"])
-    print(f"| {'loop':<46} | {'images/s':>8} | {'ratio':>6} | {'images/CPU-s':>12} | {'ratio':>6} | "
-          f"{'cost vs dedt step (CPU)':>23} |")
+    print(
+        f"| {'loop':<46} | {'images/s':>8} | {'ratio':>6} | {'images/CPU-s':>12} | {'ratio':>6} | "
+        f"{'cost vs dedt step (CPU)':>23} |"
+    )
     print(f"|{'-' * 48}|{'-' * 10}:|{'-' * 7}:|{'-' * 13}:|{'-' * 7}:|{'-' * 24}:|")
     for name, values in rates.items():
         wall = statistics.median(r[0] for r in values)
         cpu = statistics.median(r[1] for r in values)
         cost = f"{cpu_step / cpu:.3f}x" if name.startswith("dedt") else ""
-        print(f"| {name:<46} | {wall:>8.0f} | {wall / wall_base:>5.3f}x | {cpu:>12.0f} | {cpu / cpu_base:>5.3f}x | "
-              f"{cost:>23} |")
+        print(
+            f"| {name:<46} | {wall:>8.0f} | {wall / wall_base:>5.3f}x | {cpu:>12.0f} | {cpu / cpu_base:>5.3f}x | "
+            f"{cost:>23} |"
+        )
     label = "dedt train() loop incl. logging, 2 checkpoints"
     print(f"| {label:<46} | {whole:>8.0f} | {whole / wall_base:>5.3f}x | {'':>12} | {'':>6} | {'':>23} |")
 

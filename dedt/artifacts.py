@@ -77,11 +77,28 @@ DUPLICATES = Artifact("duplicates.parquet", "select", ("sample_id", "group", "ke
 GROUPS = Artifact("groups.parquet", "reweight", ("sample_id", "group"))  # k-means groups only
 WEIGHTS = Artifact("weights.parquet", "reweight", ("group", "weight"))  # also samples_in_subset
 TRAJECTORY = Artifact("trajectory.parquet", "reweight", ("round", "step", "group", "alpha", "excess"))
-METRICS = Artifact("metrics.parquet", "evaluate", ("metric", "feature_space", "reference", "class", "value",
-                                                   "n_real", "n_fake", "seed"))
+METRICS = Artifact(
+    "metrics.parquet",
+    "evaluate",
+    ("metric", "feature_space", "reference", "class", "value", "n_real", "n_fake", "seed"),
+)
 SAMPLES = Artifact("samples.parquet", "evaluate", ("sample_id", "label", "image"))
-CURVE = Artifact("curve.parquet", "curve", ("kimg", "train_seconds", "overhead_seconds", "reference_seconds", "fd",
-                                            "precision", "recall", "fd_per_class", "fd_bank2", "final"))
+CURVE = Artifact(
+    "curve.parquet",
+    "curve",
+    (
+        "kimg",
+        "train_seconds",
+        "overhead_seconds",
+        "reference_seconds",
+        "fd",
+        "precision",
+        "recall",
+        "fd_per_class",
+        "fd_bank2",
+        "final",
+    ),
+)
 
 # The other files of a stage folder.
 SUMMARY = "summary.json"  # every stage: its return value plus "seconds" (dedt.pipeline.run_node)
@@ -117,11 +134,12 @@ def read_weights(reweight: StageDir) -> np.ndarray:
 
 def check_simplex(weights: np.ndarray, reweight: StageDir) -> None:
     """Weights are non-empty, finite, >= 0 and sum to 1 (to 1e-6: float64 sums of a float64 mean)."""
-    if len(weights) == 0 or not np.all(np.isfinite(weights)) or np.any(weights < 0) \
-            or abs(weights.sum() - 1.0) > 1e-6:
-        raise DedtError(f"artifact {WEIGHTS.path(reweight)}: class weights are not on the simplex "
-                        f"(sum {weights.sum():.6g}, min {weights.min() if len(weights) else 'n/a'}); "
-                        f"{delete_hint(reweight)}")
+    if len(weights) == 0 or not np.all(np.isfinite(weights)) or np.any(weights < 0) or abs(weights.sum() - 1.0) > 1e-6:
+        raise DedtError(
+            f"artifact {WEIGHTS.path(reweight)}: class weights are not on the simplex "
+            f"(sum {weights.sum():.6g}, min {weights.min() if len(weights) else 'n/a'}); "
+            f"{delete_hint(reweight)}"
+        )
 
 
 def delete_hint(folder: StageDir) -> str:
@@ -144,13 +162,16 @@ def check_embeddings(encode: StageDir, manifest_ids: np.ndarray, encoder: str, e
     names = pq.read_schema(path).names
     kind = pq.read_schema(path).field("embedding").type if "embedding" in names else None
     if kind is None or not hasattr(kind, "list_size"):
-        raise DedtError(f"artifact {path}: column embedding is {kind}, expected fixed_size_list<float32>; "
-                        f"{delete_hint(encode)}")
+        raise DedtError(
+            f"artifact {path}: column embedding is {kind}, expected fixed_size_list<float32>; {delete_hint(encode)}"
+        )
     width = kind.list_size
     if metadata.get("dim") not in (None, width) or (expected_dim is not None and width != expected_dim):
         want = expected_dim if expected_dim is not None else metadata.get("dim")
-        raise DedtError(f"artifact {path} holds {width}-d embeddings but encode.encoder={encoder} "
-                        f"gives {want}-d; {delete_hint(encode)}")
+        raise DedtError(
+            f"artifact {path} holds {width}-d embeddings but encode.encoder={encoder} "
+            f"gives {want}-d; {delete_hint(encode)}"
+        )
     _same_samples(EMBEDDINGS, encode, table.column("sample_id").to_numpy(), manifest_ids)
 
 
@@ -167,8 +188,10 @@ def check_subset(select: StageDir, manifest_ids: np.ndarray) -> None:
     table, _ = SUBSET.read_columns(select, ["sample_id"])
     ids = table.column("sample_id").to_numpy()
     if len(ids) == 0 or not np.all(np.isin(ids, manifest_ids)) or len(np.unique(ids)) != len(ids):
-        raise DedtError(f"artifact {SUBSET.path(select)} names samples that are not in the manifest's train "
-                        f"split (or none, or twice); {delete_hint(select)}")
+        raise DedtError(
+            f"artifact {SUBSET.path(select)} names samples that are not in the manifest's train "
+            f"split (or none, or twice); {delete_hint(select)}"
+        )
 
 
 def check_weights(reweight: StageDir, num_classes: int | None) -> None:
@@ -177,11 +200,15 @@ def check_weights(reweight: StageDir, num_classes: int | None) -> None:
     weights = table.column("weight").to_numpy(zero_copy_only=False).astype(np.float64)
     check_simplex(weights, reweight)
     if num_classes is not None and len(weights) != num_classes:
-        raise DedtError(f"artifact {WEIGHTS.path(reweight)} has {len(weights)} class weights for "
-                        f"{num_classes} classes; {delete_hint(reweight)}")
+        raise DedtError(
+            f"artifact {WEIGHTS.path(reweight)} has {len(weights)} class weights for "
+            f"{num_classes} classes; {delete_hint(reweight)}"
+        )
 
 
 def _same_samples(artifact: Artifact, folder: StageDir, ids: np.ndarray, expected: np.ndarray) -> None:
     if len(ids) != len(expected) or not np.array_equal(np.sort(ids), np.sort(expected)):
-        raise DedtError(f"artifact {artifact.path(folder)} covers other samples than the manifest's train split "
-                        f"({len(ids)} rows, {len(expected)} expected); {delete_hint(folder)}")
+        raise DedtError(
+            f"artifact {artifact.path(folder)} covers other samples than the manifest's train split "
+            f"({len(ids)} rows, {len(expected)} expected); {delete_hint(folder)}"
+        )

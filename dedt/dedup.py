@@ -73,7 +73,7 @@ def duplicate_groups(embeddings: np.ndarray, threshold: float) -> np.ndarray:
     index.add(x)
     rows, cols = [], []
     for start in range(0, len(x), QUERY_BLOCK):
-        lims, _, found = index.range_search(x[start: start + QUERY_BLOCK], 1.0 - threshold)
+        lims, _, found = index.range_search(x[start : start + QUERY_BLOCK], 1.0 - threshold)
         rows.append(np.repeat(np.arange(start, start + len(lims) - 1), np.diff(lims.astype(np.int64))))
         cols.append(found.astype(np.int64))
     n = len(x)
@@ -114,8 +114,15 @@ def low_density(embeddings: np.ndarray, candidates: np.ndarray, labels: np.ndarr
     return trimmed
 
 
-def clean(embeddings: np.ndarray, scores: np.ndarray, labels: np.ndarray | None, *,
-          dedup_threshold: float | None, trim_outliers_frac: float, per_class: bool = True) -> Cleaned:
+def clean(
+    embeddings: np.ndarray,
+    scores: np.ndarray,
+    labels: np.ndarray | None,
+    *,
+    dedup_threshold: float | None,
+    trim_outliers_frac: float,
+    per_class: bool = True,
+) -> Cleaned:
     """Near-duplicate removal (``dedup_threshold``, None = off), then outlier trimming (``trim_outliers_frac``).
 
     Args:
@@ -144,5 +151,8 @@ def group_table(ids: np.ndarray, cleaned: Cleaned) -> dict[str, np.ndarray]:
     group's lowest sample id, kept)."""
     sizes = np.bincount(np.maximum(cleaned.groups, 0), minlength=len(ids))
     member = (cleaned.groups >= 0) & (sizes[np.maximum(cleaned.groups, 0)] > 1)
-    return {"sample_id": ids[member].astype(np.int64), "group": ids[cleaned.groups[member]].astype(np.int64),
-            "kept": ~cleaned.duplicate[member]}
+    return {
+        "sample_id": ids[member].astype(np.int64),
+        "group": ids[cleaned.groups[member]].astype(np.int64),
+        "kept": ~cleaned.duplicate[member],
+    }

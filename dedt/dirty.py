@@ -21,8 +21,9 @@ from dedt.errors import DedtError
 CONTAMINANTS = KINDS[1:]
 
 
-def confusion(kinds: np.ndarray, kept: np.ndarray, duplicate_of: np.ndarray | None = None,
-              ids: np.ndarray | None = None) -> dict[str, Any]:
+def confusion(
+    kinds: np.ndarray, kept: np.ndarray, duplicate_of: np.ndarray | None = None, ids: np.ndarray | None = None
+) -> dict[str, Any]:
     """One method's table.
 
     Args:
@@ -71,21 +72,33 @@ def confusion_from_store(manifest: Path, subsets: Mapping[str, Path | None]) -> 
             continue
         kept_ids = read_parquet(subset, ("sample_id",)).column("sample_id").to_numpy()
         if not np.isin(kept_ids, ids[train]).all():
-            raise DedtError(f"{subset} names samples outside the train split of {manifest}; they come from "
-                            "different data stages")
+            raise DedtError(
+                f"{subset} names samples outside the train split of {manifest}; they come from different data stages"
+            )
         out[method] = confusion(kinds[train], np.isin(ids[train], kept_ids), of[train], ids[train])
     return out
 
 
 def confusion_markdown(tables: Mapping[str, Mapping[str, Any]]) -> str:
     """One row per method: images kept, clean kept, each contaminant removed, duplicate groups left at one."""
-    header = ["method", "kept", "clean kept", *(f"{kind} removed" for kind in CONTAMINANTS), "groups at one",
-              "groups lost"]
+    header = [
+        "method",
+        "kept",
+        "clean kept",
+        *(f"{kind} removed" for kind in CONTAMINANTS),
+        "groups at one",
+        "groups lost",
+    ]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for method, t in tables.items():
-        cells = [method, f"{t['kept']:.0f} / {t['n']:.0f}", _pct(t["clean_kept"]),
-                 *(_pct(t[f"{kind}_removed"]) for kind in CONTAMINANTS), _pct(t.get("groups_one")),
-                 _pct(t.get("groups_lost"))]
+        cells = [
+            method,
+            f"{t['kept']:.0f} / {t['n']:.0f}",
+            _pct(t["clean_kept"]),
+            *(_pct(t[f"{kind}_removed"]) for kind in CONTAMINANTS),
+            _pct(t.get("groups_one")),
+            _pct(t.get("groups_lost")),
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

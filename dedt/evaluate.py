@@ -69,8 +69,10 @@ class Reals:
         """The rows with these sample ids, with their own Gaussian (``what`` names them in errors)."""
         mask = np.isin(self.ids, ids)
         if mask.sum() != len(np.unique(ids)):
-            raise DedtError(f"{what} names {len(np.unique(ids)) - int(mask.sum())} samples that are not in the "
-                            f"train split of the manifest; re-run the select stage")
+            raise DedtError(
+                f"{what} names {len(np.unique(ids)) - int(mask.sum())} samples that are not in the "
+                f"train split of the manifest; re-run the select stage"
+            )
         features = self.features[mask]
         mu, sigma = _gaussian(features)
         return Reals(self.ids[mask], self.labels[mask], features, mu, sigma, f"{self.source} ({what})")
@@ -101,23 +103,31 @@ class Row:
     n_fake: int
 
 
-def stage_source(root: Path, data: StageDir, subset_ids: np.ndarray | None, *,
-                 contaminated: bool = False) -> RealSource:
+def stage_source(
+    root: Path, data: StageDir, subset_ids: np.ndarray | None, *, contaminated: bool = False
+) -> RealSource:
     """The reals of a finished data stage of the store ``root``: its manifest's splits, and on contaminated
     data (``dataset.contaminate``) its duplicated train images."""
     from dedt.data.contaminate import duplicated_ids
     from dedt.data.manifest import load_split
 
     manifest = MANIFEST.path(data)
-    return RealSource(root, data.fingerprint, lambda split: load_split(manifest, split), subset_ids,
-                      read_summary(data)["n_holdout"], duplicated_ids(manifest) if contaminated else None)
+    return RealSource(
+        root,
+        data.fingerprint,
+        lambda split: load_split(manifest, split),
+        subset_ids,
+        read_summary(data)["n_holdout"],
+        duplicated_ids(manifest) if contaminated else None,
+    )
 
 
 def refstats_dir(root: Path, data_fingerprint: str, split: str, space: FeatureSpace) -> StageDir:
     """The cache folder of one (data, split, feature space)."""
     config = {"feature_space": space.name, "identity": space.identity, "split": split}
-    return StageDir(Path(root), REFSTATS_STAGE, fingerprint(REFSTATS_STAGE, REFSTATS_VERSION, config,
-                                                              {"data": data_fingerprint}))
+    return StageDir(
+        Path(root), REFSTATS_STAGE, fingerprint(REFSTATS_STAGE, REFSTATS_VERSION, config, {"data": data_fingerprint})
+    )
 
 
 def reference_reals(source: RealSource, split: str, space: FeatureSpace) -> Reals:
@@ -132,14 +142,21 @@ def reference_reals(source: RealSource, split: str, space: FeatureSpace) -> Real
     with out.lock():
         if not out.is_complete():
             _compute_refstats(out, source.load_split(split), space, split, source.data_fingerprint)
-    arrays = {name: np.load(out.file(f"{name}.npy")) for name in (*ARRAYS, "mu", "sigma")
-              if out.file(f"{name}.npy").exists()}
-    return Reals(arrays["sample_ids"], arrays["labels"], arrays["features"], arrays.get("mu"), arrays.get("sigma"),
-                 str(out.path))
+    arrays = {
+        name: np.load(out.file(f"{name}.npy")) for name in (*ARRAYS, "mu", "sigma") if out.file(f"{name}.npy").exists()
+    }
+    return Reals(
+        arrays["sample_ids"], arrays["labels"], arrays["features"], arrays.get("mu"), arrays.get("sigma"), str(out.path)
+    )
 
 
-def _compute_refstats(out: StageDir, split_data: tuple[np.ndarray, np.ndarray, np.ndarray], space: FeatureSpace,
-                      split: str, data_fingerprint: str) -> None:
+def _compute_refstats(
+    out: StageDir,
+    split_data: tuple[np.ndarray, np.ndarray, np.ndarray],
+    space: FeatureSpace,
+    split: str,
+    data_fingerprint: str,
+) -> None:
     ids, images, labels = split_data
     features = space.extract(images)
     arrays = {"sample_ids": ids.astype(np.int64), "labels": labels.astype(np.int64), "features": features}
@@ -149,9 +166,18 @@ def _compute_refstats(out: StageDir, split_data: tuple[np.ndarray, np.ndarray, n
     for name, array in arrays.items():
         with atomic_path(out.file(f"{name}.npy")) as tmp, open(tmp, "wb") as handle:
             np.save(handle, array, allow_pickle=False)
-    out.mark_complete([f"{name}.npy" for name in arrays], {
-        "stage": REFSTATS_STAGE, "feature_space": space.name, "identity": space.identity, "split": split,
-        "inputs": {"data": data_fingerprint}, "n": len(ids), "dim": int(features.shape[1])})
+    out.mark_complete(
+        [f"{name}.npy" for name in arrays],
+        {
+            "stage": REFSTATS_STAGE,
+            "feature_space": space.name,
+            "identity": space.identity,
+            "split": split,
+            "inputs": {"data": data_fingerprint},
+            "n": len(ids),
+            "dim": int(features.shape[1]),
+        },
+    )
 
 
 def _gaussian(features: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:
@@ -175,9 +201,18 @@ def check_sample_counts(n_fake: int, n_real: dict[str, int], prdc_k: int) -> Non
             )
 
 
-def evaluate_samples(fake: np.ndarray, fake_labels: np.ndarray, spaces: Sequence[FeatureSpace],
-                     source: RealSource, class_names: Sequence[str], *, prdc_k: int, with_kid: bool,
-                     seed: int, pixels: bool = False) -> list[Row]:
+def evaluate_samples(
+    fake: np.ndarray,
+    fake_labels: np.ndarray,
+    spaces: Sequence[FeatureSpace],
+    source: RealSource,
+    class_names: Sequence[str],
+    *,
+    prdc_k: int,
+    with_kid: bool,
+    seed: int,
+    pixels: bool = False,
+) -> list[Row]:
     """Every metric of the module docstring, for every feature space (and the memorization rate in
     pixels when ``pixels``), as rows."""
     rows: list[Row] = []
@@ -189,59 +224,127 @@ def evaluate_samples(fake: np.ndarray, fake_labels: np.ndarray, spaces: Sequence
             references["subset"] = full.take(source.subset_ids, "the kept subset")
             rows += kept_data_rows(space.name, full, references["subset"], prdc_k)
         for reference, reals in references.items():
-            rows += fidelity_rows(space.name, reference, reals, fake_features, fake_labels, class_names,
-                                  prdc_k=prdc_k, with_kid=with_kid, seed=seed)
+            rows += fidelity_rows(
+                space.name,
+                reference,
+                reals,
+                fake_features,
+                fake_labels,
+                class_names,
+                prdc_k=prdc_k,
+                with_kid=with_kid,
+                seed=seed,
+            )
         if source.n_holdout >= MIN_SAMPLES:
             heldout = reference_reals(source, "holdout", space)
             rows.append(floor_row(space.name, full, heldout))
             seen = "subset" if "subset" in references else "full"
-            rows += memorization_rows(space.name, seen, fake_features, references[seen], heldout, seed=seed,
-                                      duplicated_ids=source.duplicated_ids)
+            rows += memorization_rows(
+                space.name,
+                seen,
+                fake_features,
+                references[seen],
+                heldout,
+                seed=seed,
+                duplicated_ids=source.duplicated_ids,
+            )
     if pixels and source.n_holdout >= MIN_SAMPLES:
         rows += pixel_memorization_rows(fake, source)
     return rows
 
 
-def fidelity_rows(space: str, reference: str, reals: Reals, fake: np.ndarray, fake_labels: np.ndarray,
-                  class_names: Sequence[str], *, prdc_k: int, with_kid: bool, seed: int) -> list[Row]:
+def fidelity_rows(
+    space: str,
+    reference: str,
+    reals: Reals,
+    fake: np.ndarray,
+    fake_labels: np.ndarray,
+    class_names: Sequence[str],
+    *,
+    prdc_k: int,
+    with_kid: bool,
+    seed: int,
+) -> list[Row]:
     """FD overall and per class, KID (mean and std over subsets), precision/recall/density/coverage."""
     check_dimensions(space, reals, fake)
     n_real, n_fake = len(reals.features), len(fake)
     check_sample_counts(n_fake, {f"real images in the {reference} reference": n_real}, prdc_k)
-    rows = [Row("fd", space, reference, "all", frechet_distance(*gaussian_stats(fake), reals.mu, reals.sigma),
-                n_real, n_fake)]
+    rows = [
+        Row(
+            "fd",
+            space,
+            reference,
+            "all",
+            frechet_distance(*gaussian_stats(fake), reals.mu, reals.sigma),
+            n_real,
+            n_fake,
+        )
+    ]
     for c, name in enumerate(class_names):
         r, f = reals.features[reals.labels == c], fake[fake_labels == c]
         # Too few samples of a class for a covariance: NaN, not a made-up value.
-        value = frechet_distance(*gaussian_stats(f), *gaussian_stats(r)) if min(len(f), len(r)) >= MIN_SAMPLES \
+        value = (
+            frechet_distance(*gaussian_stats(f), *gaussian_stats(r))
+            if min(len(f), len(r)) >= MIN_SAMPLES
             else float("nan")
+        )
         rows.append(Row("fd", space, reference, name, value, len(r), len(f)))
     if with_kid:
         mean, std = kid(reals.features, fake, seed=seed)
-        rows += [Row("kid", space, reference, "all", mean, n_real, n_fake),
-                 Row("kid_std", space, reference, "all", std, n_real, n_fake)]
-    rows += [Row(metric, space, reference, "all", value, n_real, n_fake)
-             for metric, value in prdc(reals.features, fake, k=prdc_k).items()]
+        rows += [
+            Row("kid", space, reference, "all", mean, n_real, n_fake),
+            Row("kid_std", space, reference, "all", std, n_real, n_fake),
+        ]
+    rows += [
+        Row(metric, space, reference, "all", value, n_real, n_fake)
+        for metric, value in prdc(reals.features, fake, k=prdc_k).items()
+    ]
     return rows
 
 
 def kept_data_rows(space: str, full: Reals, subset: Reals, prdc_k: int) -> list[Row]:
     """The kept subset scored as if it were samples against the full split: what pruning removed."""
     n_full, n_kept = len(full.features), len(subset.features)
-    rows = [Row("kept_data_fd", space, "full", "all", frechet_distance(subset.mu, subset.sigma, full.mu, full.sigma),
-                n_full, n_kept)]
-    return rows + [Row(f"kept_data_{metric}", space, "full", "all", value, n_full, n_kept)
-                   for metric, value in prdc(full.features, subset.features, k=prdc_k).items()]
+    rows = [
+        Row(
+            "kept_data_fd",
+            space,
+            "full",
+            "all",
+            frechet_distance(subset.mu, subset.sigma, full.mu, full.sigma),
+            n_full,
+            n_kept,
+        )
+    ]
+    return rows + [
+        Row(f"kept_data_{metric}", space, "full", "all", value, n_full, n_kept)
+        for metric, value in prdc(full.features, subset.features, k=prdc_k).items()
+    ]
 
 
 def floor_row(space: str, full: Reals, heldout: Reals) -> Row:
     """FD of held-out reals (playing the samples) to the train split: the best a model can score."""
-    return Row("fd_real_floor", space, "full", "all", frechet_distance(heldout.mu, heldout.sigma, full.mu, full.sigma),
-               len(full.features), len(heldout.features))
+    return Row(
+        "fd_real_floor",
+        space,
+        "full",
+        "all",
+        frechet_distance(heldout.mu, heldout.sigma, full.mu, full.sigma),
+        len(full.features),
+        len(heldout.features),
+    )
 
 
-def memorization_rows(space: str, reference: str, fake: np.ndarray, seen: Reals, heldout: Reals, *,
-                      seed: int, duplicated_ids: np.ndarray | None = None) -> list[Row]:
+def memorization_rows(
+    space: str,
+    reference: str,
+    fake: np.ndarray,
+    seen: Reals,
+    heldout: Reals,
+    *,
+    seed: int,
+    duplicated_ids: np.ndarray | None = None,
+) -> list[Row]:
     """``nn_*`` rows of ``dedt.metrics.fidelity.nn_distance_stats`` (n_real = reals per set after subsampling)
     and the ``memorization_rate`` rows (n_real = the images the model trained on)."""
     check_dimensions(space, seen, fake)
@@ -249,12 +352,14 @@ def memorization_rows(space: str, reference: str, fake: np.ndarray, seen: Reals,
     n_reference = int(stats.pop("n_reference"))
     duplicated = None if duplicated_ids is None else np.isin(seen.ids, duplicated_ids)
     rate = memorization_rate(fake, seen.features, heldout.features, seen_duplicated=duplicated)
-    return ([Row(f"nn_{key}", space, reference, "all", value, n_reference, len(fake)) for key, value in stats.items()]
-            + [Row(key, space, reference, "all", value, len(seen.features), len(fake)) for key, value in rate.items()])
+    return [
+        Row(f"nn_{key}", space, reference, "all", value, n_reference, len(fake)) for key, value in stats.items()
+    ] + [Row(key, space, reference, "all", value, len(seen.features), len(fake)) for key, value in rate.items()]
 
 
-def memorization_rate(fake: np.ndarray, seen: np.ndarray, heldout: np.ndarray, *,
-                      seen_duplicated: np.ndarray | None = None) -> dict[str, float]:
+def memorization_rate(
+    fake: np.ndarray, seen: np.ndarray, heldout: np.ndarray, *, seen_duplicated: np.ndarray | None = None
+) -> dict[str, float]:
     """The fraction of samples that copy a training image: nearer their nearest training image than the
     threshold, the MEMORIZATION_PERCENTILE-th percentile of held-out reals' nearest-training-image distances.
 
@@ -277,8 +382,9 @@ def memorization_rate(fake: np.ndarray, seen: np.ndarray, heldout: np.ndarray, *
     out = {"memorization_threshold": threshold, "memorized_frac": float(memorized.mean())}
     if seen_duplicated is not None and seen_duplicated.any():
         near_duplicated = seen_duplicated[nearest]
-        out["memorized_frac_duplicated"] = float(memorized[near_duplicated].mean()) if near_duplicated.any() \
-            else float("nan")
+        out["memorized_frac_duplicated"] = (
+            float(memorized[near_duplicated].mean()) if near_duplicated.any() else float("nan")
+        )
         out["nearest_duplicated_frac"] = float(near_duplicated.mean())
     return out
 
@@ -303,8 +409,10 @@ def pixel_memorization_rows(fake: np.ndarray, source: RealSource) -> list[Row]:
         mask = np.isin(ids, source.subset_ids)
         ids, train, reference = ids[mask], train[mask], "subset"
     if train.shape[1:] != fake.shape[1:]:
-        raise DedtError(f"samples are {fake.shape[1:]} but the real images {train.shape[1:]}; the manifest and the "
-                        "model disagree: re-run the pipeline from the data stage")
+        raise DedtError(
+            f"samples are {fake.shape[1:]} but the real images {train.shape[1:]}; the manifest and the "
+            "model disagree: re-run the pipeline from the data stage"
+        )
     duplicated = None if source.duplicated_ids is None else np.isin(ids, source.duplicated_ids)
     flat = [a.reshape(len(a), -1).astype(np.float32) for a in (fake, train, heldout)]
     rate = memorization_rate(*flat, seen_duplicated=duplicated)
@@ -323,13 +431,21 @@ def check_dimensions(space: str, reals: Reals, fake: np.ndarray) -> None:
 def write_metrics(rows: Iterable[Row], seed: int, path: Path) -> None:
     """metrics.parquet: metric, feature_space, reference, class, value, n_real, n_fake, seed."""
     rows = list(rows)
-    write_parquet(pa.table({
-        "metric": [r.metric for r in rows], "feature_space": [r.feature_space for r in rows],
-        "reference": [r.reference for r in rows], "class": [r.cls for r in rows],
-        "value": np.asarray([r.value for r in rows], np.float64),
-        "n_real": np.asarray([r.n_real for r in rows], np.int64),
-        "n_fake": np.asarray([r.n_fake for r in rows], np.int64),
-        "seed": np.full(len(rows), seed, np.int64)}), path)
+    write_parquet(
+        pa.table(
+            {
+                "metric": [r.metric for r in rows],
+                "feature_space": [r.feature_space for r in rows],
+                "reference": [r.reference for r in rows],
+                "class": [r.cls for r in rows],
+                "value": np.asarray([r.value for r in rows], np.float64),
+                "n_real": np.asarray([r.n_real for r in rows], np.int64),
+                "n_fake": np.asarray([r.n_fake for r in rows], np.int64),
+                "seed": np.full(len(rows), seed, np.int64),
+            }
+        ),
+        path,
+    )
 
 
 def samples_table(fake: np.ndarray, labels: np.ndarray) -> pa.Table:
@@ -337,25 +453,37 @@ def samples_table(fake: np.ndarray, labels: np.ndarray) -> pa.Table:
     from dedt.data.manifest import encode_png
     from dedt.metrics.registry import to_uint8
 
-    return pa.table({"sample_id": np.arange(len(fake), dtype=np.int64), "label": labels.astype(np.int32),
-                     "image": pa.array([encode_png(p) for p in to_uint8(fake)], pa.binary())})
+    return pa.table(
+        {
+            "sample_id": np.arange(len(fake), dtype=np.int64),
+            "label": labels.astype(np.int32),
+            "image": pa.array([encode_png(p) for p in to_uint8(fake)], pa.binary()),
+        }
+    )
 
 
 def read_metrics(path: Path) -> list[Row]:
     """The rows ``write_metrics`` wrote."""
-    return [Row(r["metric"], r["feature_space"], r["reference"], r["class"], r["value"], r["n_real"], r["n_fake"])
-            for r in read_parquet(path).to_pylist()]
+    return [
+        Row(r["metric"], r["feature_space"], r["reference"], r["class"], r["value"], r["n_real"], r["n_fake"])
+        for r in read_parquet(path).to_pylist()
+    ]
 
 
 def lookup(rows: Iterable[Row], metric: str, space: str, reference: str = "full", cls: str = "all") -> float | None:
     """The value of one metric row, None when absent."""
-    return next((r.value for r in rows if (r.metric, r.feature_space, r.reference, r.cls) == (metric, space,
-                                                                                             reference, cls)), None)
+    return next(
+        (r.value for r in rows if (r.metric, r.feature_space, r.reference, r.cls) == (metric, space, reference, cls)),
+        None,
+    )
 
 
 def per_class_fd(rows: Iterable[Row], space: str, reference: str = "full") -> dict[str, float]:
-    return {r.cls: r.value for r in rows
-            if r.metric == "fd" and r.feature_space == space and r.reference == reference and r.cls != "all"}
+    return {
+        r.cls: r.value
+        for r in rows
+        if r.metric == "fd" and r.feature_space == space and r.reference == reference and r.cls != "all"
+    }
 
 
 def summary(rows: Sequence[Row], spaces: Sequence[str]) -> dict[str, Any]:
@@ -365,8 +493,12 @@ def summary(rows: Sequence[Row], spaces: Sequence[str]) -> dict[str, Any]:
     for r in rows:
         if r.cls == "all":
             overall.setdefault(r.feature_space, {}).setdefault(r.reference, {})[r.metric] = _round(r.value)
-    return {"fd": _round(lookup(rows, "fd", spaces[0])), "fd_space": spaces[0],
-            "fd_per_class": {c: _round(v) for c, v in per_class_fd(rows, spaces[0]).items()}, "overall": overall}
+    return {
+        "fd": _round(lookup(rows, "fd", spaces[0])),
+        "fd_space": spaces[0],
+        "fd_per_class": {c: _round(v) for c, v in per_class_fd(rows, spaces[0]).items()},
+        "overall": overall,
+    }
 
 
 def _round(value: float | None) -> float | None:
@@ -379,64 +511,128 @@ def report_markdown(rows: Sequence[Row], *, title: str, seed: int, images: dict[
     spaces = list(dict.fromkeys(r.feature_space for r in rows if r.metric == "fd"))
     references = list(dict.fromkeys(r.reference for r in rows if r.metric == "fd"))
     n_fake = next(r.n_fake for r in rows if r.metric == "fd")
-    n_real = {ref: next(r.n_real for r in rows if r.metric == "fd" and r.reference == ref and r.cls == "all")
-              for ref in references}
+    n_real = {
+        ref: next(r.n_real for r in rows if r.metric == "fd" and r.reference == ref and r.cls == "all")
+        for ref in references
+    }
     described = {"full": "the full real train split", "subset": "the kept subset the model trained on"}
-    lines = [f"# Evaluation: {title}", "",
-             f"{n_fake} generated samples, seed {seed}. References: "
-             + "; ".join(f"**{ref}** = {described[ref]} ({n_real[ref]} images)" for ref in references) + ".", "",
-             "## Overall", "", _table(["feature space", "reference", *(m.upper() if m in ("fd", "kid") else m
-                                                                      for m in OVERALL_METRICS)],
-                                      [[s, ref, *(_fmt(lookup(rows, m, s, ref)) for m in OVERALL_METRICS)]
-                                       for s in spaces for ref in references])]
+    lines = [
+        f"# Evaluation: {title}",
+        "",
+        f"{n_fake} generated samples, seed {seed}. References: "
+        + "; ".join(f"**{ref}** = {described[ref]} ({n_real[ref]} images)" for ref in references)
+        + ".",
+        "",
+        "## Overall",
+        "",
+        _table(
+            ["feature space", "reference", *(m.upper() if m in ("fd", "kid") else m for m in OVERALL_METRICS)],
+            [[s, ref, *(_fmt(lookup(rows, m, s, ref)) for m in OVERALL_METRICS)] for s in spaces for ref in references],
+        ),
+    ]
     if "subset" in references:
-        lines += ["", "## What pruning cost", "",
-                  "The model against the data it saw (subset) and against all of it (full): recall and coverage "
-                  "it loses on the full split are the pruned-away regions it does not generate. (k-NN radii grow "
-                  "as a reference shrinks; compare models on the same reference.)", "",
-                  _table(["feature space", "recall full", "recall subset", "coverage full", "coverage subset"],
-                         [[s, *(_fmt(lookup(rows, m, s, ref)) for m in ("recall", "coverage")
-                                for ref in ("full", "subset"))] for s in spaces]),
-                  "", "The kept subset itself scored against the full split (the ceiling of a model trained on it):",
-                  "", _table(["feature space", *(f"kept {'FD' if m == 'fd' else m}" for m in OVERALL_METRICS
-                                                 if m != "kid")],
-                             [[s, *(_fmt(lookup(rows, f"kept_data_{m}", s)) for m in OVERALL_METRICS if m != "kid")]
-                              for s in spaces])]
+        lines += [
+            "",
+            "## What pruning cost",
+            "",
+            "The model against the data it saw (subset) and against all of it (full): recall and coverage "
+            "it loses on the full split are the pruned-away regions it does not generate. (k-NN radii grow "
+            "as a reference shrinks; compare models on the same reference.)",
+            "",
+            _table(
+                ["feature space", "recall full", "recall subset", "coverage full", "coverage subset"],
+                [
+                    [s, *(_fmt(lookup(rows, m, s, ref)) for m in ("recall", "coverage") for ref in ("full", "subset"))]
+                    for s in spaces
+                ],
+            ),
+            "",
+            "The kept subset itself scored against the full split (the ceiling of a model trained on it):",
+            "",
+            _table(
+                ["feature space", *(f"kept {'FD' if m == 'fd' else m}" for m in OVERALL_METRICS if m != "kid")],
+                [
+                    [s, *(_fmt(lookup(rows, f"kept_data_{m}", s)) for m in OVERALL_METRICS if m != "kid")]
+                    for s in spaces
+                ],
+            ),
+        ]
     classes = list(dict.fromkeys(r.cls for r in rows if r.metric == "fd" and r.cls != "all"))
     columns = [(s, ref) for s in spaces for ref in references]
-    lines += ["", "## Per-class FD", "", _table(["class", *(f"{s} / {ref}" for s, ref in columns)],
-                                                [[c, *(_fmt(lookup(rows, "fd", s, ref, c)) for s, ref in columns)]
-                                                 for c in classes])]
+    lines += [
+        "",
+        "## Per-class FD",
+        "",
+        _table(
+            ["class", *(f"{s} / {ref}" for s, ref in columns)],
+            [[c, *(_fmt(lookup(rows, "fd", s, ref, c)) for s, ref in columns)] for c in classes],
+        ),
+    ]
     nn_rows = [r for r in rows if r.metric == "nn_median_ratio"]
     if nn_rows:
-        lines += ["", "## Memorization", "",
-                  "Nearest-neighbour distances from samples to the images the model trained on vs to held-out "
-                  "reals (equal-size sets). Copies show as a ratio well below 1 and a closer-to-train fraction "
-                  "well above 0.5.", "",
-                  _table(["feature space", "trained on", "median NN to train", "median NN to held-out", "ratio",
-                          "closer to train"],
-                         [[r.feature_space, r.reference,
-                           *(_fmt(lookup(rows, m, r.feature_space, r.reference))
-                             for m in ("nn_train_q50", "nn_heldout_q50", "nn_median_ratio", "nn_closer_to_train"))]
-                          for r in nn_rows]),
-                  "", "Memorization rate: the fraction of samples nearer a training image than the 1st percentile of "
-                  "held-out reals' distances to their nearest training image (~0.01 without memorization).", "",
-                  _table(["space", "trained on", "threshold", "memorized", "memorized, nearest image duplicated"],
-                         [[r.feature_space, r.reference, _fmt(lookup(rows, "memorization_threshold", r.feature_space,
-                                                                     r.reference)), _fmt(r.value),
-                           _fmt(lookup(rows, "memorized_frac_duplicated", r.feature_space, r.reference))]
-                          for r in rows if r.metric == "memorized_frac"]),
-                  "", "## Real-data floor", "",
-                  "FD of held-out reals to the train split: what a perfect model scores with that many samples.", "",
-                  _table(["feature space", "FD floor"], [[s, _fmt(lookup(rows, "fd_real_floor", s))] for s in spaces])]
+        lines += [
+            "",
+            "## Memorization",
+            "",
+            "Nearest-neighbour distances from samples to the images the model trained on vs to held-out "
+            "reals (equal-size sets). Copies show as a ratio well below 1 and a closer-to-train fraction "
+            "well above 0.5.",
+            "",
+            _table(
+                [
+                    "feature space",
+                    "trained on",
+                    "median NN to train",
+                    "median NN to held-out",
+                    "ratio",
+                    "closer to train",
+                ],
+                [
+                    [
+                        r.feature_space,
+                        r.reference,
+                        *(
+                            _fmt(lookup(rows, m, r.feature_space, r.reference))
+                            for m in ("nn_train_q50", "nn_heldout_q50", "nn_median_ratio", "nn_closer_to_train")
+                        ),
+                    ]
+                    for r in nn_rows
+                ],
+            ),
+            "",
+            "Memorization rate: the fraction of samples nearer a training image than the 1st percentile of "
+            "held-out reals' distances to their nearest training image (~0.01 without memorization).",
+            "",
+            _table(
+                ["space", "trained on", "threshold", "memorized", "memorized, nearest image duplicated"],
+                [
+                    [
+                        r.feature_space,
+                        r.reference,
+                        _fmt(lookup(rows, "memorization_threshold", r.feature_space, r.reference)),
+                        _fmt(r.value),
+                        _fmt(lookup(rows, "memorized_frac_duplicated", r.feature_space, r.reference)),
+                    ]
+                    for r in rows
+                    if r.metric == "memorized_frac"
+                ],
+            ),
+            "",
+            "## Real-data floor",
+            "",
+            "FD of held-out reals to the train split: what a perfect model scores with that many samples.",
+            "",
+            _table(["feature space", "FD floor"], [[s, _fmt(lookup(rows, "fd_real_floor", s))] for s in spaces]),
+        ]
     for caption, file in images.items():
         lines += ["", f"![{caption}]({file})"]
     return "\n".join(lines) + "\n"
 
 
 def _table(header: list[str], body: list[list[str]]) -> str:
-    return "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-                     + ["| " + " | ".join(row) + " |" for row in body])
+    return "\n".join(
+        ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(row) + " |" for row in body]
+    )
 
 
 def _fmt(value: float | None) -> str:

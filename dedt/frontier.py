@@ -30,8 +30,10 @@ PAPER_MIN_SPEEDUP = 2.34  # the paper's smallest CIFAR-10 speed-up
 DENSITY_SCORERS = ("gaussian", "knn")  # the density-based scorers of claim 1
 CURVES_PLOT, KIMG_PLOT, NOISE_PLOT = "fd_vs_seconds.png", "fd_vs_kimg.png", "sampling_noise.png"
 CLASS_FD_PLOT, WEIGHTS_PLOT = "class_fd.png", "weights_vs_difficulty.png"
-SETTINGS = {"pre-trained": "reference pre-trained (its cost excluded: the paper's setting)",
-            "scratch": "from scratch (training the DRO reference included)"}
+SETTINGS = {
+    "pre-trained": "reference pre-trained (its cost excluded: the paper's setting)",
+    "scratch": "from scratch (training the DRO reference included)",
+}
 
 
 @dataclass
@@ -57,8 +59,11 @@ class Arm:
             return "full data"
         if self.clean_data and self.scorer == "-":
             return "full data, uncontaminated"
-        return (f"{self.scorer} {self.keep_frac:g}, {self.reweighting}" + (f", {self.cleaning}" if self.cleaning else "")
-                + (", uncontaminated" if self.clean_data else ""))
+        return (
+            f"{self.scorer} {self.keep_frac:g}, {self.reweighting}"
+            + (f", {self.cleaning}" if self.cleaning else "")
+            + (", uncontaminated" if self.clean_data else "")
+        )
 
     def mean(self, column: str) -> float:
         values = [r[column] for r in self.rows if r.get(column) is not None]
@@ -127,19 +132,34 @@ def speedups(arm: Arm, full: Arm, ys: Yardstick, costs: tuple[float, float]) -> 
     for name, target in ys.targets.items():
         for setting in SETTINGS:
             out[name, setting] = speedup_interval(
-                full.curves, arm.curves, target, full_s_per_kimg=1000 * s_per_img, arm_s_per_kimg=1000 * s_per_img,
-                arm_overhead_s=arm.overhead_s(setting, s_per_img, proxy_s_per_img))
+                full.curves,
+                arm.curves,
+                target,
+                full_s_per_kimg=1000 * s_per_img,
+                arm_s_per_kimg=1000 * s_per_img,
+                arm_overhead_s=arm.overhead_s(setting, s_per_img, proxy_s_per_img),
+            )
     return out
 
 
 def sampling_noise(all_arms: Sequence[Arm]) -> list[float]:
     """|FD(bank 1) - FD(bank 2)| / mean, per final model: the FD's own sampling noise."""
-    return [abs(f["fd"] - f["fd_bank2"]) / ((f["fd"] + f["fd_bank2"]) / 2) for a in all_arms for f in a.finals
-            if f.get("fd_bank2") is not None and f["fd"]]
+    return [
+        abs(f["fd"] - f["fd_bank2"]) / ((f["fd"] + f["fd_bank2"]) / 2)
+        for a in all_arms
+        for f in a.finals
+        if f.get("fd_bank2") is not None and f["fd"]
+    ]
 
 
-def plot_curves(all_arms: Sequence[Arm], ys: Yardstick, s_per_img: float, proxy_s_per_img: float,
-                seconds_path: Path, kimg_path: Path) -> None:
+def plot_curves(
+    all_arms: Sequence[Arm],
+    ys: Yardstick,
+    s_per_img: float,
+    proxy_s_per_img: float,
+    seconds_path: Path,
+    kimg_path: Path,
+) -> None:
     """FD vs calibrated seconds (one-off costs included, reference pre-trained) and FD vs images seen:
     mean over seeds with a min-max band, log-log; the lower envelope of all arms dotted."""
     import matplotlib
@@ -155,8 +175,11 @@ def plot_curves(all_arms: Sequence[Arm], ys: Yardstick, s_per_img: float, proxy_
             fds = np.asarray([[c.at(k) for k in mean.kimg] for c in arm.curves])
             shift = arm.overhead_s("pre-trained", s_per_img, proxy_s_per_img) if use_seconds else 0.0
             x = mean.kimg * 1000 * s_per_img + shift if use_seconds else mean.kimg
-            style = dict(color="k", lw=2.2) if arm.is_full else dict(color=f"C{i % 10}", lw=1.2,
-                                                                      ls="-" if arm.reweighting == "dro" else "--")
+            style = (
+                dict(color="k", lw=2.2)
+                if arm.is_full
+                else dict(color=f"C{i % 10}", lw=1.2, ls="-" if arm.reweighting == "dro" else "--")
+            )
             ax.plot(x, mean.fd, marker=".", label=arm.label, **style)
             ax.fill_between(x, fds.min(axis=0), fds.max(axis=0), alpha=0.12, color=style["color"])
             envelope += list(zip(x, mean.fd, strict=True))
@@ -172,8 +195,11 @@ def plot_curves(all_arms: Sequence[Arm], ys: Yardstick, s_per_img: float, proxy_
             ax.annotate(name, (envelope[0][0], target), fontsize=6)  # sorted: the leftmost x
         ax.set_xscale("log")
         ax.set_yscale("log")
-        ax.set(xlabel="calibrated seconds (training + one-off costs)" if use_seconds else "images seen (kimg)",
-               ylabel="FD (mean over seeds)", title="time to quality" if use_seconds else "FD vs images seen")
+        ax.set(
+            xlabel="calibrated seconds (training + one-off costs)" if use_seconds else "images seen (kimg)",
+            ylabel="FD (mean over seeds)",
+            title="time to quality" if use_seconds else "FD vs images seen",
+        )
         ax.legend(fontsize=6, ncol=2)
         save_figure(fig, path)
 
@@ -188,36 +214,56 @@ def plot_noise(noise: Sequence[float], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(5, 3.2))
     ax.plot(np.sort(np.asarray(noise)) * 100, "o", ms=4, color="C0")
     ax.axhline(5, color="k", ls="--", lw=1, label="5% comparison level")
-    ax.set(ylabel="|FD(bank 1) - FD(bank 2)| / mean FD (%)", xlabel="final models, sorted",
-           title="FD sampling noise (same model, two noise banks)")
+    ax.set(
+        ylabel="|FD(bank 1) - FD(bank 2)| / mean FD (%)",
+        xlabel="final models, sorted",
+        title="FD sampling noise (same model, two noise banks)",
+    )
     ax.legend(fontsize=8)
     save_figure(fig, path)
 
 
-def verdict(all_arms: Sequence[Arm], table: dict[str, dict[tuple[str, str], Interval]],
-            ys: Yardstick) -> list[str]:
+def verdict(all_arms: Sequence[Arm], table: dict[str, dict[tuple[str, str], Interval]], ys: Yardstick) -> list[str]:
     """Which arm is best at each target (reference pre-trained), and whether any beats full data."""
     lines = []
     for name in ys.targets:
         scored = [(table[a.label][name, "pre-trained"], a) for a in all_arms if not a.is_full]
         reached = [(iv, a) for iv, a in scored if iv.value is not None]
         if not reached:
-            lines.append(f"- **{name}** (FD {ys.targets[name]:.2f}): no pruned arm reaches it within its run; "
-                         "full data is best.")
+            lines.append(
+                f"- **{name}** (FD {ys.targets[name]:.2f}): no pruned arm reaches it within its run; full data is best."
+            )
             continue
         iv, best = max(reached, key=lambda p: p[0].value)
         beats = iv.value > 1 and iv.low > 1
-        lines.append(f"- **{name}** (FD {ys.targets[name]:.2f}): best pruned arm {best.label} at {iv}; "
-                     + ("it beats the full-data curve (interval above 1)." if beats else
-                        "it beats the full-data curve on the mean, but the interval includes 1." if iv.value > 1 else
-                        "it is no faster than the full-data curve (speed-up ≤ 1)."))
-    wins = [a.label for a in all_arms if not a.is_full
-            for name in ys.targets if (iv := table[a.label][name, "pre-trained"]).value and iv.low > 1]
-    lines.append("- **Overall**: " + (f"arms that beat the full-data curve with the interval above 1 at some target: "
-                                      f"{', '.join(sorted(set(wins)))}." if wins else
-                                      "no arm beats the full-data curve at any target with its interval above 1: "
-                                      "on this benchmark, training on all the data for less time is as fast or "
-                                      "faster than every pruning recipe measured."))
+        lines.append(
+            f"- **{name}** (FD {ys.targets[name]:.2f}): best pruned arm {best.label} at {iv}; "
+            + (
+                "it beats the full-data curve (interval above 1)."
+                if beats
+                else "it beats the full-data curve on the mean, but the interval includes 1."
+                if iv.value > 1
+                else "it is no faster than the full-data curve (speed-up ≤ 1)."
+            )
+        )
+    wins = [
+        a.label
+        for a in all_arms
+        if not a.is_full
+        for name in ys.targets
+        if (iv := table[a.label][name, "pre-trained"]).value and iv.low > 1
+    ]
+    lines.append(
+        "- **Overall**: "
+        + (
+            f"arms that beat the full-data curve with the interval above 1 at some target: "
+            f"{', '.join(sorted(set(wins)))}."
+            if wins
+            else "no arm beats the full-data curve at any target with its interval above 1: "
+            "on this benchmark, training on all the data for less time is as fast or "
+            "faster than every pruning recipe measured."
+        )
+    )
     return lines
 
 
@@ -244,12 +290,13 @@ def plot_weights_vs_difficulty(all_arms: Sequence[Arm], full: Arm, path: Path) -
             ax.annotate(c, (x, y), xytext=(3, 3), textcoords="offset points", fontsize=8)
         ax.axhline(1 / len(classes), color="k", ls="--", lw=1, label="uniform")
         ax.legend()
-    ax.set(xlabel="full-data model's FD on the class (harder →)", ylabel="mean DRO weight",
-           title="weights vs class difficulty")
+    ax.set(
+        xlabel="full-data model's FD on the class (harder →)",
+        ylabel="mean DRO weight",
+        title="weights vs class difficulty",
+    )
     save_figure(fig, path)
     return {c: float(w) for c, w in zip(classes, mean_w, strict=True)}
-
-
 
 
 def _per_class(arm: Arm) -> dict[str, float]:
@@ -293,8 +340,9 @@ def _weights_vs_reference(arm: Arm, full: Arm) -> list[float]:
     return [r for r in rhos if not math.isnan(r)]
 
 
-def claims(all_arms: Sequence[Arm], full: Arm, table: dict[str, dict[tuple[str, str], Interval]],
-           ys: Yardstick) -> list[tuple[str, str, str]]:
+def claims(
+    all_arms: Sequence[Arm], full: Arm, table: dict[str, dict[tuple[str, str], Interval]], ys: Yardstick
+) -> list[tuple[str, str, str]]:
     """(claim, held / did not hold, the numbers) for the paper's four claims, on time to quality."""
     by = {(a.keep_frac, a.scorer, a.reweighting): a for a in all_arms}
     out = []
@@ -306,29 +354,49 @@ def claims(all_arms: Sequence[Arm], full: Arm, table: dict[str, dict[tuple[str, 
         if rw == "uniform" and scorer in DENSITY_SCORERS and keep <= 0.2 and rand:
             d, r = statistics.fmean(arm.final("fd")), statistics.fmean(rand.final("fd"))
             wins += d < r
-            comparisons.append(f"{scorer} {d:.1f} vs random {r:.1f} at keep {keep:g} (final FD, equal images; "
-                               f"time to {loose}: {table[arm.label][loose, 'pre-trained']} vs "
-                               f"{table[rand.label][loose, 'pre-trained']})")
+            comparisons.append(
+                f"{scorer} {d:.1f} vs random {r:.1f} at keep {keep:g} (final FD, equal images; "
+                f"time to {loose}: {table[arm.label][loose, 'pre-trained']} vs "
+                f"{table[rand.label][loose, 'pre-trained']})"
+            )
     if comparisons:
-        out.append(("1. Density-based pruning beats random at keep ≤ 20%",
-                    "held" if wins == len(comparisons) else "held partly" if wins else "did not hold",
-                    f"{wins} of {len(comparisons)}: " + "; ".join(comparisons)))
+        out.append(
+            (
+                "1. Density-based pruning beats random at keep ≤ 20%",
+                "held" if wins == len(comparisons) else "held partly" if wins else "did not hold",
+                f"{wins} of {len(comparisons)}: " + "; ".join(comparisons),
+            )
+        )
 
-    fractions = [f for (keep, scorer, rw), arm in by.items() if rw == "dro" and (keep, scorer, "uniform") in by
-                 for f in _classes_improved(by[keep, scorer, "uniform"], arm)]
+    fractions = [
+        f
+        for (keep, scorer, rw), arm in by.items()
+        if rw == "dro" and (keep, scorer, "uniform") in by
+        for f in _classes_improved(by[keep, scorer, "uniform"], arm)
+    ]
     if fractions:
         mean = statistics.fmean(fractions)
-        out.append(("2. Reweighting improves class-wise FD for most classes", "held" if mean > 0.5 else "did not hold",
-                    f"on average {mean:.0%} of classes improved (final per-class FD, same seed, {len(fractions)} "
-                    f"pairs); a majority improved in {sum(f > 0.5 for f in fractions)} of them"))
+        out.append(
+            (
+                "2. Reweighting improves class-wise FD for most classes",
+                "held" if mean > 0.5 else "did not hold",
+                f"on average {mean:.0%} of classes improved (final per-class FD, same seed, {len(fractions)} "
+                f"pairs); a majority improved in {sum(f > 0.5 for f in fractions)} of them",
+            )
+        )
 
     rhos = [rho for a in all_arms if a.reweighting == "dro" for rho in _weights_vs_reference(a, full)]
     if rhos:
         mean = statistics.fmean(rhos)
-        out.append(("3. Above-uniform weights go to the easily generated classes (negative rank correlation of "
-                    "weight with the full-data model's per-class FD)", "held" if mean < 0 else "did not hold",
-                    f"Spearman rho {mean:+.2f} ± {statistics.pstdev(rhos):.2f} over {len(rhos)} runs; negative in "
-                    f"{sum(r < 0 for r in rhos)}"))
+        out.append(
+            (
+                "3. Above-uniform weights go to the easily generated classes (negative rank correlation of "
+                "weight with the full-data model's per-class FD)",
+                "held" if mean < 0 else "did not hold",
+                f"Spearman rho {mean:+.2f} ± {statistics.pstdev(rhos):.2f} over {len(rhos)} runs; negative in "
+                f"{sum(r < 0 for r in rhos)}",
+            )
+        )
 
     dro = [a for a in all_arms if a.reweighting == "dro"]
     if dro:
@@ -343,9 +411,13 @@ def claims(all_arms: Sequence[Arm], full: Arm, table: dict[str, dict[tuple[str, 
             else:
                 held.append(False)
                 parts.append(f"{setting}: no pruned+reweighted arm reaches 1.05 F(B) within its run")
-        out.append((f"4. Pruned + reweighted reaches F(B) within 5% with ≥ {PAPER_MIN_SPEEDUP}x speed-up "
-                    "(each setting)", "held" if all(held) else "held partly" if any(held) else "did not hold",
-                    "; ".join(parts)))
+        out.append(
+            (
+                f"4. Pruned + reweighted reaches F(B) within 5% with ≥ {PAPER_MIN_SPEEDUP}x speed-up (each setting)",
+                "held" if all(held) else "held partly" if any(held) else "did not hold",
+                "; ".join(parts),
+            )
+        )
     return out
 
 
@@ -366,19 +438,28 @@ def plots_dir(report: Path) -> Path:
     return report.parent / report.stem.lower()
 
 
-def ttq_table(all_arms: Sequence[Arm], table: dict[str, dict[tuple[str, str], Interval]], ys: Yardstick,
-              setting: str) -> tuple[list[str], list[list[str]]]:
+def ttq_table(
+    all_arms: Sequence[Arm], table: dict[str, dict[tuple[str, str], Interval]], ys: Yardstick, setting: str
+) -> tuple[list[str], list[list[str]]]:
     """The time-to-quality table of one setting: header and body, one row per arm."""
     header = ["arm", "seeds", "final FD", "recall", *ys.targets]
-    body = [[a.label, str(len(a.curves)), _pm(a.final("fd")), _pm(a.final("recall"), 2),
-             *(("1x (yardstick)" if a.is_full else str(table[a.label][t, setting])) for t in ys.targets)]
-            for a in all_arms]
+    body = [
+        [
+            a.label,
+            str(len(a.curves)),
+            _pm(a.final("fd")),
+            _pm(a.final("recall"), 2),
+            *(("1x (yardstick)" if a.is_full else str(table[a.label][t, setting])) for t in ys.targets),
+        ]
+        for a in all_arms
+    ]
     return header, body
 
 
 def calibrated_costs(all_arms: Sequence[Arm]) -> tuple[float, float]:
     """Seconds per training image and per proxy image: the median over the sweep's calibrate stages
     (one per dataset split), so every arm is converted at one rate."""
+
     def median(column: str) -> float:
         values = [r[column] for a in all_arms for r in a.rows if r.get(column)]
         if not values:
@@ -401,19 +482,23 @@ def time_to_quality_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for arm in all_arms:
         if not arm.is_full:
             table = speedups(arm, full, ys, costs)
-            out += [{"arm": arm.label, "setting": setting, "seeds": len(arm.curves)}
-                    | {name: str(table[name, setting]) for name in ys.targets} for setting in SETTINGS]
+            out += [
+                {"arm": arm.label, "setting": setting, "seeds": len(arm.curves)}
+                | {name: str(table[name, setting]) for name in ys.targets}
+                for setting in SETTINGS
+            ]
     return out
 
 
-def write_report(rows: list[dict[str, Any]], out: Path, *, title: str, command: str,
-                 setup: Sequence[str] = ()) -> Path:
+def write_report(rows: list[dict[str, Any]], out: Path, *, title: str, command: str, setup: Sequence[str] = ()) -> Path:
     """Write ``out`` (Markdown) and its plots beside it in ``<out stem>/``; return ``out``."""
     all_arms = arms(rows)
     fulls = [a for a in all_arms if a.is_full]
     if not fulls:
-        raise ValueError("the sweep has no full-data model with a curve (evaluate.baselines: true, "
-                         "train.snapshots > 0) to compare against")
+        raise ValueError(
+            "the sweep has no full-data model with a curve (evaluate.baselines: true, "
+            "train.snapshots > 0) to compare against"
+        )
     full = fulls[0]
     all_arms = [full] + [a for a in all_arms if not a.is_full]
     s_per_img, proxy_s_per_img = calibrated_costs(all_arms)
@@ -425,49 +510,96 @@ def write_report(rows: list[dict[str, Any]], out: Path, *, title: str, command: 
     rel = lambda name: f"{images.name}/{name}"  # noqa: E731
     b = ys.curve.kimg[-1]
 
-    lines = [f"# {title}", "", f"Generated by `{command}` from the sweep's artifacts (each model's curve.parquet and "
-             "the calibrate stage); regenerate it rather than editing it.", "", "## Setup", "",
-             *[f"- {s}" for s in setup],
-             f"- Calibrated costs (measured side by side, one run): {1 / s_per_img:,.0f} training images/s, "
-             f"{1 / proxy_s_per_img:,.0f} DRO proxy images/s; time = images seen x cost + one-off costs. The measured "
-             "wall-clock of each run is in its curve.parquet (train_seconds) but decides nothing.", "",
-             "## The yardstick: full data", "",
-             f"Full-data mean FD at B = {b:g} kimg: F(B) = {ys.curve.fd[-1]:.2f}"
-             + (f"; the real-data floor (held-out vs train reals) is {ys.floor:.2f}, so F(B) is "
-                f"{ys.curve.fd[-1] / ys.floor:.1f}x the floor" if ys.floor else "")
-             + f". The curve still falls {ys.fall:.0%} per doubling at B"
-             + (" (not levelled off: the targets are points on a falling curve, not a plateau)." if ys.fall > 0.1 else
-                " (close to levelled off)."), "",
-             *_table(["kimg", *(f"{k:g}" for k in ys.curve.kimg)],
-                     [["FD (mean)", *(f"{v:.2f}" for v in ys.curve.fd)]]), "",
-             "Targets: " + ", ".join(f"{k} = {v:.2f}" for k, v in ys.targets.items()) + ".", ""]
+    lines = [
+        f"# {title}",
+        "",
+        f"Generated by `{command}` from the sweep's artifacts (each model's curve.parquet and "
+        "the calibrate stage); regenerate it rather than editing it.",
+        "",
+        "## Setup",
+        "",
+        *[f"- {s}" for s in setup],
+        f"- Calibrated costs (measured side by side, one run): {1 / s_per_img:,.0f} training images/s, "
+        f"{1 / proxy_s_per_img:,.0f} DRO proxy images/s; time = images seen x cost + one-off costs. The measured "
+        "wall-clock of each run is in its curve.parquet (train_seconds) but decides nothing.",
+        "",
+        "## The yardstick: full data",
+        "",
+        f"Full-data mean FD at B = {b:g} kimg: F(B) = {ys.curve.fd[-1]:.2f}"
+        + (
+            f"; the real-data floor (held-out vs train reals) is {ys.floor:.2f}, so F(B) is "
+            f"{ys.curve.fd[-1] / ys.floor:.1f}x the floor"
+            if ys.floor
+            else ""
+        )
+        + f". The curve still falls {ys.fall:.0%} per doubling at B"
+        + (
+            " (not levelled off: the targets are points on a falling curve, not a plateau)."
+            if ys.fall > 0.1
+            else " (close to levelled off)."
+        ),
+        "",
+        *_table(["kimg", *(f"{k:g}" for k in ys.curve.kimg)], [["FD (mean)", *(f"{v:.2f}" for v in ys.curve.fd)]]),
+        "",
+        "Targets: " + ", ".join(f"{k} = {v:.2f}" for k, v in ys.targets.items()) + ".",
+        "",
+    ]
     if noise:
-        lines += ["## FD sampling noise", "",
-                  f"Every final model is also sampled from a second noise bank: the FD moves by "
-                  f"{statistics.median(noise):.1%} (median), {max(noise):.1%} (max) over {len(noise)} models. "
-                  "Arms share one bank at every point (common random numbers), so their differences are smaller "
-                  "than this; a gap below it between two single models is noise.", "",
-                  f"![sampling noise]({rel(NOISE_PLOT)})", ""]
+        lines += [
+            "## FD sampling noise",
+            "",
+            f"Every final model is also sampled from a second noise bank: the FD moves by "
+            f"{statistics.median(noise):.1%} (median), {max(noise):.1%} (max) over {len(noise)} models. "
+            "Arms share one bank at every point (common random numbers), so their differences are smaller "
+            "than this; a gap below it between two single models is noise.",
+            "",
+            f"![sampling noise]({rel(NOISE_PLOT)})",
+            "",
+        ]
         plot_noise(noise, images / NOISE_PLOT)
     for setting, text in SETTINGS.items():
         header, body = ttq_table(all_arms, table, ys, setting)
-        lines += [f"## Time to quality: {text}", "",
-                  "Speed-up = full-data time to the target / the arm's time (its mean curve's first crossing, "
-                  "log-log interpolated, plus its one-off costs); [95% interval over seeds]; 'not reached' = not "
-                  "within the arm's run.", "", *_table(header, body), ""]
+        lines += [
+            f"## Time to quality: {text}",
+            "",
+            "Speed-up = full-data time to the target / the arm's time (its mean curve's first crossing, "
+            "log-log interpolated, plus its one-off costs); [95% interval over seeds]; 'not reached' = not "
+            "within the arm's run.",
+            "",
+            *_table(header, body),
+            "",
+        ]
     plot_curves(all_arms, ys, s_per_img, proxy_s_per_img, images / CURVES_PLOT, images / KIMG_PLOT)
-    lines += ["## Curves", "", f"![FD vs seconds]({rel(CURVES_PLOT)})", "", f"![FD vs kimg]({rel(KIMG_PLOT)})", "",
-              "## Verdict", "", *verdict(all_arms, table, ys), ""]
+    lines += [
+        "## Curves",
+        "",
+        f"![FD vs seconds]({rel(CURVES_PLOT)})",
+        "",
+        f"![FD vs kimg]({rel(KIMG_PLOT)})",
+        "",
+        "## Verdict",
+        "",
+        *verdict(all_arms, table, ys),
+        "",
+    ]
 
     pair = _figure2_pair(all_arms)
     if pair:
         before, after = pair
         series = {"full data": _per_class(full), "pruned": _per_class(before), "pruned+reweighted": _per_class(after)}
-        plot_class_bars(series, images / CLASS_FD_PLOT,
-                        title=f"per-class FD, {after.scorer}, keep {after.keep_frac:g} (final models)")
-        lines += ["## Per-class FD before and after reweighting", "",
-                  f"{after.scorer}, keep {after.keep_frac:g}; final models, mean over seeds.", "",
-                  f"![per-class FD]({rel(CLASS_FD_PLOT)})", ""]
+        plot_class_bars(
+            series,
+            images / CLASS_FD_PLOT,
+            title=f"per-class FD, {after.scorer}, keep {after.keep_frac:g} (final models)",
+        )
+        lines += [
+            "## Per-class FD before and after reweighting",
+            "",
+            f"{after.scorer}, keep {after.keep_frac:g}; final models, mean over seeds.",
+            "",
+            f"![per-class FD]({rel(CLASS_FD_PLOT)})",
+            "",
+        ]
     mean_w = plot_weights_vs_difficulty(all_arms, full, images / WEIGHTS_PLOT)
     if mean_w:
         lines += ["## Weights vs class difficulty", "", f"![weights vs difficulty]({rel(WEIGHTS_PLOT)})", ""]
@@ -487,22 +619,52 @@ def dirty_section(all_arms: Sequence[Arm]) -> list[str]:
         return []
     tables, memorization = {}, []
     for arm in all_arms:
-        seeds = [confusion_from_store(Path(r["manifest"]), {"": Path(r["subset"]) if r.get("subset") else None})[""]
-                 for r in arm.rows if r.get("manifest")]
+        seeds = [
+            confusion_from_store(Path(r["manifest"]), {"": Path(r["subset"]) if r.get("subset") else None})[""]
+            for r in arm.rows
+            if r.get("manifest")
+        ]
         if seeds:  # an arm on uncontaminated data has no ground truth to count
             tables[arm.label] = {k: _mean_or_none([s[k] for s in seeds]) for k in seeds[0]}
-        memorization.append([arm.label, *(_pm([r[c] for r in arm.rows if r.get(c) is not None], 3)
-                                          for c in ("memorized_frac", "memorized_frac_pixels",
-                                                    "memorized_frac_duplicated", "memorized_frac_duplicated_pixels"))])
-    return ["## Dirty data: what each selection removed", "",
-            "From the manifest's ground truth (`contaminant`); mean over seeds. Groups = an original and its copies: "
-            "at one = exactly one image left (what deduplication aims for), lost = none left.", "",
-            confusion_markdown(tables), "## Dirty data: memorization", "",
-            "Fraction of the final model's samples nearer their nearest training image than the 1st percentile of "
-            "held-out reals' distances (~0.01 without copying), in the first feature space and in pixels, and the same "
-            "among samples whose nearest training image has copies; mean ± spread over seeds.", "",
-            *_table(["arm", "memorized (features)", "memorized (pixels)", "nearest duplicated (features)",
-                     "nearest duplicated (pixels)"], memorization), ""]
+        memorization.append(
+            [
+                arm.label,
+                *(
+                    _pm([r[c] for r in arm.rows if r.get(c) is not None], 3)
+                    for c in (
+                        "memorized_frac",
+                        "memorized_frac_pixels",
+                        "memorized_frac_duplicated",
+                        "memorized_frac_duplicated_pixels",
+                    )
+                ),
+            ]
+        )
+    return [
+        "## Dirty data: what each selection removed",
+        "",
+        "From the manifest's ground truth (`contaminant`); mean over seeds. Groups = an original and its copies: "
+        "at one = exactly one image left (what deduplication aims for), lost = none left.",
+        "",
+        confusion_markdown(tables),
+        "## Dirty data: memorization",
+        "",
+        "Fraction of the final model's samples nearer their nearest training image than the 1st percentile of "
+        "held-out reals' distances (~0.01 without copying), in the first feature space and in pixels, and the same "
+        "among samples whose nearest training image has copies; mean ± spread over seeds.",
+        "",
+        *_table(
+            [
+                "arm",
+                "memorized (features)",
+                "memorized (pixels)",
+                "nearest duplicated (features)",
+                "nearest duplicated (pixels)",
+            ],
+            memorization,
+        ),
+        "",
+    ]
 
 
 def _mean_or_none(values: Sequence[float | None]) -> float | None:
@@ -513,7 +675,9 @@ def _mean_or_none(values: Sequence[float | None]) -> float | None:
 def _figure2_pair(all_arms: Sequence[Arm]) -> tuple[Arm, Arm] | None:
     """(uniform, dro) arms of the Figure 2 analogue: keep 0.2 (else the smallest), gaussian first."""
     by = {(a.keep_frac, a.scorer, a.reweighting): a for a in all_arms}
-    pairs = [(k, by[k[0], k[1], "uniform"], a) for k, a in by.items() if k[2] == "dro" and (k[0], k[1], "uniform") in by]
+    pairs = [
+        (k, by[k[0], k[1], "uniform"], a) for k, a in by.items() if k[2] == "dro" and (k[0], k[1], "uniform") in by
+    ]
     if not pairs:
         return None
     _, before, after = min(pairs, key=lambda p: (p[0][0] != 0.2, p[0][0], p[0][1] != "gaussian", p[0][1]))
@@ -529,8 +693,11 @@ def describe_setup(points: Sequence[Any], sweep: Any) -> list[str]:
         f"Data: `{cfg.dataset.source}` at {cfg.dataset.resolution or 'native'} px, holdout {cfg.dataset.holdout_frac:g} "
         f"per class; encoder `{cfg.encode.encoder}`; scores per class: {cfg.score.per_class}.",
         f"Model: preset `{cfg.train.preset}`, batch {cfg.train.batch_size}, lr {cfg.train.lr:g}, "
-        + (f"power-function EMA sigma_rel {cfg.train.ema_sigma_rel:g}" if cfg.train.ema == "power" else
-           f"EMA half-life {cfg.train.ema_halflife_kimg:g} kimg")
+        + (
+            f"power-function EMA sigma_rel {cfg.train.ema_sigma_rel:g}"
+            if cfg.train.ema == "power"
+            else f"EMA half-life {cfg.train.ema_halflife_kimg:g} kimg"
+        )
         + f", {cfg.train.snapshots} snapshots per run (every halving back from the end); "
         f"full-data budget B = {cfg.reweight.reference_kimg:g} kimg "
         f"(the full-data model is also the DRO reference); proxy {cfg.reweight.proxy_kimg:g} kimg, "
@@ -540,10 +707,12 @@ def describe_setup(points: Sequence[Any], sweep: Any) -> list[str]:
         f"from one noise bank (seed {cfg.sample.bank_seed}) for every model and point; FD, "
         f"per-class FD and precision/recall (k = {cfg.evaluate.prdc_k}) in the {cfg.evaluate.feature_spaces[0]} "
         f"feature space against the full train split"
-        + "".join(f"; {space} too at {n} of {len(points)} points" for space, n in _extra_spaces(points).items()) + ".",
-        "Grid: " + "; ".join(f"`{k}` ∈ {{{', '.join(v)}}}" for k, v in varied.items())
+        + "".join(f"; {space} too at {n} of {len(points)} points" for space, n in _extra_spaces(points).items())
+        + ".",
+        "Grid: "
+        + "; ".join(f"`{k}` ∈ {{{', '.join(v)}}}" for k, v in varied.items())
         + f" ({len(points)} points; shared stages run once); {sweep.max_concurrency} stages at a time on "
-          f"{os.cpu_count()} CPU cores.",
+        f"{os.cpu_count()} CPU cores.",
     ]
 
 

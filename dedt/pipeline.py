@@ -32,8 +32,20 @@ _STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.E
 StageFn = Callable[[PipelineConfig, dict[str, StageDir], StageDir], dict[str, Any]]
 
 # Bump a stage's version when its code changes what it writes: its fingerprint changes with it.
-VERSIONS = {"data": "1", "encode": "1", "score": "1", "select": "1", "reference": "1", "reweight": "1",
-            "train": "1", "classifier": "1", "evaluate": "3", "latents": "1", "calibrate": "1", "curve": "1"}
+VERSIONS = {
+    "data": "1",
+    "encode": "1",
+    "score": "1",
+    "select": "1",
+    "reference": "1",
+    "reweight": "1",
+    "train": "1",
+    "classifier": "1",
+    "evaluate": "3",
+    "latents": "1",
+    "calibrate": "1",
+    "curve": "1",
+}
 
 
 @dataclass(frozen=True)
@@ -99,53 +111,105 @@ def _checkpoint_identity(path: str) -> dict[str, Any]:
     would not end; a folder without config.json has none (preflight then refuses it)."""
     root = Path(path).expanduser()
     folder = root / "unet" if (root / "unet" / "config.json").is_file() else root
-    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")) \
-        if (folder / "config.json").is_file() else []
+    files = (
+        sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+        if (folder / "config.json").is_file()
+        else []
+    )
     return {"path": str(root.resolve()), "files": [(p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in files]}
 
 
 def nodes(cfg: PipelineConfig) -> list[Node]:
     """The pipeline's stages in dependency order (before fingerprints are attached)."""
     data = Node("data", "data", {"dataset": _dataset_config(cfg), "seed": cfg.seed}, {}, stages.run_data)
-    encode = Node("encode", "encode", {"encode": cfg.encode.model_dump(exclude={"batch_size", "shard_size", "device"}),
-                                       "seed": cfg.seed}, {"data": "data"}, stages.run_encode)
-    score = Node("score", "score", {"score": cfg.score.model_dump(), "seed": cfg.seed},
-                 {"data": "data", "encode": "encode"}, stages.run_score)
+    encode = Node(
+        "encode",
+        "encode",
+        {"encode": cfg.encode.model_dump(exclude={"batch_size", "shard_size", "device"}), "seed": cfg.seed},
+        {"data": "data"},
+        stages.run_encode,
+    )
+    score = Node(
+        "score",
+        "score",
+        {"score": cfg.score.model_dump(), "seed": cfg.seed},
+        {"data": "data", "encode": "encode"},
+        stages.run_score,
+    )
     if _keeps_all(cfg):  # every scorer keeps everything: one select for all of them, no encode or score
         select = Node("select", "select", {"select": {"keep_frac": 1.0}}, {"data": "data"}, stages.run_select)
     else:
         # Dedup, trimming and k-means strata read the embeddings; weighted counts, the DRO class weights.
         cleaning = {"encode": "encode"} if cfg.select.cleans or cfg.select.stratifies else {}
         cleaning |= {"reweight": "reweight"} if _select_reads_weights(cfg) else {}
-        select = Node("select", "select", {"select": _select_config(cfg)}, {"score": "score"} | cleaning,
-                      stages.run_select)
+        select = Node(
+            "select", "select", {"select": _select_config(cfg)}, {"score": "score"} | cleaning, stages.run_select
+        )
     if cfg.reweight.reference_path:
-        reference = Node("reference", "reference", {"reference": _checkpoint_identity(cfg.reweight.reference_path)},
-                         {"data": "data"}, stages.run_reference_checkpoint, reads_latents=True)
+        reference = Node(
+            "reference",
+            "reference",
+            {"reference": _checkpoint_identity(cfg.reweight.reference_path)},
+            {"data": "data"},
+            stages.run_reference_checkpoint,
+            reads_latents=True,
+        )
     else:
-        reference = Node("reference", "train", _train_config(cfg, cfg.reweight.reference_kimg) | {"subset": "full"},
-                         {"data": "data"}, stages.run_train, reads_latents=True)
+        reference = Node(
+            "reference",
+            "train",
+            _train_config(cfg, cfg.reweight.reference_kimg) | {"subset": "full"},
+            {"data": "data"},
+            stages.run_train,
+            reads_latents=True,
+        )
     budget = cfg.subset_budget_kimg
-    baseline = Node("train:uniform", "train", _train_config(cfg, budget) | {"subset": "selected", "weights": "uniform"},
-                    {"data": "data", "select": "select"}, stages.run_train, reads_latents=True)
-    classifier = Node("classifier", "classifier", {"evaluate": {"classifier_epochs": cfg.evaluate.classifier_epochs},
-                                                   "seed": cfg.seed}, {"data": "data"}, stages.run_classifier)
+    baseline = Node(
+        "train:uniform",
+        "train",
+        _train_config(cfg, budget) | {"subset": "selected", "weights": "uniform"},
+        {"data": "data", "select": "select"},
+        stages.run_train,
+        reads_latents=True,
+    )
+    classifier = Node(
+        "classifier",
+        "classifier",
+        {"evaluate": {"classifier_epochs": cfg.evaluate.classifier_epochs}, "seed": cfg.seed},
+        {"data": "data"},
+        stages.run_classifier,
+    )
     needs_encode = not _keeps_all(cfg) or cfg.reweight.groups == "kmeans"
     graph = [data, *([encode] if needs_encode else []), *([] if _keeps_all(cfg) else [score]), select, classifier]
     # Uniform on everything with the reference's budget *is* the reference: don't train it twice.
-    same_as_reference = (_keeps_all(cfg) and not cfg.reweight.reference_path and cfg.evaluate.baselines
-                         and budget == cfg.reweight.reference_kimg)
+    same_as_reference = (
+        _keeps_all(cfg)
+        and not cfg.reweight.reference_path
+        and cfg.evaluate.baselines
+        and budget == cfg.reweight.reference_kimg
+    )
     models = {} if same_as_reference else {"train:uniform": baseline}
     if cfg.reweight.method == "doremi":
         rw_inputs = {"data": "data", "reference": "reference"}
         rw_inputs |= {"select": "select"} if cfg.reweight.proxy_data == "subset" else {}
         rw_inputs |= {"encode": "encode"} if cfg.reweight.groups == "kmeans" else {}
         # Iterated rounds re-train the reference with the full-data budget inside this stage.
-        reweight = Node("reweight", "reweight", {"reweight": cfg.reweight.model_dump(exclude={"reference_path"})}
-                        | _train_config(cfg, None), rw_inputs, stages.run_reweight, reads_latents=True)
-        weighted = Node("train", "train", _train_config(cfg, budget) | {"subset": "selected", "weights": "reweight"},
-                        {"data": "data", "select": "select", "reweight": "reweight"}, stages.run_train,
-                        reads_latents=True)
+        reweight = Node(
+            "reweight",
+            "reweight",
+            {"reweight": cfg.reweight.model_dump(exclude={"reference_path"})} | _train_config(cfg, None),
+            rw_inputs,
+            stages.run_reweight,
+            reads_latents=True,
+        )
+        weighted = Node(
+            "train",
+            "train",
+            _train_config(cfg, budget) | {"subset": "selected", "weights": "reweight"},
+            {"data": "data", "select": "select", "reweight": "reweight"},
+            stages.run_train,
+            reads_latents=True,
+        )
         graph += [reference, reweight]
         if _select_reads_weights(cfg):  # select follows the weights it reads
             graph.remove(select)
@@ -160,18 +224,25 @@ def nodes(cfg: PipelineConfig) -> list[Node]:
     for key, model in models.items():
         # A model trained on the kept subset is measured against it too: what pruning cost.
         subset = {"select": "select"} if "select" in model.inputs else {}
-        graph.append(Node(f"evaluate:{key}", "evaluate", {"sample": cfg.sample.model_dump(exclude={"batch_size"}),
-                                                          "evaluate": metrics, "seed": cfg.seed},
-                          {"data": "data", "classifier": "classifier", "model": model.key} | subset,
-                          stages.run_evaluate))
+        graph.append(
+            Node(
+                f"evaluate:{key}",
+                "evaluate",
+                {"sample": cfg.sample.model_dump(exclude={"batch_size"}), "evaluate": metrics, "seed": cfg.seed},
+                {"data": "data", "classifier": "classifier", "model": model.key} | subset,
+                stages.run_evaluate,
+            )
+        )
     graph += _curve_nodes(cfg, models, {n.key for n in graph})
     if cfg.train.vae_path:  # latent diffusion: every model (reference, proxy, final) trains on the VAE latents
         from dedt.diffusion.latents import vae_identity
 
-        latents = Node("latents", "latents", {"vae": vae_identity(cfg.train.vae_path)}, {"data": "data"},
-                       stages.run_latents)
-        graph = [graph[0], latents] + [replace(n, inputs=n.inputs | {"latents": "latents"}) if n.reads_latents
-                                       else n for n in graph[1:]]
+        latents = Node(
+            "latents", "latents", {"vae": vae_identity(cfg.train.vae_path)}, {"data": "data"}, stages.run_latents
+        )
+        graph = [graph[0], latents] + [
+            replace(n, inputs=n.inputs | {"latents": "latents"}) if n.reads_latents else n for n in graph[1:]
+        ]
     return graph
 
 
@@ -180,10 +251,22 @@ def _curve_nodes(cfg: PipelineConfig, models: dict[str, Node], present: set[str]
     yardstick of every equal-quality speed-up) and, with train.snapshots > 0, each model's curve."""
     out = []
     if "reference" in models:
-        speed = cfg.train.model_dump(include={"preset", "batch_size", "precision", "channels_last", "compile", "tf32",
-                                              "conditional", "optimizer", "device"})
-        out.append(Node("calibrate", "calibrate", {"train": speed}, {"data": "data"}, stages.run_calibrate,
-                        reads_latents=True))
+        speed = cfg.train.model_dump(
+            include={
+                "preset",
+                "batch_size",
+                "precision",
+                "channels_last",
+                "compile",
+                "tf32",
+                "conditional",
+                "optimizer",
+                "device",
+            }
+        )
+        out.append(
+            Node("calibrate", "calibrate", {"train": speed}, {"data": "data"}, stages.run_calibrate, reads_latents=True)
+        )
     if cfg.train.snapshots == 0:
         return out
     for key, model in models.items():
@@ -194,12 +277,20 @@ def _curve_nodes(cfg: PipelineConfig, models: dict[str, Node], present: set[str]
         costs = [r for r in ("encode", "score", "select") if r in present and "select" in model.inputs]
         dro = "reweight" in model.inputs or ("select" in model.inputs and _select_reads_weights(cfg))
         costs += ["reweight", "reference"] if dro else []
-        out.append(Node(f"curve:{key}", "curve", {"sample": cfg.sample.model_dump(exclude={"batch_size"}),
-                                                  "evaluate": cfg.evaluate.model_dump(include={"feature_spaces",
-                                                                                               "prdc_k"}),
-                                                  "seed": cfg.seed},
-                        {"data": "data", "classifier": "classifier", "model": model.key,
-                         "evaluate": f"evaluate:{key}"} | {r: r for r in costs}, stages.run_curve))
+        out.append(
+            Node(
+                f"curve:{key}",
+                "curve",
+                {
+                    "sample": cfg.sample.model_dump(exclude={"batch_size"}),
+                    "evaluate": cfg.evaluate.model_dump(include={"feature_spaces", "prdc_k"}),
+                    "seed": cfg.seed,
+                },
+                {"data": "data", "classifier": "classifier", "model": model.key, "evaluate": f"evaluate:{key}"}
+                | {r: r for r in costs},
+                stages.run_curve,
+            )
+        )
     return out
 
 
@@ -230,14 +321,19 @@ def run_node(cfg: PipelineConfig, planned: dict[str, Node], key: str) -> NodeRes
                 reading.enter_context(stage_dir.lock(shared=True))
                 if not stage_dir.is_complete():
                     damaged = ", ".join(map(str, stage_dir.damaged())) or "no completion marker"
-                    raise DedtError(f"{key}: input {role} in {stage_dir.path} is not finished or is damaged "
-                                    f"({damaged}); run the whole pipeline so that {node.inputs[role]} is computed "
-                                    "again first")
+                    raise DedtError(
+                        f"{key}: input {role} in {stage_dir.path} is not finished or is damaged "
+                        f"({damaged}); run the whole pipeline so that {node.inputs[role]} is computed "
+                        "again first"
+                    )
             damaged = out.damaged()
             if damaged:
-                warnings.warn(f"{key}: {', '.join(map(str, damaged))} failed its SHA-256 check (corrupted or "
-                              "changed since the stage finished); computing the stage again",
-                              CorruptArtifactWarning, stacklevel=2)
+                warnings.warn(
+                    f"{key}: {', '.join(map(str, damaged))} failed its SHA-256 check (corrupted or "
+                    "changed since the stage finished); computing the stage again",
+                    CorruptArtifactWarning,
+                    stacklevel=2,
+                )
             out.invalidate()  # a stale marker must never vouch for files being rewritten
             out.remove_temp_files()  # what a killed writer left
             start = time.perf_counter()
@@ -246,14 +342,26 @@ def run_node(cfg: PipelineConfig, planned: dict[str, Node], key: str) -> NodeRes
             except OSError as exc:
                 if exc.errno not in _STORAGE_ERRNOS:
                     raise
-                raise DedtError(f"{key}: cannot write in {out.path}: {exc.strerror} ({exc.filename}); free disk "
-                                "space or fix permissions, then re-run: finished work is kept") from exc
+                raise DedtError(
+                    f"{key}: cannot write in {out.path}: {exc.strerror} ({exc.filename}); free disk "
+                    "space or fix permissions, then re-run: finished work is kept"
+                ) from exc
             summary["seconds"] = round(time.perf_counter() - start, 3)
             atomic_write_text(out.file(SUMMARY), json.dumps(summary, indent=2, sort_keys=True))
-            files = sorted(p.name for p in out.path.iterdir() if p.is_file() and not p.name.startswith((".", "_"))
-                           and p.name != CONFIG)
-            out.mark_complete(files, {"key": key, "stage": node.stage, **node.config,
-                                      "inputs": {r: i.fingerprint for r, i in inputs.items()}})
+            files = sorted(
+                p.name
+                for p in out.path.iterdir()
+                if p.is_file() and not p.name.startswith((".", "_")) and p.name != CONFIG
+            )
+            out.mark_complete(
+                files,
+                {
+                    "key": key,
+                    "stage": node.stage,
+                    **node.config,
+                    "inputs": {r: i.fingerprint for r, i in inputs.items()},
+                },
+            )
         if remote and (not cached or synced != IN_SYNC):
             remote.push(out, replace=synced == DAMAGED)
     summary = read_summary(out)

@@ -45,8 +45,11 @@ def preflight(cfg: PipelineConfig, root: Path) -> None:
         for node in planned.values():
             remote.pull_input(node.out)
     if (root / PREFECT_RESULTS).exists():
-        print(f"dedt: warning: {root / PREFECT_RESULTS} is ignored (a Prefect result file can carry code, so "
-              "dedt never reads one); delete it", file=sys.stderr)
+        print(
+            f"dedt: warning: {root / PREFECT_RESULTS} is ignored (a Prefect result file can carry code, so "
+            "dedt never reads one); delete it",
+            file=sys.stderr,
+        )
     complete = {key: node.out.is_complete() for key, node in planned.items()}
     if all(complete.values()):
         return  # nothing will run, nothing will be read
@@ -95,8 +98,10 @@ def check_dataset(cfg: PipelineConfig) -> tuple[int, int, int]:
     sizes = {tuple(img.shape[:2]) for img in raw.images}
     if ds.resolution is None and len(sizes) > 1:
         shown = ", ".join(f"{h}x{w}" for h, w in sorted(sizes)[:3])
-        raise DedtError(f"dataset.path {ds.path}: images have mixed sizes ({shown}, ...); "
-                        "set dataset.resolution to resize them all to one size")
+        raise DedtError(
+            f"dataset.path {ds.path}: images have mixed sizes ({shown}, ...); "
+            "set dataset.resolution to resize them all to one size"
+        )
     channels = {img.shape[2] for img in raw.images}
     if ds.channels is None and len(channels) > 1:
         raise DedtError(f"dataset.path {ds.path} mixes grayscale and colour images; set dataset.channels to 1 or 3")
@@ -105,16 +110,22 @@ def check_dataset(cfg: PipelineConfig) -> tuple[int, int, int]:
     empty = [raw.class_names[c] for c in range(len(raw.class_names)) if not np.any(train_labels == c)]
     where = f"dataset.path {ds.path}" if ds.path else f"dataset.source {ds.source}"
     if empty:
-        raise DedtError(f"{where}: classes {empty[:5]} have no training images; add images, remove the "
-                        "class, or lower dataset.holdout_frac")
+        raise DedtError(
+            f"{where}: classes {empty[:5]} have no training images; add images, remove the "
+            "class, or lower dataset.holdout_frac"
+        )
     height, width = next(iter(sizes)) if ds.resolution is None else (ds.resolution, ds.resolution)
     if max(height, width) > MAX_RESOLUTION:
-        raise DedtError(f"{where}: images are {height}x{width}, too large to train on; set dataset.resolution "
-                        f"(at most {MAX_RESOLUTION}) to resize them")
+        raise DedtError(
+            f"{where}: images are {height}x{width}, too large to train on; set dataset.resolution "
+            f"(at most {MAX_RESOLUTION}) to resize them"
+        )
     if not holdout.any():
-        raise DedtError(f"{where}: dataset.holdout_frac={ds.holdout_frac} holds out no image (floor(frac x images) "
-                        f"is 0 for every class, the smallest has {np.bincount(raw.labels).min()}); raise it, or add "
-                        "images: the classifier and the real-data floor need held-out images")
+        raise DedtError(
+            f"{where}: dataset.holdout_frac={ds.holdout_frac} holds out no image (floor(frac x images) "
+            f"is 0 for every class, the smallest has {np.bincount(raw.labels).min()}); raise it, or add "
+            "images: the classifier and the real-data floor need held-out images"
+        )
     return height, width, ds.channels or next(iter(channels))
 
 
@@ -124,8 +135,10 @@ def check_encoder(cfg: PipelineConfig) -> None:
 
     enc = cfg.encode
     if enc.weights not in (None, "random") and not Path(enc.weights).expanduser().is_file():
-        raise DedtError(f"encode.weights {enc.weights} does not exist; put the encoder's weights file there, "
-                        "or drop encode.weights to use the default local weights")
+        raise DedtError(
+            f"encode.weights {enc.weights} does not exist; put the encoder's weights file there, "
+            "or drop encode.weights to use the default local weights"
+        )
     validate_encoder_name(enc.encoder, weights=enc.weights)
     if enc.encoder == "inception":  # a TorchScript file runs code: only the known FID weights, by hash
         from dedt.encoders.torch_models import inception_weights
@@ -139,8 +152,10 @@ def check_reference(cfg: PipelineConfig, shape: tuple[int, int, int]) -> None:
 
     path = Path(cfg.reweight.reference_path).expanduser()
     if not path.exists():
-        raise DedtError(f"reweight.reference_path {path} does not exist; point it at a local diffusers UNet "
-                        "folder (UNet2DModel.save_pretrained) or drop it to train a reference")
+        raise DedtError(
+            f"reweight.reference_path {path} does not exist; point it at a local diffusers UNet "
+            "folder (UNet2DModel.save_pretrained) or drop it to train a reference"
+        )
     if cfg.train.vae_path:  # a latent reference's size is the VAE's latent size: the stage checks it
         return
     height, _, channels = shape
@@ -150,17 +165,25 @@ def check_reference(cfg: PipelineConfig, shape: tuple[int, int, int]) -> None:
     except (OSError, ValueError):
         config = None  # load_reference names what is missing
     if isinstance(config, dict) and (config.get("in_channels"), config.get("sample_size")) != (channels, height):
-        raise DedtError(f"reweight.reference_path {folder} is a UNet for {config.get('in_channels')}-channel "
-                        f"{config.get('sample_size')}px images but the data is {channels}-channel {height}px; point "
-                        "it at a reference trained on this data, or drop it to train one")
+        raise DedtError(
+            f"reweight.reference_path {folder} is a UNet for {config.get('in_channels')}-channel "
+            f"{config.get('sample_size')}px images but the data is {channels}-channel {height}px; point "
+            "it at a reference trained on this data, or drop it to train one"
+        )
     load_reference(str(path), in_channels=channels, resolution=height)
 
 
-def check_inputs(cfg: PipelineConfig, planned: dict[str, Node], complete: dict[str, bool],
-                 shape: tuple[int, int, int]) -> None:
+def check_inputs(
+    cfg: PipelineConfig, planned: dict[str, Node], complete: dict[str, bool], shape: tuple[int, int, int]
+) -> None:
     """Every finished stage that an unfinished one reads holds artifacts that fit this pipeline."""
-    needed = {role_key for key, node in planned.items() if not complete[key]
-              for role_key in node.inputs.values() if complete[role_key]}
+    needed = {
+        role_key
+        for key, node in planned.items()
+        if not complete[key]
+        for role_key in node.inputs.values()
+        if complete[role_key]
+    }
     manifest_ids: np.ndarray | None = None
     for key in sorted(needed, key=list(planned).index):
         out = planned[key].out

@@ -37,8 +37,9 @@ class Throttle:
     that needs a device sync, for example).
     """
 
-    def __init__(self, on_progress: ProgressFn | None, total: int, *, initial: int = 0,
-                 every_s: float | None = None) -> None:
+    def __init__(
+        self, on_progress: ProgressFn | None, total: int, *, initial: int = 0, every_s: float | None = None
+    ) -> None:
         self.on_progress, self.total, self.initial = on_progress, int(total), int(initial)
         self.every_s = REPORT_EVERY_S if every_s is None else every_s
         self.start = self.last = time.perf_counter()
@@ -58,8 +59,10 @@ class Throttle:
 
 def format_line(name: str, done: int, total: int, info: dict[str, Any]) -> str:
     """One terminal line: 'train:reference 12.3k/57.6k img (21%), 850 img/s, loss 0.0412, ETA 53 s'."""
-    parts = [f"{name} {_count(done)}/{_count(total)} img ({100 * done / max(total, 1):.0f}%)",
-             f"{info.get('images_per_s', float('nan')):.0f} img/s"]
+    parts = [
+        f"{name} {_count(done)}/{_count(total)} img ({100 * done / max(total, 1):.0f}%)",
+        f"{info.get('images_per_s', float('nan')):.0f} img/s",
+    ]
     if info.get("loss") is not None and math.isfinite(info["loss"]):
         parts.append(f"loss {info['loss']:.4f}")
     eta = info.get("eta_s", math.inf)

@@ -117,15 +117,24 @@ class Interval:
         return f"{'≥' if self.lower_bound else ''}{self.value:.2f}x [{self.low:.2f}, {self.high:.2f}]"
 
 
-def speedup_interval(full: Sequence[Curve], arm: Sequence[Curve], target: float, *, full_s_per_kimg: float,
-                     arm_s_per_kimg: float, arm_overhead_s: float, resamples: int = 1000,
-                     seed: int = 0) -> Interval:
+def speedup_interval(
+    full: Sequence[Curve],
+    arm: Sequence[Curve],
+    target: float,
+    *,
+    full_s_per_kimg: float,
+    arm_s_per_kimg: float,
+    arm_overhead_s: float,
+    resamples: int = 1000,
+    seed: int = 0,
+) -> Interval:
     """Full-data time to ``target`` / the arm's, on the mean curves over seeds, with an interval from
     resampling the seeds of both sides with replacement (the target stays fixed).
 
     When a resampled full-data mean does not reach the target within its run, its time is taken as
     its whole run: a lower bound, so the arm's speed-up is never flattered.
     """
+
     def ratio(full_mean: Curve, arm_mean: Curve) -> float:
         arm_time = time_to_target(arm_mean, target, arm_s_per_kimg, arm_overhead_s)
         if arm_time is None:

@@ -80,11 +80,13 @@ def cache_base() -> Path:
 
 def parse_url(url: str) -> tuple[str, str]:
     """``s3://bucket/prefix`` -> (bucket, prefix without slashes at its ends)."""
-    bucket, _, prefix = url[len(SCHEME):].partition("/")
+    bucket, _, prefix = url[len(SCHEME) :].partition("/")
     prefix = prefix.strip("/")
     if not url.startswith(SCHEME) or not re.fullmatch(r"[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]", bucket):
-        raise DedtError(f"DEDT_HOME={url!r} is not s3://bucket/prefix with a valid bucket name (3-63 characters: "
-                        "lowercase letters, digits, '.', '-'); credentials go in AWS_* variables, never in the URL")
+        raise DedtError(
+            f"DEDT_HOME={url!r} is not s3://bucket/prefix with a valid bucket name (3-63 characters: "
+            "lowercase letters, digits, '.', '-'); credentials go in AWS_* variables, never in the URL"
+        )
     if prefix and any(part in ("", ".", "..") or part.startswith(".") for part in prefix.split("/")):
         raise DedtError(f"DEDT_HOME={url!r}: the prefix may not hold empty, '.', '..' or hidden parts")
     return bucket, prefix
@@ -145,9 +147,11 @@ class Remote:
         import boto3
 
         if boto3.session.Session().get_credentials() is None:
-            raise DedtError(f"no S3 credentials for DEDT_HOME={self.url}: set AWS_ACCESS_KEY_ID and "
-                            "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE with ~/.aws/credentials), and AWS_ENDPOINT_URL for a "
-                            "server other than AWS")
+            raise DedtError(
+                f"no S3 credentials for DEDT_HOME={self.url}: set AWS_ACCESS_KEY_ID and "
+                "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE with ~/.aws/credentials), and AWS_ENDPOINT_URL for a "
+                "server other than AWS"
+            )
         with self._errors(f"reaching bucket {self.bucket!r}"):
             self.client.head_bucket(Bucket=self.bucket)
 
@@ -270,12 +274,18 @@ class Remote:
                 sha.update(block)
                 md5.update(block)
             if sha.hexdigest() != digest:
-                raise DedtError(f"{path} changed after its stage finished (SHA-256 differs from {MARKER}); "
-                                "re-run the pipeline to compute it again")
+                raise DedtError(
+                    f"{path} changed after its stage finished (SHA-256 differs from {MARKER}); "
+                    "re-run the pipeline to compute it again"
+                )
             handle.seek(0)
             with self._errors(f"uploading {path}"):
-                response = self.client.put_object(Bucket=self.bucket, Key=self._key(out, digest, name), Body=handle,
-                                                  ContentMD5=base64.b64encode(md5.digest()).decode())
+                response = self.client.put_object(
+                    Bucket=self.bucket,
+                    Key=self._key(out, digest, name),
+                    Body=handle,
+                    ContentMD5=base64.b64encode(md5.digest()).decode(),
+                )
         etag = response.get("ETag", "").strip('"')
         # A plain 32-hex ETag is the MD5 of the stored bytes (single PUT, no SSE-KMS); other ETags are
         # opaque, and the server's own Content-MD5 check is the verification.
@@ -314,8 +324,10 @@ class _S3Errors:
 
         url = self.remote.url
         if isinstance(exc, NoCredentialsError):
-            raise DedtError(f"no S3 credentials for DEDT_HOME={url}: set AWS_ACCESS_KEY_ID and "
-                            "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE)") from exc
+            raise DedtError(
+                f"no S3 credentials for DEDT_HOME={url}: set AWS_ACCESS_KEY_ID and "
+                "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE)"
+            ) from exc
         if isinstance(exc, ClientError):
             code = exc.response.get("Error", {}).get("Code", "?")
             status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
@@ -328,14 +340,19 @@ class _S3Errors:
             raise DedtError(f"S3 store {url}: {self.what} failed ({code}); {fix}") from exc
         if isinstance(exc, BotoCoreError):
             endpoint = getattr(self.remote.client.meta, "endpoint_url", "?")
-            raise DedtError(f"S3 store {url}: {self.what} failed: cannot reach {endpoint} ({exc}); check "
-                            "AWS_ENDPOINT_URL and that the server is up") from exc
+            raise DedtError(
+                f"S3 store {url}: {self.what} failed: cannot reach {endpoint} ({exc}); check "
+                "AWS_ENDPOINT_URL and that the server is up"
+            ) from exc
         return False
 
 
 def _warn(out: StageDir, why: str) -> None:
-    warnings.warn(f"{out.stage}/{out.fingerprint}: {why}; computing the stage again and replacing the bucket's copy",
-                  CorruptArtifactWarning, stacklevel=3)
+    warnings.warn(
+        f"{out.stage}/{out.fingerprint}: {why}; computing the stage again and replacing the bucket's copy",
+        CorruptArtifactWarning,
+        stacklevel=3,
+    )
 
 
 def _safe_name(name: object, *, nested: bool) -> bool:
@@ -343,9 +360,12 @@ def _safe_name(name: object, *, nested: bool) -> bool:
     if not isinstance(name, str) or "\\" in name or "\0" in name:
         return False
     parts = PurePosixPath(name).parts
-    return (0 < len(parts) <= (8 if nested else 1) and "/".join(parts) == name
-            and not any(p in ("..", ".") or p.startswith(".") or p == "/" for p in parts)
-            and (not nested or len(parts) == 1 or parts[0] not in RESUME_FOLDERS))
+    return (
+        0 < len(parts) <= (8 if nested else 1)
+        and "/".join(parts) == name
+        and not any(p in ("..", ".") or p.startswith(".") or p == "/" for p in parts)
+        and (not nested or len(parts) == 1 or parts[0] not in RESUME_FOLDERS)
+    )
 
 
 def _parse_marker(raw: bytes) -> dict[str, dict[str, str]] | None:
@@ -356,10 +376,16 @@ def _parse_marker(raw: bytes) -> dict[str, dict[str, str]] | None:
     except (ValueError, KeyError, TypeError):
         return None
     digest = re.compile(r"[0-9a-f]{64}")
-    ok = (isinstance(files, dict) and isinstance(extra, dict) and len(raw) <= MAX_MARKER_BYTES
-          and all(_safe_name(n, nested=False) and isinstance(d, str) and digest.fullmatch(d) for n, d in files.items())
-          and all(_safe_name(n, nested=True) and n not in files and isinstance(d, str) and digest.fullmatch(d)
-                  for n, d in extra.items()))
+    ok = (
+        isinstance(files, dict)
+        and isinstance(extra, dict)
+        and len(raw) <= MAX_MARKER_BYTES
+        and all(_safe_name(n, nested=False) and isinstance(d, str) and digest.fullmatch(d) for n, d in files.items())
+        and all(
+            _safe_name(n, nested=True) and n not in files and isinstance(d, str) and digest.fullmatch(d)
+            for n, d in extra.items()
+        )
+    )
     return {"files": files, "extra": extra} if ok else None
 
 
@@ -378,7 +404,11 @@ def _extra_files(out: StageDir) -> dict[str, str]:
     found = {}
     for path in sorted(out.path.rglob("*")):
         name = path.relative_to(out.path).as_posix()
-        if path.is_file() and not path.is_symlink() and _safe_name(name, nested=True) and (
-                name == "config.json" or "/" in name):
+        if (
+            path.is_file()
+            and not path.is_symlink()
+            and _safe_name(name, nested=True)
+            and (name == "config.json" or "/" in name)
+        ):
             found[name] = file_sha256(path, follow_links=False)
     return found

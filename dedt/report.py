@@ -71,8 +71,13 @@ def plot_weights(weights: np.ndarray, alphas: np.ndarray, path: Path) -> None:
     save_figure(fig, path)
 
 
-def plot_class_bars(series: Mapping[str, Mapping[str, float]], path: Path, *, title: str = "per-class FD",
-                    ylabel: str = "Fréchet distance") -> None:
+def plot_class_bars(
+    series: Mapping[str, Mapping[str, float]],
+    path: Path,
+    *,
+    title: str = "per-class FD",
+    ylabel: str = "Fréchet distance",
+) -> None:
     """Grouped bars: one group per class, one bar per series (NaN = too few samples, left empty)."""
     import matplotlib
 
@@ -91,19 +96,35 @@ def plot_class_bars(series: Mapping[str, Mapping[str, float]], path: Path, *, ti
     save_figure(fig, path)
 
 
-def write_evaluation(folder: Path, rows: Sequence[Any], fake: np.ndarray, fake_labels: np.ndarray, num_classes: int,
-                     *, space: str, references: Sequence[str], title: str, seed: int) -> None:
+def write_evaluation(
+    folder: Path,
+    rows: Sequence[Any],
+    fake: np.ndarray,
+    fake_labels: np.ndarray,
+    num_classes: int,
+    *,
+    space: str,
+    references: Sequence[str],
+    title: str,
+    seed: int,
+) -> None:
     """The evaluate stage's pictures and report: grid.png (8 samples per class, a row each), class_fd.png
     (per-class FD in ``space`` against each reference) and report.md (``dedt.evaluate.report_markdown``)."""
     from dedt import evaluate
     from dedt.diffusion.sample import save_grid
 
-    save_grid(fake[np.concatenate([np.flatnonzero(fake_labels == c)[:8] for c in range(num_classes)])],
-              folder / GRID, nrow=8)
-    plot_class_bars({f"vs {ref}": evaluate.per_class_fd(rows, space, ref) for ref in references},
-                    folder / CLASS_FD_PLOT, title=f"per-class FD, {space} features")
-    atomic_write_text(folder / REPORT, evaluate.report_markdown(
-        rows, title=title, seed=seed, images={"samples": GRID, "per-class FD": CLASS_FD_PLOT}))
+    save_grid(
+        fake[np.concatenate([np.flatnonzero(fake_labels == c)[:8] for c in range(num_classes)])], folder / GRID, nrow=8
+    )
+    plot_class_bars(
+        {f"vs {ref}": evaluate.per_class_fd(rows, space, ref) for ref in references},
+        folder / CLASS_FD_PLOT,
+        title=f"per-class FD, {space} features",
+    )
+    atomic_write_text(
+        folder / REPORT,
+        evaluate.report_markdown(rows, title=title, seed=seed, images={"samples": GRID, "per-class FD": CLASS_FD_PLOT}),
+    )
 
 
 def enlarged_png(path: Path, min_width: int = 320) -> bytes:
@@ -142,8 +163,11 @@ def plot_class_fd(before: Mapping[str, float], after: Mapping[str, float], path:
 
     ``before``/``after`` are evaluate summaries' ``fd_per_class`` (class name -> FD).
     """
-    plot_class_bars({"before reweighting": before, "after reweighting": after}, path,
-                    title="per-class FD before / after reweighting")
+    plot_class_bars(
+        {"before reweighting": before, "after reweighting": after},
+        path,
+        title="per-class FD before / after reweighting",
+    )
 
 
 def full_data_curve(results: dict[str, Any]) -> Any:
@@ -182,9 +206,16 @@ def summary_rows(results: dict[str, Any], *, proxy_kimg: float = 0.0) -> list[di
             continue
         train, ev = results[key].summary, results[f"evaluate:{key}"].summary
         per_class = {c: v for c, v in ev["fd_per_class"].items() if v == v}  # drop NaN (too few samples)
-        row = {"model": label, "images": train["n_images"], "kimg": round(train["nimg"] / 1000, 1),
-               "train_s": round(train["seconds"], 1), "fd": ev["fd"], "cost_s": None, "speedup": None,
-               "speedup_scratch": None}
+        row = {
+            "model": label,
+            "images": train["n_images"],
+            "kimg": round(train["nimg"] / 1000, 1),
+            "train_s": round(train["seconds"], 1),
+            "fd": ev["fd"],
+            "cost_s": None,
+            "speedup": None,
+            "speedup_scratch": None,
+        }
         if costs is not None and full is not None:
             s_per_kimg = 1000.0 * costs["train_s_per_img"]
             cost = train["nimg"] / 1000 * s_per_kimg
@@ -236,8 +267,11 @@ def weights_vs_difficulty(results: dict[str, Any]) -> dict[str, Any] | None:
     classes = [c for c in ref if ref[c] == ref[c]]  # skip NaN
     rho = spearmanr([weights[i] for i, c in enumerate(ref) if c in classes], [ref[c] for c in classes]).statistic
     improved = sum(after[c] < before[c] for c in classes if before[c] == before[c] and after[c] == after[c])
-    return {"spearman_weight_vs_reference_fd": round(float(rho), 3), "classes_improved": improved,
-            "classes": len(classes)}
+    return {
+        "spearman_weight_vs_reference_fd": round(float(rho), 3),
+        "classes_improved": improved,
+        "classes": len(classes),
+    }
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
@@ -250,5 +284,12 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
 
 
 def stage_table(results: dict[str, Any]) -> list[dict[str, Any]]:
-    return [{"stage": key, "fingerprint": r.fingerprint, "status": "cached" if r.cached else "computed",
-             "seconds": r.seconds} for key, r in results.items()]
+    return [
+        {
+            "stage": key,
+            "fingerprint": r.fingerprint,
+            "status": "cached" if r.cached else "computed",
+            "seconds": r.seconds,
+        }
+        for key, r in results.items()
+    ]

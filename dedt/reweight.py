@@ -84,8 +84,10 @@ def collapse_warning(weights: np.ndarray, *, batch_size: int, eta: float, steps:
         causes.append(f"eta {eta} is large (try {MAX_CALM_ETA} or less)")
     if steps < MIN_PROXY_STEPS:
         causes.append(f"only {steps} proxy steps (raise reweight.proxy_kimg)")
-    return (f"DRO weights collapsed: max weight {weights.max():.3f}, entropy {entropy:.3f} "
-            f"(uniform {math.log(k):.3f}). Likely causes: {'; '.join(causes) or 'noisy per-group losses'}.")
+    return (
+        f"DRO weights collapsed: max weight {weights.max():.3f}, entropy {entropy:.3f} "
+        f"(uniform {math.log(k):.3f}). Likely causes: {'; '.join(causes) or 'noisy per-group losses'}."
+    )
 
 
 def stratified_batch(groups: np.ndarray, batch_size: int, rng: np.random.Generator) -> np.ndarray:
@@ -98,7 +100,7 @@ def stratified_batch(groups: np.ndarray, batch_size: int, rng: np.random.Generat
     order = rng.permutation(len(members))
     counts = np.full(len(members), batch_size // len(members))
     counts[order[: batch_size % len(members)]] += 1
-    return np.concatenate([rng.choice(m, c, replace=True) for m, c in zip(members, counts)])
+    return np.concatenate([rng.choice(m, c, replace=True) for m, c in zip(members, counts, strict=False)])
 
 
 @dataclass
@@ -120,7 +122,7 @@ def member_slots(groups: np.ndarray) -> np.ndarray:
     return slots
 
 
-def stratified_timesteps(n: int, num_timesteps: int, generator: "torch.Generator | None" = None) -> "torch.Tensor":
+def stratified_timesteps(n: int, num_timesteps: int, generator: torch.Generator | None = None) -> torch.Tensor:
     """n timesteps, one uniform draw in each of n equal strata of [0, T), in random order: (n,) int64.
 
     The order is shuffled so that an extra (n-th) member of a group does not always get the top stratum.
@@ -158,19 +160,35 @@ class ProxyTrainer:
     on the CPU the proxy stays in fp32 and draws from the CPU generator exactly as before.
     """
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray, groups: np.ndarray, reference: "torch.nn.Module",
-                 options: "TrainOptions", *, num_classes: int, eta: float, smoothing: float, seed: int,
-                 t_range: tuple[float, float] = (0.0, 1.0), initial: np.ndarray | None = None,
-                 num_groups: int | None = None, excess: Excess = "raw", timesteps: Pairing = "common",
-                 device: "str | torch.device" = "cpu") -> None:
+    def __init__(
+        self,
+        images: np.ndarray,
+        labels: np.ndarray,
+        groups: np.ndarray,
+        reference: torch.nn.Module,
+        options: TrainOptions,
+        *,
+        num_classes: int,
+        eta: float,
+        smoothing: float,
+        seed: int,
+        t_range: tuple[float, float] = (0.0, 1.0),
+        initial: np.ndarray | None = None,
+        num_groups: int | None = None,
+        excess: Excess = "raw",
+        timesteps: Pairing = "common",
+        device: str | torch.device = "cpu",
+    ) -> None:
         import torch
 
         from dedt.diffusion.presets import build_model, build_scheduler
         from dedt.diffusion.weighting import timestep_weight_table
 
         if excess not in DEFAULT_ETA or timesteps not in ("common", "independent"):
-            raise DedtError(f"excess must be one of {'|'.join(DEFAULT_ETA)} and timesteps common|independent; "
-                            f"got {excess!r}, {timesteps!r}")
+            raise DedtError(
+                f"excess must be one of {'|'.join(DEFAULT_ETA)} and timesteps common|independent; "
+                f"got {excess!r}, {timesteps!r}"
+            )
         doremi_update(np.full(2, 0.5), np.zeros(2), eta=eta, smoothing=smoothing)  # validates eta, smoothing
         self.k = int(groups.max()) + 1 if num_groups is None else num_groups
         if groups.min() < 0 or groups.max() >= self.k:
@@ -180,20 +198,27 @@ class ProxyTrainer:
         self.excess_mode, self.timesteps = excess, timesteps
         torch.manual_seed(seed)  # seeds the CUDA generators too
         self.device = torch.device(device)
-        self.proxy = build_model(options.preset, in_channels=images.shape[1], resolution=images.shape[2],
-                                 num_classes=num_classes if options.conditional else None).to(self.device)
+        self.proxy = build_model(
+            options.preset,
+            in_channels=images.shape[1],
+            resolution=images.shape[2],
+            num_classes=num_classes if options.conditional else None,
+        ).to(self.device)
         self.scheduler = build_scheduler(options.preset, latent=options.latent)
         # The final training's timestep weighting (train.timestep_weighting) in the proxy's and the
         # reference's losses alike: the excess then compares the losses that training minimises.
-        self.timestep_weight = timestep_weight_table(options.timestep_weighting, self.scheduler.alphas_cumprod,
-                                                     snr_gamma=options.snr_gamma)
+        self.timestep_weight = timestep_weight_table(
+            options.timestep_weighting, self.scheduler.alphas_cumprod, snr_gamma=options.snr_gamma
+        )
         if self.timestep_weight is not None:
             self.timestep_weight = self.timestep_weight.to(self.device)
         self.reference = reference.to(self.device).train().requires_grad_(False)  # train mode: see the class docstring
         embeds = getattr(getattr(reference, "config", None), "num_class_embeds", None)
         if embeds is not None and labels.max() >= embeds:
-            raise DedtError(f"the reference is conditioned on {embeds} classes but the labels reach {labels.max()}; "
-                            "condition the reference on the same classes as the proxy")
+            raise DedtError(
+                f"the reference is conditioned on {embeds} classes but the labels reach {labels.max()}; "
+                "condition the reference on the same classes as the proxy"
+            )
         self.reference_conditional = embeds is not None
         from dedt.diffusion.optim import make_optimizer
 
@@ -219,7 +244,7 @@ class ProxyTrainer:
 
         return Trainer.learning_rate(self)  # type: ignore[arg-type]  # reads options and nimg only
 
-    def draw(self, g: "torch.Tensor") -> tuple["torch.Tensor", "torch.Tensor"]:
+    def draw(self, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(t, eps) of a batch with groups g (B,): a common pool over groups, or one draw per sample."""
         import torch
 
@@ -233,7 +258,7 @@ class ProxyTrainer:
         t = stratified_timesteps(pool, T)[slots]
         return t, torch.randn((pool, *shape[1:]), device=self.device)[slots.to(self.device)]
 
-    def sample_excess(self, loss: "torch.Tensor", ref: "torch.Tensor", t: "torch.Tensor") -> "torch.Tensor":
+    def sample_excess(self, loss: torch.Tensor, ref: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """Per-sample excess (B,), float64, of the ``excess`` mode (class docstring)."""
         import torch
 
@@ -259,12 +284,14 @@ class ProxyTrainer:
         t_dev, g_dev = t.to(self.device), g.to(self.device)
         dropout = _rng_state(self.device)
         with self.autocast():
-            loss = per_sample_loss(self.proxy, self.scheduler, x0, y if self.options.conditional else None, t_dev,
-                                   noise)
+            loss = per_sample_loss(
+                self.proxy, self.scheduler, x0, y if self.options.conditional else None, t_dev, noise
+            )
         _set_rng_state(self.device, dropout)  # the same dropout masks for the reference
         with torch.no_grad(), self.autocast():
-            ref = per_sample_loss(self.reference, self.scheduler, x0, y if self.reference_conditional else None,
-                                  t_dev, noise)
+            ref = per_sample_loss(
+                self.reference, self.scheduler, x0, y if self.reference_conditional else None, t_dev, noise
+            )
         if self.timestep_weight is not None:
             loss, ref = loss * self.timestep_weight[t_dev], ref * self.timestep_weight[t_dev]
         counted = (t >= self.t_lo) & (t < self.t_hi)
@@ -276,8 +303,9 @@ class ProxyTrainer:
         self.excess = self.excess.copy()
         self.excess[seen] = (sums / counts.clamp_min(1)).numpy()[seen]  # absent from the batch: keep previous
         self.alpha = self.alpha.copy()
-        self.alpha[self.present] = doremi_update(self.alpha[self.present], self.excess[self.present], eta=self.eta,
-                                                 smoothing=self.smoothing)
+        self.alpha[self.present] = doremi_update(
+            self.alpha[self.present], self.excess[self.present], eta=self.eta, smoothing=self.smoothing
+        )
         # The proxy minimises the alpha-weighted mean loss of the groups in this batch.
         members = torch.bincount(g, minlength=self.k).to(self.device)
         group_mean = torch.zeros(self.k, dtype=loss.dtype, device=self.device).index_add_(0, g_dev, loss)
@@ -294,7 +322,7 @@ class ProxyTrainer:
         self.scaler.update()
         self.nimg += len(indices)
 
-    def autocast(self) -> "contextlib.AbstractContextManager[None]":
+    def autocast(self) -> contextlib.AbstractContextManager[None]:
         """The trainer's ``precision`` autocast on CUDA; nothing on the CPU."""
         import torch
 
@@ -305,14 +333,14 @@ class ProxyTrainer:
         return torch.autocast(self.device.type, dtype=AUTOCAST[self.options.precision])
 
 
-def _rng_state(device: "torch.device") -> "torch.Tensor":
+def _rng_state(device: torch.device) -> torch.Tensor:
     """The generator state of ``device`` (the CPU's, or that CUDA device's), for repeating dropout masks."""
     import torch
 
     return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
 
 
-def _set_rng_state(device: "torch.device", state: "torch.Tensor") -> None:
+def _set_rng_state(device: torch.device, state: torch.Tensor) -> None:
     import torch
 
     if device.type == "cuda":
@@ -321,12 +349,27 @@ def _set_rng_state(device: "torch.device", state: "torch.Tensor") -> None:
         torch.set_rng_state(state)
 
 
-def train_proxy(images: np.ndarray, labels: np.ndarray, groups: np.ndarray, reference: "torch.nn.Module",
-                options: "TrainOptions", *, num_classes: int, budget_kimg: float, eta: float | None = None,
-                smoothing: float, seed: int, t_range: tuple[float, float] = (0.0, 1.0),
-                initial: np.ndarray | None = None, num_groups: int | None = None, excess: Excess = "raw",
-                timesteps: Pairing = "common", progress: bool = False, device: "str | torch.device" = "cpu",
-                on_progress: "ProgressFn | None" = None) -> DroResult:
+def train_proxy(
+    images: np.ndarray,
+    labels: np.ndarray,
+    groups: np.ndarray,
+    reference: torch.nn.Module,
+    options: TrainOptions,
+    *,
+    num_classes: int,
+    budget_kimg: float,
+    eta: float | None = None,
+    smoothing: float,
+    seed: int,
+    t_range: tuple[float, float] = (0.0, 1.0),
+    initial: np.ndarray | None = None,
+    num_groups: int | None = None,
+    excess: Excess = "raw",
+    timesteps: Pairing = "common",
+    progress: bool = False,
+    device: str | torch.device = "cpu",
+    on_progress: ProgressFn | None = None,
+) -> DroResult:
     """Group DRO as PAPER.md section 4; returns alpha averaged over all steps (alpha_0 included).
 
     ``eta=None`` takes ``DEFAULT_ETA[excess]``; the other arguments are ``ProxyTrainer``'s.
@@ -338,9 +381,23 @@ def train_proxy(images: np.ndarray, labels: np.ndarray, groups: np.ndarray, refe
     from dedt.progress import Throttle
 
     eta = DEFAULT_ETA.get(excess) if eta is None else eta  # an unknown excess fails in ProxyTrainer
-    trainer = ProxyTrainer(images, labels, groups, reference, options, num_classes=num_classes, eta=eta,
-                           smoothing=smoothing, seed=seed, t_range=t_range, initial=initial, num_groups=num_groups,
-                           excess=excess, timesteps=timesteps, device=device)
+    trainer = ProxyTrainer(
+        images,
+        labels,
+        groups,
+        reference,
+        options,
+        num_classes=num_classes,
+        eta=eta,
+        smoothing=smoothing,
+        seed=seed,
+        t_range=t_range,
+        initial=initial,
+        num_groups=num_groups,
+        excess=excess,
+        timesteps=timesteps,
+        device=device,
+    )
     rng = np.random.default_rng(seed)
     steps = max(1, round(budget_kimg * 1000 / options.batch_size))
     report = Throttle(on_progress, steps * options.batch_size)
@@ -359,8 +416,16 @@ def train_proxy(images: np.ndarray, labels: np.ndarray, groups: np.ndarray, refe
     return DroResult(weights, trajectory, np.stack(excesses), seconds, steps * options.batch_size / seconds, warning)
 
 
-def train_reference(images: np.ndarray, labels: np.ndarray, groups: np.ndarray, weights: np.ndarray,
-                    options: "TrainOptions", *, num_classes: int, seed: int) -> "torch.nn.Module":
+def train_reference(
+    images: np.ndarray,
+    labels: np.ndarray,
+    groups: np.ndarray,
+    weights: np.ndarray,
+    options: TrainOptions,
+    *,
+    num_classes: int,
+    seed: int,
+) -> torch.nn.Module:
     """A reference for a further DRO round: the final trainer's model and steps for ``options.budget_kimg``,
     with batches drawn from the group mixture ``weights`` (P(group g) = w_g, uniform inside a group).
 
@@ -374,18 +439,34 @@ def train_reference(images: np.ndarray, labels: np.ndarray, groups: np.ndarray, 
 
     with fork_rng(options.device, World()):
         trainer = Trainer(images, labels, options, num_classes=num_classes, seed=seed)
-        trainer.sampler = BatchSampler(groups, batch_size=options.batch_size, num_classes=len(weights),
-                                       class_weights=weights, seed=derive_seed(seed, "sampler"))
+        trainer.sampler = BatchSampler(
+            groups,
+            batch_size=options.batch_size,
+            num_classes=len(weights),
+            class_weights=weights,
+            seed=derive_seed(seed, "sampler"),
+        )
         while trainer.nimg < options.budget_kimg * 1000:
             trainer.step()
     return trainer.ema.module.cpu()
 
 
-def iterated_dro(images: np.ndarray, labels: np.ndarray, groups: np.ndarray, reference: "torch.nn.Module",
-                 options: "TrainOptions", rw: "ReweightConfig",
-                 full_data: Callable[[], tuple[np.ndarray, np.ndarray, np.ndarray]], *, num_classes: int,
-                 num_groups: int, eta: float, seed: int, device: "str | torch.device" = "cpu",
-                 on_progress: "ProgressFn | None" = None) -> tuple[list[DroResult], float]:
+def iterated_dro(
+    images: np.ndarray,
+    labels: np.ndarray,
+    groups: np.ndarray,
+    reference: torch.nn.Module,
+    options: TrainOptions,
+    rw: ReweightConfig,
+    full_data: Callable[[], tuple[np.ndarray, np.ndarray, np.ndarray]],
+    *,
+    num_classes: int,
+    num_groups: int,
+    eta: float,
+    seed: int,
+    device: str | torch.device = "cpu",
+    on_progress: ProgressFn | None = None,
+) -> tuple[list[DroResult], float]:
     """``rw.rounds`` rounds of group DRO (PAPER.md section 4): every round after the first re-trains the
     reference on ``full_data()`` (images, labels, groups of the full train split), drawn by the previous
     round's weights, then runs the proxy again. Returns each round's result and the seconds spent on
@@ -397,13 +478,28 @@ def iterated_dro(images: np.ndarray, labels: np.ndarray, groups: np.ndarray, ref
             start = time.perf_counter()
             full_images, full_labels, full_groups = full_data()
             ref_options = options.model_copy(update={"budget_kimg": rw.reference_kimg})
-            reference = train_reference(full_images, full_labels, full_groups, weights, ref_options,
-                                        num_classes=num_classes, seed=seed + r)
+            reference = train_reference(
+                full_images, full_labels, full_groups, weights, ref_options, num_classes=num_classes, seed=seed + r
+            )
             seconds += time.perf_counter() - start
-        result = train_proxy(images, labels, groups, reference, options, num_classes=num_classes,
-                             budget_kimg=rw.proxy_kimg, eta=eta, smoothing=rw.smoothing, seed=seed + r,
-                             t_range=(rw.t_min_frac, rw.t_max_frac), num_groups=num_groups,
-                             excess=rw.excess, timesteps=rw.timesteps, device=device, on_progress=on_progress)
+        result = train_proxy(
+            images,
+            labels,
+            groups,
+            reference,
+            options,
+            num_classes=num_classes,
+            budget_kimg=rw.proxy_kimg,
+            eta=eta,
+            smoothing=rw.smoothing,
+            seed=seed + r,
+            t_range=(rw.t_min_frac, rw.t_max_frac),
+            num_groups=num_groups,
+            excess=rw.excess,
+            timesteps=rw.timesteps,
+            device=device,
+            on_progress=on_progress,
+        )
         weights, seconds = result.weights, seconds + result.seconds
         rounds.append(result)
     return rounds, seconds
@@ -412,19 +508,28 @@ def iterated_dro(images: np.ndarray, labels: np.ndarray, groups: np.ndarray, ref
 def weights_table(weights: np.ndarray, groups: np.ndarray, num_groups: int) -> pa.Table:
     """weights.parquet's rows: group, weight, and samples_in_subset (the proxy's samples of the group)."""
     counts = np.bincount(groups, minlength=num_groups)
-    return pa.table({"group": np.arange(num_groups, dtype=np.int32), "weight": weights,
-                     "samples_in_subset": counts.astype(np.int64)})
+    return pa.table(
+        {
+            "group": np.arange(num_groups, dtype=np.int32),
+            "weight": weights,
+            "samples_in_subset": counts.astype(np.int64),
+        }
+    )
 
 
 def trajectory_table(rounds: list[DroResult], num_groups: int) -> pa.Table:
     """trajectory.parquet's rows: one per round, proxy step and group, with alpha and the clipped excess."""
     k = num_groups
     steps = np.concatenate([np.repeat(np.arange(len(res.alphas), dtype=np.int64), k) for res in rounds])
-    return pa.table({
-        "round": np.concatenate([np.full(res.alphas.size, r, np.int32) for r, res in enumerate(rounds)]),
-        "step": steps, "group": np.tile(np.arange(k, dtype=np.int32), len(steps) // k),
-        "alpha": np.concatenate([res.alphas.ravel() for res in rounds]),
-        "excess": np.concatenate([res.excess.ravel() for res in rounds])})
+    return pa.table(
+        {
+            "round": np.concatenate([np.full(res.alphas.size, r, np.int32) for r, res in enumerate(rounds)]),
+            "step": steps,
+            "group": np.tile(np.arange(k, dtype=np.int32), len(steps) // k),
+            "alpha": np.concatenate([res.alphas.ravel() for res in rounds]),
+            "excess": np.concatenate([res.excess.ravel() for res in rounds]),
+        }
+    )
 
 
 def kmeans_groups(embeddings: np.ndarray, k: int, *, seed: int, fit: np.ndarray | None = None) -> np.ndarray:
@@ -452,7 +557,7 @@ def kmeans_groups(embeddings: np.ndarray, k: int, *, seed: int, fit: np.ndarray 
     return rank[raw]
 
 
-def load_reference(path: str, *, in_channels: int, resolution: int) -> "torch.nn.Module":
+def load_reference(path: str, *, in_channels: int, resolution: int) -> torch.nn.Module:
     """A reference UNet from a local diffusers folder (``google/ddpm-cifar10-32`` layout), never the hub.
 
     Accepts the folder of a ``UNet2DModel`` (config.json + weights) or a pipeline folder with a
@@ -465,13 +570,17 @@ def load_reference(path: str, *, in_channels: int, resolution: int) -> "torch.nn
     root = Path(path).expanduser()
     folder = root / "unet" if (root / "unet" / "config.json").exists() else root
     if not (folder / "config.json").exists():
-        raise DedtError(f"reweight.reference_path {root} holds no diffusers UNet (config.json); "
-                        "point it at a UNet2DModel.save_pretrained folder or a pipeline folder with unet/")
+        raise DedtError(
+            f"reweight.reference_path {root} holds no diffusers UNet (config.json); "
+            "point it at a UNet2DModel.save_pretrained folder or a pipeline folder with unet/"
+        )
     try:
         model = UNet2DModel.from_pretrained(folder, local_files_only=True)
     except (OSError, ValueError) as exc:
         raise DedtError(f"cannot load the reference UNet from {folder}: {exc}") from exc
     if model.config.in_channels != in_channels or model.config.sample_size != resolution:
-        raise DedtError(f"reference {folder} is for {model.config.in_channels}x{model.config.sample_size}px images "
-                        f"but the data is {in_channels}x{resolution}px; set dataset.resolution/channels to match")
+        raise DedtError(
+            f"reference {folder} is for {model.config.in_channels}x{model.config.sample_size}px images "
+            f"but the data is {in_channels}x{resolution}px; set dataset.resolution/channels to match"
+        )
     return model.eval()

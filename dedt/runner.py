@@ -18,11 +18,16 @@ from pathlib import Path
 from dedt.config import PipelineConfig, resolve
 from dedt.errors import exit_code
 from dedt.pipeline import NodeResult, plan, run_node
-from dedt.store import default_root, store_root
+from dedt.store_root import default_root, store_root
 
 
-def run_pipeline(cfg: PipelineConfig, root: Path | str | None = None, *, check: bool = True,
-                 on_result: Callable[[NodeResult], None] | None = None) -> dict[str, NodeResult]:
+def run_pipeline(
+    cfg: PipelineConfig,
+    root: Path | str | None = None,
+    *,
+    check: bool = True,
+    on_result: Callable[[NodeResult], None] | None = None,
+) -> dict[str, NodeResult]:
     """Compute every stage of ``cfg`` in ``root`` (default ``$DEDT_HOME``); finished stages are reused.
 
     ``check`` runs :func:`dedt.preflight.preflight` first, so bad input fails before any work.
@@ -46,7 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("name", help="pipeline name in the pipelines file")
     parser.add_argument("--pipelines", type=Path, default=Path("pipelines.yaml"), metavar="FILE")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
-    parser.add_argument("--root", default=None, help="store root: a folder or s3://bucket/prefix (default $DEDT_HOME or ./.dedt)")
+    parser.add_argument(
+        "--root", default=None, help="store root: a folder or s3://bucket/prefix (default $DEDT_HOME or ./.dedt)"
+    )
     parser.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
     return parser
 
@@ -56,12 +63,19 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
     def report(result: NodeResult) -> None:
-        line = {"key": result.key, "fingerprint": result.fingerprint, "cached": result.cached,
-                "seconds": result.seconds, "path": result.path}
+        line = {
+            "key": result.key,
+            "fingerprint": result.fingerprint,
+            "cached": result.cached,
+            "seconds": result.seconds,
+            "path": result.path,
+        }
         print(json.dumps(line), flush=True)
 
-    return exit_code(lambda: run_pipeline(resolve(args.name, args.pipelines, args.overrides), args.root,
-                                          on_result=report), debug=args.debug)
+    return exit_code(
+        lambda: run_pipeline(resolve(args.name, args.pipelines, args.overrides), args.root, on_result=report),
+        debug=args.debug,
+    )
 
 
 if __name__ == "__main__":

@@ -31,8 +31,12 @@ class _BoundedLoader(yaml.SafeLoader):
         event = self.peek_event()
         if isinstance(event, yaml.AliasEvent):
             if event.anchor in self._open_anchors:
-                raise yaml.composer.ComposerError(None, None, f"alias *{event.anchor} refers to a value that contains "
-                                                  "it (a recursive alias)", event.start_mark)
+                raise yaml.composer.ComposerError(
+                    None,
+                    None,
+                    f"alias *{event.anchor} refers to a value that contains it (a recursive alias)",
+                    event.start_mark,
+                )
             return super().compose_node(parent, index)
         anchor = event.anchor
         if anchor is not None:
@@ -66,8 +70,10 @@ def load_yaml(text: str, where: str) -> Any:
         if node is None:
             return None
         if _expanded_size(node, {}) > MAX_YAML_VALUES:
-            raise DedtError(f"{where}: its aliases expand to more than {MAX_YAML_VALUES:,} values; write the values "
-                            "out or use fewer aliases")
+            raise DedtError(
+                f"{where}: its aliases expand to more than {MAX_YAML_VALUES:,} values; write the values "
+                "out or use fewer aliases"
+            )
         return loader.construct_document(node)
     except RecursionError:
         raise DedtError(f"{where}: nested too deeply to read; flatten it") from None

@@ -58,8 +58,13 @@ def run_data(cfg: PipelineConfig, inputs: dict[str, StageDir], out: StageDir) ->
     images = prepare_images(raw, ds.resolution, ds.channels)
     meta = {"source": ds.source, "resize": "PIL bicubic"} | contamination
     write_manifest(raw, images, holdout, MANIFEST.path(out), meta, columns)
-    return {"n_train": int((~holdout).sum()), "n_holdout": int(holdout.sum()), "shape": list(images.shape[1:]),
-            "classes": len(raw.class_names), **contamination}
+    return {
+        "n_train": int((~holdout).sum()),
+        "n_holdout": int(holdout.sum()),
+        "shape": list(images.shape[1:]),
+        "classes": len(raw.class_names),
+        **contamination,
+    }
 
 
 def run_encode(cfg: PipelineConfig, inputs: dict[str, StageDir], out: StageDir) -> dict[str, Any]:
@@ -69,9 +74,18 @@ def run_encode(cfg: PipelineConfig, inputs: dict[str, StageDir], out: StageDir) 
     ids, images, _ = load_split(MANIFEST.path(inputs["data"]))
     enc = cfg.encode
     encoder = get_encoder(enc.encoder, weights=enc.weights, device=enc.device, seed=cfg.seed, dim=enc.dim)
-    meta = encode_to_parquet(images, len(images), ids, encoder, EMBEDDINGS.path(out), out.path / "shards",
-                             batch_size=enc.batch_size, shard_size=enc.shard_size, progress=False,
-                             on_progress=progress.current())
+    meta = encode_to_parquet(
+        images,
+        len(images),
+        ids,
+        encoder,
+        EMBEDDINGS.path(out),
+        out.path / "shards",
+        batch_size=enc.batch_size,
+        shard_size=enc.shard_size,
+        progress=False,
+        on_progress=progress.current(),
+    )
     return {"n": len(ids), **meta}
 
 
@@ -113,15 +127,21 @@ def run_select(cfg: PipelineConfig, inputs: dict[str, StageDir], out: StageDir) 
     rank = np.empty(len(ids), np.int64)
     rank[order] = np.arange(len(ids))
     per_class = {str(k): int(v) for k, v in kept_per_class(kept, labels).items()}
-    subset = pa.table({"sample_id": ids[kept], "label": labels[kept].astype(np.int32),
-                       "score": scores[kept], "rank": rank[kept]})
-    SUBSET.write(out, subset, {"keep_frac": cfg.select.keep_frac, "kept_per_class": per_class}
-                  | cleaning | levers)
+    subset = pa.table(
+        {"sample_id": ids[kept], "label": labels[kept].astype(np.int32), "score": scores[kept], "rank": rank[kept]}
+    )
+    SUBSET.write(out, subset, {"keep_frac": cfg.select.keep_frac, "kept_per_class": per_class} | cleaning | levers)
     return {"kept": len(kept), "of": len(ids), "kept_per_class": per_class, **cleaning, **levers}
 
 
-def _stratified(cfg: PipelineConfig, inputs: dict[str, StageDir], ids: np.ndarray, labels: np.ndarray,
-                scores: np.ndarray, pool: np.ndarray) -> tuple[np.ndarray, dict[str, Any]]:
+def _stratified(
+    cfg: PipelineConfig,
+    inputs: dict[str, StageDir],
+    ids: np.ndarray,
+    labels: np.ndarray,
+    scores: np.ndarray,
+    pool: np.ndarray,
+) -> tuple[np.ndarray, dict[str, Any]]:
     """Kept rows under k-means strata (the embeddings) and/or counts from the DRO class weights (the reweight
     stage, learned on the full data), and what set them."""
     from dedt.encoders.streaming import read_embeddings
@@ -131,22 +151,32 @@ def _stratified(cfg: PipelineConfig, inputs: dict[str, StageDir], ids: np.ndarra
     if sel.stratifies:
         emb_ids, embeddings, _ = read_embeddings(EMBEDDINGS.path(inputs["encode"]))
         if not np.array_equal(emb_ids, ids):
-            raise DedtError(f"{EMBEDDINGS.path(inputs['encode'])} covers other samples than the scores; re-run "
-                            "encode and score")
+            raise DedtError(
+                f"{EMBEDDINGS.path(inputs['encode'])} covers other samples than the scores; re-run encode and score"
+            )
         embeddings = embeddings[pool]
         levers["strata"] = {"k": sel.strata_k, "within": sel.within}
     if "reweight" in inputs:
         weights = read_weights(inputs["reweight"])
         levers["class_weights"] = [round(float(w), 6) for w in weights]
-    kept = select_stratified(scores[pool], labels[pool], sel.keep_frac, per_class=sel.per_class,
-                             embeddings=embeddings, strata_k=sel.strata_k if sel.stratifies else None,
-                             within=sel.within if sel.stratifies else "score", band=(sel.band_low, sel.band_high),
-                             class_weights=weights, seed=cfg.seed)
+    kept = select_stratified(
+        scores[pool],
+        labels[pool],
+        sel.keep_frac,
+        per_class=sel.per_class,
+        embeddings=embeddings,
+        strata_k=sel.strata_k if sel.stratifies else None,
+        within=sel.within if sel.stratifies else "score",
+        band=(sel.band_low, sel.band_high),
+        class_weights=weights,
+        seed=cfg.seed,
+    )
     return pool[kept], levers
 
 
-def _clean(cfg: PipelineConfig, encode: StageDir, ids: np.ndarray, labels: np.ndarray, scores: np.ndarray,
-           out: StageDir) -> tuple[np.ndarray, dict[str, int]]:
+def _clean(
+    cfg: PipelineConfig, encode: StageDir, ids: np.ndarray, labels: np.ndarray, scores: np.ndarray, out: StageDir
+) -> tuple[np.ndarray, dict[str, int]]:
     """Rows left for the keep rule after near-duplicate removal and trimming, and what each removed; the
     near-duplicate groups go to duplicates.parquet."""
     from dedt.dedup import clean, group_table
@@ -156,12 +186,20 @@ def _clean(cfg: PipelineConfig, encode: StageDir, ids: np.ndarray, labels: np.nd
     if not np.array_equal(emb_ids, ids):
         raise DedtError(f"{EMBEDDINGS.path(encode)} covers other samples than the scores; re-run encode and score")
     sel = cfg.select
-    cleaned = clean(embeddings, scores, labels, dedup_threshold=sel.dedup_threshold,
-                    trim_outliers_frac=sel.trim_outliers_frac, per_class=sel.per_class)
+    cleaned = clean(
+        embeddings,
+        scores,
+        labels,
+        dedup_threshold=sel.dedup_threshold,
+        trim_outliers_frac=sel.trim_outliers_frac,
+        per_class=sel.per_class,
+    )
     if sel.dedup_threshold is not None:
         DUPLICATES.write(out, pa.table(group_table(ids, cleaned)), {"threshold": sel.dedup_threshold})
-    return np.flatnonzero(cleaned.kept), {"removed_duplicates": int(cleaned.duplicate.sum()),
-                                          "trimmed_outliers": int(cleaned.trimmed.sum())}
+    return np.flatnonzero(cleaned.kept), {
+        "removed_duplicates": int(cleaned.duplicate.sum()),
+        "trimmed_outliers": int(cleaned.trimmed.sum()),
+    }
 
 
 def _train_labels(data: StageDir) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -191,7 +229,7 @@ def _groups_of(inputs: dict[str, StageDir], labels: np.ndarray, ids: np.ndarray)
     if "reweight" not in inputs or not GROUPS.path(inputs["reweight"]).exists():
         return labels
     table = GROUPS.read(inputs["reweight"])
-    lookup = dict(zip(table.column("sample_id").to_pylist(), table.column("group").to_pylist()))
+    lookup = dict(zip(table.column("sample_id").to_pylist(), table.column("group").to_pylist(), strict=False))
     return np.asarray([lookup[i] for i in ids], np.int64)
 
 
@@ -205,8 +243,17 @@ def run_train(cfg: PipelineConfig, inputs: dict[str, StageDir], out: StageDir) -
     weights = read_weights(inputs["reweight"]) if "reweight" in inputs else None
     groups = _groups_of(inputs, labels, ids)
     num_groups = num_classes if groups is labels else len(weights)
-    result = launch_train(images, groups, options, out.path, num_classes=num_groups, class_weights=weights,
-                          seed=cfg.seed, progress=False, on_progress=progress.current())  # on train.processes
+    result = launch_train(
+        images,
+        groups,
+        options,
+        out.path,
+        num_classes=num_groups,
+        class_weights=weights,
+        seed=cfg.seed,
+        progress=False,
+        on_progress=progress.current(),
+    )  # on train.processes
     return {"n_images": len(images), **result}
 
 
@@ -222,8 +269,15 @@ def run_latents(cfg: PipelineConfig, inputs: dict[str, StageDir], out: StageDir)
     latents = encode_latents(images, vae, cfg.encode.batch_size, device=device, on_progress=progress.current())
     write_latents(out.path, ids, latents)
     scale, shift = latent_scale(vae)
-    return {"n": len(ids), "shape": list(latents.shape[1:]), "scaling_factor": scale, "shift_factor": shift,
-            "vae_path": cfg.train.vae_path, "mean": round(float(latents.mean()), 4), "std": round(float(latents.std()), 4)}
+    return {
+        "n": len(ids),
+        "shape": list(latents.shape[1:]),
+        "scaling_factor": scale,
+        "shift_factor": shift,
+        "vae_path": cfg.train.vae_path,
+        "mean": round(float(latents.mean()), 4),
+        "std": round(float(latents.std()), 4),
+    }
 
 
 def run_reference_checkpoint(cfg: PipelineConfig, inputs: dict[str, StageDir], out: StageDir) -> dict[str, Any]:
@@ -264,17 +318,34 @@ def run_reweight(cfg: PipelineConfig, inputs: dict[str, StageDir], out: StageDir
         full_ids, full_images, full_labels, _ = _subset_arrays({r: d for r, d in inputs.items() if r != "select"})
         return full_images, full_labels, full_labels if group_of is None else group_of(full_ids)
 
-    rounds, seconds = iterated_dro(images, labels, groups, reference, cfg.train, rw, full_data,
-                                   num_classes=num_classes, num_groups=k, eta=eta, seed=cfg.seed, device=device,
-                                   on_progress=progress.current())
+    rounds, seconds = iterated_dro(
+        images,
+        labels,
+        groups,
+        reference,
+        cfg.train,
+        rw,
+        full_data,
+        num_classes=num_classes,
+        num_groups=k,
+        eta=eta,
+        seed=cfg.seed,
+        device=device,
+        on_progress=progress.current(),
+    )
     weights, warning = rounds[-1].weights, rounds[-1].warning
     WEIGHTS.write(out, weights_table(weights, groups, k), {"eta": eta, "excess": rw.excess})
     TRAJECTORY.write(out, trajectory_table(rounds, k))
     plot_weights(weights, rounds[-1].alphas, out.file(WEIGHTS_PLOT))
     if warning:
         warnings.warn(warning, stacklevel=1)
-    return {"weights": [round(float(w), 4) for w in weights], "proxy_images_per_s": round(rounds[-1].images_per_s, 1),
-            "proxy_seconds": round(seconds, 2), "warning": warning, "groups": rw.groups}
+    return {
+        "weights": [round(float(w), 4) for w in weights],
+        "proxy_images_per_s": round(rounds[-1].images_per_s, 1),
+        "proxy_seconds": round(seconds, 2),
+        "warning": warning,
+        "groups": rw.groups,
+    }
 
 
 def _kmeans_groups(cfg: PipelineConfig, encode: StageDir, ids: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
@@ -323,27 +394,47 @@ def run_evaluate(cfg: PipelineConfig, inputs: dict[str, StageDir], out: StageDir
     kept_ids = subset_ids(inputs["select"]) if "select" in inputs else None
     ev, s = cfg.evaluate, cfg.sample
     fake_labels = np.repeat(np.arange(len(names), dtype=np.int64), s.per_class)
-    evaluate.check_sample_counts(len(fake_labels), {"real train images": counts["n_train"]} | (
-        {"images in the kept subset": len(kept_ids)} if kept_ids is not None else {}), ev.prdc_k)
+    evaluate.check_sample_counts(
+        len(fake_labels),
+        {"real train images": counts["n_train"]}
+        | ({"images in the kept subset": len(kept_ids)} if kept_ids is not None else {}),
+        ev.prdc_k,
+    )
     classifier_file = inputs["classifier"].file(CLASSIFIER)
     spaces = [feature_space(name, classifier=classifier_file) for name in ev.feature_spaces]
     model_config = inputs["model"].read_json(CONFIG)
-    fake, fake_labels = generate(cfg, load_model(inputs["model"].path, ema=True), model_config["train"]["preset"],
-                                 fake_labels, classifier_file, s.bank_seed)
+    fake, fake_labels = generate(
+        cfg,
+        load_model(inputs["model"].path, ema=True),
+        model_config["train"]["preset"],
+        fake_labels,
+        classifier_file,
+        s.bank_seed,
+    )
     source = evaluate.stage_source(out.root, inputs["data"], kept_ids, contaminated=cfg.dataset.contaminate.active)
-    rows = evaluate.evaluate_samples(fake, fake_labels, spaces, source, names, prdc_k=ev.prdc_k, with_kid=ev.kid,
-                                     seed=cfg.seed, pixels=True)
+    rows = evaluate.evaluate_samples(
+        fake, fake_labels, spaces, source, names, prdc_k=ev.prdc_k, with_kid=ev.kid, seed=cfg.seed, pixels=True
+    )
     evaluate.write_metrics(rows, cfg.seed, METRICS.path(out))
     SAMPLES.write(out, evaluate.samples_table(fake, fake_labels))
     model_key = model_config.get("key", inputs["model"].fingerprint)
-    write_evaluation(out.path, rows, fake, fake_labels, len(names), space=ev.feature_spaces[0],
-                     references=("full", "subset") if kept_ids is not None else ("full",), seed=cfg.seed,
-                     title=f"{cfg.name}, {MODEL_LABELS.get(model_key, model_key)} model")
+    write_evaluation(
+        out.path,
+        rows,
+        fake,
+        fake_labels,
+        len(names),
+        space=ev.feature_spaces[0],
+        references=("full", "subset") if kept_ids is not None else ("full",),
+        seed=cfg.seed,
+        title=f"{cfg.name}, {MODEL_LABELS.get(model_key, model_key)} model",
+    )
     return {**evaluate.summary(rows, ev.feature_spaces), "n_fake": len(fake)}
 
 
-def generate(cfg: PipelineConfig, model: Any, preset: str, labels: np.ndarray, classifier_file: Any,
-             bank_seed: int) -> tuple[np.ndarray, np.ndarray]:
+def generate(
+    cfg: PipelineConfig, model: Any, preset: str, labels: np.ndarray, classifier_file: Any, bank_seed: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Samples of ``model`` from the noise bank ``bank_seed`` (sample i's start noise depends on (seed, i)
     only: every model drawing from one bank sees the same noises), as images with their class labels;
     an unconditional model's samples are labelled by the classifier."""
@@ -356,9 +447,19 @@ def generate(cfg: PipelineConfig, model: Any, preset: str, labels: np.ndarray, c
     s, device = cfg.sample, resolve_device(cfg.train.device)
     conditional = model.config.num_class_embeds is not None
     latent = cfg.train.latent  # latent diffusion: unclipped latents, decoded to images before any metric
-    fake = sample(model, build_scheduler(preset, latent=latent), labels if conditional else None, num=len(labels),
-                  method=s.method, steps=s.steps, seed=bank_seed, batch_size=s.batch_size, device=device,
-                  progress=False, on_progress=progress.current())
+    fake = sample(
+        model,
+        build_scheduler(preset, latent=latent),
+        labels if conditional else None,
+        num=len(labels),
+        method=s.method,
+        steps=s.steps,
+        seed=bank_seed,
+        batch_size=s.batch_size,
+        device=device,
+        progress=False,
+        on_progress=progress.current(),
+    )
     if latent:
         from dedt.diffusion.latents import decode_latents
 
@@ -420,8 +521,9 @@ def run_curve(cfg: PipelineConfig, inputs: dict[str, StageDir], out: StageDir) -
     def measure(weights: Any, bank_seed: int) -> dict[str, Any]:
         model.load_state_dict(final_weights if weights is None else load_file(weights))
         fake, fake_labels = generate(cfg, model, preset, labels, classifier_file, bank_seed)
-        rows = evaluate.evaluate_samples(fake, fake_labels, [space], source, names, prdc_k=ev.prdc_k,
-                                         with_kid=False, seed=cfg.seed)
+        rows = evaluate.evaluate_samples(
+            fake, fake_labels, [space], source, names, prdc_k=ev.prdc_k, with_kid=False, seed=cfg.seed
+        )
         return _curve_point(rows, space.name)
 
     def cached(name: str, compute: Any) -> dict[str, Any]:
@@ -445,22 +547,31 @@ def run_curve(cfg: PipelineConfig, inputs: dict[str, StageDir], out: StageDir) -
 
     overhead = stage_seconds("encode", "score", "select", "reweight")
     reference = stage_seconds("reference")
-    table = pa.table({
-        "kimg": [r["nimg"] / 1000 for r in records],
-        "train_seconds": [r["seconds"] for r in records],
-        "overhead_seconds": [overhead] * len(records),
-        "reference_seconds": [reference] * len(records),
-        "fd": [r["fd"] for r in records],
-        "precision": [r["precision"] for r in records],
-        "recall": [r["recall"] for r in records],
-        "fd_per_class": [json.dumps(r["fd_per_class"]) for r in records],
-        "fd_bank2": pa.array([r["fd_bank2"] for r in records], pa.float64()),
-        "final": [r["final"] for r in records],
-    })
-    CURVE.write(out, table, {"feature_space": ev.feature_spaces[0], "n_fake": len(labels),
-                                           "bank_seed": cfg.sample.bank_seed})
-    return {"points": len(records), "kimg": table.column("kimg").to_pylist(), "fd": table.column("fd").to_pylist(),
-            "fd_bank2": second["fd"], "overhead_seconds": overhead, "reference_seconds": reference}
+    table = pa.table(
+        {
+            "kimg": [r["nimg"] / 1000 for r in records],
+            "train_seconds": [r["seconds"] for r in records],
+            "overhead_seconds": [overhead] * len(records),
+            "reference_seconds": [reference] * len(records),
+            "fd": [r["fd"] for r in records],
+            "precision": [r["precision"] for r in records],
+            "recall": [r["recall"] for r in records],
+            "fd_per_class": [json.dumps(r["fd_per_class"]) for r in records],
+            "fd_bank2": pa.array([r["fd_bank2"] for r in records], pa.float64()),
+            "final": [r["final"] for r in records],
+        }
+    )
+    CURVE.write(
+        out, table, {"feature_space": ev.feature_spaces[0], "n_fake": len(labels), "bank_seed": cfg.sample.bank_seed}
+    )
+    return {
+        "points": len(records),
+        "kimg": table.column("kimg").to_pylist(),
+        "fd": table.column("fd").to_pylist(),
+        "fd_bank2": second["fd"],
+        "overhead_seconds": overhead,
+        "reference_seconds": reference,
+    }
 
 
 def _curve_point(rows: list[Any], space: str) -> dict[str, Any]:
@@ -470,5 +581,9 @@ def _curve_point(rows: list[Any], space: str) -> dict[str, Any]:
         found = evaluate.lookup(rows, metric, space)
         return None if found is None else float(found)
 
-    return {"fd": value("fd"), "precision": value("precision"), "recall": value("recall"),
-            "fd_per_class": {c: (None if v != v else float(v)) for c, v in evaluate.per_class_fd(rows, space).items()}}
+    return {
+        "fd": value("fd"),
+        "precision": value("precision"),
+        "recall": value("recall"),
+        "fd_per_class": {c: (None if v != v else float(v)) for c, v in evaluate.per_class_fd(rows, space).items()},
+    }

@@ -34,33 +34,6 @@ class CorruptArtifactWarning(UserWarning):
     """A finished stage's artifact failed its checksum: the stage is computed again."""
 
 
-def default_root() -> Path:
-    """The store root: ``$DEDT_HOME`` or ``./.dedt`` (for ``s3://...``, this machine's cache of it)."""
-    return store_root(os.environ.get("DEDT_HOME", ".dedt")).resolve()
-
-
-def store_root(spec: str | os.PathLike[str]) -> Path:
-    """The local folder of a store: ``spec`` itself, or for ``s3://bucket/prefix`` this machine's cache
-    of that bucket (``dedt.remote_store``), whose stages are downloaded and uploaded around each run."""
-    text = os.fspath(spec)
-    if "://" in text:
-        if not text.startswith("s3://"):
-            raise DedtError(f"store {text!r}: only local folders and s3://bucket/prefix URLs are supported (an "
-                            "S3-compatible server such as MinIO, R2 or GCS is reached through AWS_ENDPOINT_URL)")
-        from dedt.remote_store import attach
-
-        return attach(text)
-    return Path(text)
-
-
-def root_spec(root: Path) -> str:
-    """How to name the store ``root`` to another machine: its ``s3://`` URL for a cache, else the path."""
-    from dedt.remote_store import remote_for
-
-    remote = remote_for(root)
-    return remote.url if remote is not None else str(root)
-
-
 def canonical_json(obj: Any) -> str:
     """JSON with sorted keys and no whitespace, so equal configs hash equally."""
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
@@ -103,7 +76,9 @@ class StageDir:
         try:
             with open_regular(marker) as handle:
                 recorded = json.loads(handle.read(MAX_MARKER_BYTES + 1))["files"]
-            if not isinstance(recorded, dict) or not all(_plain_name(n) and isinstance(d, str) for n, d in recorded.items()):
+            if not isinstance(recorded, dict) or not all(
+                _plain_name(n) and isinstance(d, str) for n, d in recorded.items()
+            ):
                 return [marker]
         except (ValueError, KeyError, TypeError, OSError):
             return [marker]
@@ -148,8 +123,10 @@ class StageDir:
             self.path.mkdir(parents=True, exist_ok=True)
             handle = open(self.path / ".lock", "a")  # noqa: SIM115 - closed below
         except OSError as exc:
-            raise DedtError(f"cannot create the stage folder {self.path}: {exc.strerror}; check the store "
-                            f"($DEDT_HOME={self.root}) is a writable folder and that no file stands in its place") from exc
+            raise DedtError(
+                f"cannot create the stage folder {self.path}: {exc.strerror}; check the store "
+                f"($DEDT_HOME={self.root}) is a writable folder and that no file stands in its place"
+            ) from exc
         with handle:
             fcntl.flock(handle, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
             try:
@@ -202,7 +179,9 @@ def atomic_path(path: Path) -> Iterator[Path]:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         os.close(fd)
     except OSError as exc:
-        raise DedtError(f"cannot write to {path.parent}: {exc.strerror}; check the store ($DEDT_HOME) is writable") from exc
+        raise DedtError(
+            f"cannot write to {path.parent}: {exc.strerror}; check the store ($DEDT_HOME) is writable"
+        ) from exc
     tmp_path = Path(tmp)
     try:
         yield tmp_path
@@ -212,8 +191,9 @@ def atomic_path(path: Path) -> Iterator[Path]:
         _fsync_dir(path.parent)  # the rename itself survives a power cut
     except OSError as exc:
         tmp_path.unlink(missing_ok=True)
-        raise DedtError(f"writing {path} failed: {exc.strerror or exc}; free disk space or fix permissions, "
-                        "then re-run") from exc
+        raise DedtError(
+            f"writing {path} failed: {exc.strerror or exc}; free disk space or fix permissions, then re-run"
+        ) from exc
     except DedtError:
         tmp_path.unlink(missing_ok=True)
         raise
@@ -223,8 +203,9 @@ def atomic_path(path: Path) -> Iterator[Path]:
         reason = _unwritable(tmp_path)
         tmp_path.unlink(missing_ok=True)
         if reason:
-            raise DedtError(f"writing {path} failed: {reason}; free disk space or fix permissions, "
-                            "then re-run") from exc
+            raise DedtError(
+                f"writing {path} failed: {reason}; free disk space or fix permissions, then re-run"
+            ) from exc
         raise
     except BaseException:
         tmp_path.unlink(missing_ok=True)

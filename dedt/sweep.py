@@ -24,9 +24,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from dedt.artifacts import CURVE
 from dedt.config import PipelineConfig, build_config, load_pipelines
 from dedt.errors import DedtError
-from dedt.safe_yaml import load_yaml, read_yaml_text
 from dedt.pipeline import Node, NodeResult
 from dedt.report import MODEL_LABELS, pays_for_dro, save_figure, summary_rows
+from dedt.safe_yaml import load_yaml, read_yaml_text
 from dedt.store import StageDir, fingerprint, read_parquet, write_parquet
 
 VERSION = "3"  # bump when the comparison table or plots change
@@ -40,8 +40,9 @@ _SCALARS = (str, int, float, bool, type(None))
 
 
 def _grid_value(value: Any) -> bool:
-    return isinstance(value, _SCALARS) or (isinstance(value, list) and len(value) <= MAX_GRID_LIST
-                                           and all(isinstance(v, _SCALARS) for v in value))
+    return isinstance(value, _SCALARS) or (
+        isinstance(value, list) and len(value) <= MAX_GRID_LIST and all(isinstance(v, _SCALARS) for v in value)
+    )
 
 
 class SweepConfig(BaseModel):
@@ -52,7 +53,8 @@ class SweepConfig(BaseModel):
     base: str = Field(description="pipeline whose config the grid overrides")
     grid: dict[str, list[Any]] | list[dict[str, list[Any]]] = Field(
         description="config path -> values, e.g. select.keep_frac: [0.1, 0.3]; or a list of such grids, whose "
-                    "points are joined (e.g. a costly metric on one seed only)")
+        "points are joined (e.g. a costly metric on one seed only)"
+    )
     max_concurrency: int = Field(2, ge=1, description="stages computed at once (one worker process each)")
     cron: str | None = Field(None, description="schedule of the sweep's deployment, e.g. '0 3 * * 0'")
     work_pool: str | None = Field(None, description="pool of the sweep's deployment (default: the base pipeline's)")
@@ -65,14 +67,18 @@ class SweepConfig(BaseModel):
         grids = grid if isinstance(grid, list) else [grid]
         for one in grids:
             if not one:
-                raise ValueError("an empty grid has no points; give at least one key, e.g. select.keep_frac: [0.1, 0.3]")
+                raise ValueError(
+                    "an empty grid has no points; give at least one key, e.g. select.keep_frac: [0.1, 0.3]"
+                )
             empty = [key for key, values in one.items() if not values]
             if empty:
                 raise ValueError(f"grid keys {empty} have no values")
             bad = [key for key, values in one.items() if not all(map(_grid_value, values))]
             if bad:
-                raise ValueError(f"grid keys {bad[:3]}: each value must be a number, string, boolean or null, or a list of "
-                                 f"at most {MAX_GRID_LIST} of them")
+                raise ValueError(
+                    f"grid keys {bad[:3]}: each value must be a number, string, boolean or null, or a list of "
+                    f"at most {MAX_GRID_LIST} of them"
+                )
         if isinstance(grid, list) and not grid:
             raise ValueError("an empty list of grids has no points")
         points = sum(math.prod(len(values) for values in one.values()) for one in grids)
@@ -134,7 +140,9 @@ def expand(name: str, path: Path) -> list[GridPoint]:
     if sweep.base not in pipelines:
         raise DedtError(f"sweep {name!r}: base pipeline {sweep.base!r} is not in {path}")
     points = []
-    combos = [dict(zip(grid, combo)) for grid in sweep.grids for combo in itertools.product(*grid.values())]
+    combos = [
+        dict(zip(grid, combo, strict=False)) for grid in sweep.grids for combo in itertools.product(*grid.values())
+    ]
     for values in combos:
         # JSON is valid YAML: strings such as "open_clip:ViT-B-32" stay strings.
         overrides = [f"{key}={json.dumps(value)}" for key, value in values.items()]
@@ -171,24 +179,37 @@ def comparison_rows(points: list[GridPoint], results: list[dict[str, NodeResult]
     # Columns of dirty-data sweeps only, so that other sweeps' rows stay as they were.
     cleaning = any(cleaning_label(p.cfg) for p in points)
     dirty = any(p.cfg.dataset.contaminate.active for p in points)
-    for point, point_results in zip(points, results):
+    for point, point_results in zip(points, results, strict=False):
         cfg = point.cfg
-        knobs = {"point": point.label, "keep_frac": cfg.select.keep_frac, "scorer": cfg.score.method,
-                 "encoder": cfg.encode.encoder, "reweight": cfg.reweight.method, "seed": cfg.seed}
+        knobs = {
+            "point": point.label,
+            "keep_frac": cfg.select.keep_frac,
+            "scorer": cfg.score.method,
+            "encoder": cfg.encode.encoder,
+            "reweight": cfg.reweight.method,
+            "seed": cfg.seed,
+        }
         knobs |= {"cleaning": cleaning_label(cfg)} if cleaning else {}
         knobs |= {"contaminated": cfg.dataset.contaminate.active} if dirty else {}
-        details = {row["model"]: row | (_dirty_details(cfg, point_results, row["model"]) if dirty else {})
-                   for row in _model_details(cfg, point_results)}
-        rows += [knobs | {k: row[k] for k in ("model", "images", "kimg", "cost_s", "fd", "speedup", "speedup_scratch")}
-                 | details[row["model"]]
-                 for row in summary_rows(point_results, proxy_kimg=cfg.reweight.proxy_kimg * cfg.reweight.rounds)]
+        details = {
+            row["model"]: row | (_dirty_details(cfg, point_results, row["model"]) if dirty else {})
+            for row in _model_details(cfg, point_results)
+        }
+        rows += [
+            knobs
+            | {k: row[k] for k in ("model", "images", "kimg", "cost_s", "fd", "speedup", "speedup_scratch")}
+            | details[row["model"]]
+            for row in summary_rows(point_results, proxy_kimg=cfg.reweight.proxy_kimg * cfg.reweight.rounds)
+        ]
     return rows
 
 
 def _model_details(cfg: PipelineConfig, results: dict[str, NodeResult]) -> list[dict[str, Any]]:
     """Per trained model: budget policy, seconds by stage, metrics beyond FD, per-class FD, weights."""
-    seconds = {k: round(results[k].seconds, 2) if k in results else 0.0
-               for k in ("encode", "score", "select", "reweight", "reference")}
+    seconds = {
+        k: round(results[k].seconds, 2) if k in results else 0.0
+        for k in ("encode", "score", "select", "reweight", "reference")
+    }
     out = []
     for key, label in MODEL_LABELS.items():
         if f"evaluate:{key}" not in results:
@@ -199,21 +220,27 @@ def _model_details(cfg: PipelineConfig, results: dict[str, NodeResult]) -> list[
         weights = results["reweight"].summary["weights"] if key == "train" and "reweight" in results else None
         costs = results["calibrate"].summary if "calibrate" in results else {}
         curve = results.get(f"curve:{key}")
-        out.append({
-            "model": label, "policy": "images" if key == "reference" else cfg.train.budget_policy,
-            "train_s": round(results[key].seconds, 2),
-            "selection_s": round(seconds["encode"] + seconds["score"] + seconds["select"], 2),
-            "proxy_s": seconds["reweight"], "reference_s": seconds["reference"],
-            "fid_inception": overall.get("inception", {}).get("full", {}).get("fd"),
-            "precision": full.get("precision"), "recall": full.get("recall"),
-            "fd_per_class": json.dumps(results[f"evaluate:{key}"].summary["fd_per_class"]),
-            "weights": None if weights is None else json.dumps(weights),
-            "curve": str(CURVE.path(curve.path)) if curve else None,
-            "train_s_per_img": costs.get("train_s_per_img"), "proxy_s_per_img": costs.get("proxy_s_per_img"),
-            "proxy_kimg": cfg.reweight.proxy_kimg * cfg.reweight.rounds if pays_for_dro(results, key) else 0.0,
-            "reference_kimg": cfg.reweight.reference_kimg if pays_for_dro(results, key) else 0.0,
-            "floor_fd": results["classifier"].summary.get("real_floor_fd") if "classifier" in results else None,
-        })
+        out.append(
+            {
+                "model": label,
+                "policy": "images" if key == "reference" else cfg.train.budget_policy,
+                "train_s": round(results[key].seconds, 2),
+                "selection_s": round(seconds["encode"] + seconds["score"] + seconds["select"], 2),
+                "proxy_s": seconds["reweight"],
+                "reference_s": seconds["reference"],
+                "fid_inception": overall.get("inception", {}).get("full", {}).get("fd"),
+                "precision": full.get("precision"),
+                "recall": full.get("recall"),
+                "fd_per_class": json.dumps(results[f"evaluate:{key}"].summary["fd_per_class"]),
+                "weights": None if weights is None else json.dumps(weights),
+                "curve": str(CURVE.path(curve.path)) if curve else None,
+                "train_s_per_img": costs.get("train_s_per_img"),
+                "proxy_s_per_img": costs.get("proxy_s_per_img"),
+                "proxy_kimg": cfg.reweight.proxy_kimg * cfg.reweight.rounds if pays_for_dro(results, key) else 0.0,
+                "reference_kimg": cfg.reweight.reference_kimg if pays_for_dro(results, key) else 0.0,
+                "floor_fd": results["classifier"].summary.get("real_floor_fd") if "classifier" in results else None,
+            }
+        )
     return out
 
 
@@ -222,7 +249,8 @@ def cleaning_label(cfg: PipelineConfig) -> str:
     counts"; "" when all are off (so each lever's points form their own arm in a report)."""
     sel = cfg.select
     parts = ([f"dedup {sel.dedup_threshold:g}"] if sel.dedup_threshold is not None else []) + (
-        [f"trim {sel.trim_outliers_frac:g}"] if sel.trim_outliers_frac > 0 else [])
+        [f"trim {sel.trim_outliers_frac:g}"] if sel.trim_outliers_frac > 0 else []
+    )
     if sel.stratifies:
         band = f" {sel.band_low:g}-{sel.band_high:g}" if sel.within == "band" else ""
         parts.append(f"{sel.strata} {sel.strata_k} {sel.within}{band}")
@@ -234,8 +262,8 @@ def _dirty_details(cfg: PipelineConfig, results: dict[str, NodeResult], model: s
     """In a dirty-data sweep: where the ground truth (contaminated points; else None) and the kept subset are
     (None: the model saw the whole train split), and the memorization rates in the first feature space and in
     pixels."""
-    from dedt.evaluate import PIXELS
     from dedt.artifacts import MANIFEST, SUBSET
+    from dedt.evaluate import PIXELS
 
     key = next(k for k, label in MODEL_LABELS.items() if label == model)
     overall = results[f"evaluate:{key}"].summary.get("overall", {})
@@ -243,7 +271,8 @@ def _dirty_details(cfg: PipelineConfig, results: dict[str, NodeResult], model: s
     contaminated = cfg.dataset.contaminate.active
     out: dict[str, Any] = {
         "manifest": str(MANIFEST.path(results["data"].path)) if contaminated else None,
-        "subset": None if key == "reference" or not contaminated else str(SUBSET.path(results["select"].path))}
+        "subset": None if key == "reference" or not contaminated else str(SUBSET.path(results["select"].path)),
+    }
     for suffix, space in (("", cfg.evaluate.feature_spaces[0]), ("_pixels", PIXELS)):
         values = overall.get(space, {}).get(seen, {})
         for metric in ("memorized_frac", "memorized_frac_duplicated"):
@@ -275,7 +304,7 @@ def plot_comparison(rows: list[dict[str, Any]], fd_path: Path, cost_path: Path) 
         for model, (line, marker) in styles.items():
             points = _mean_fd(rows, scorer=scorer, model=model)
             if points:
-                ax.plot(*zip(*points), line, marker=marker, color=f"C{i}", label=f"{scorer}, {model}")
+                ax.plot(*zip(*points, strict=False), line, marker=marker, color=f"C{i}", label=f"{scorer}, {model}")
     full = [row["fd"] for row in rows if row["model"] == "full data"]
     if full:
         ax.axhline(statistics.fmean(full), color="k", ls=":", lw=1, label="full data")
@@ -287,11 +316,17 @@ def plot_comparison(rows: list[dict[str, Any]], fd_path: Path, cost_path: Path) 
     for i, scorer in enumerate(scorers):
         for model, (_, marker) in styles.items():
             chosen = [r for r in rows if r["scorer"] == scorer and r["model"] == model and r["cost_s"] is not None]
-            ax.scatter([r["cost_s"] for r in chosen], [r["fd"] for r in chosen], marker=marker, color=f"C{i}",
-                       label=f"{scorer}, {model}" if chosen else None)
+            ax.scatter(
+                [r["cost_s"] for r in chosen],
+                [r["fd"] for r in chosen],
+                marker=marker,
+                color=f"C{i}",
+                label=f"{scorer}, {model}" if chosen else None,
+            )
             for r in chosen:
-                ax.annotate(f"{r['keep_frac']:g}", (r["cost_s"], r["fd"]), fontsize=7, xytext=(3, 3),
-                            textcoords="offset points")
+                ax.annotate(
+                    f"{r['keep_frac']:g}", (r["cost_s"], r["fd"]), fontsize=7, xytext=(3, 3), textcoords="offset points"
+                )
     full = [r for r in rows if r["model"] == "full data" and r["cost_s"] is not None]
     ax.scatter([r["cost_s"] for r in full], [r["fd"] for r in full], marker="*", color="k", label="full data")
     if any(r["cost_s"] for r in rows):  # no full-data model measured: no calibrated cost, nothing to plot
@@ -303,8 +338,11 @@ def plot_comparison(rows: list[dict[str, Any]], fd_path: Path, cost_path: Path) 
 
 def comparison_dir(root: Path, name: str, points: list[GridPoint], plans: list[dict[str, Node]]) -> StageDir:
     """The store folder of the sweep's comparison: a function of its points and all their stages."""
-    inputs = {f"{p.label} {key}": node.out.fingerprint for p, planned in zip(points, plans)
-              for key, node in planned.items()}
+    inputs = {
+        f"{p.label} {key}": node.out.fingerprint
+        for p, planned in zip(points, plans, strict=False)
+        for key, node in planned.items()
+    }
     return StageDir(Path(root), "sweep", fingerprint("sweep", VERSION, {"name": name}, inputs))
 
 

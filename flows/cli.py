@@ -41,77 +41,137 @@ exit codes: 0 ok, 1 internal error, 2 bad input (config, data, artifact)"""
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="dedt", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
+        prog="dedt",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=EPILOG,
         description="Data-efficient diffusion training: prune a dataset with a surrogate encoder, "
-                    "reweight its classes with group DRO, train and evaluate a diffusion model. "
-                    "Every stage is cached in the store by a fingerprint of its config and inputs.")
+        "reweight its classes with group DRO, train and evaluate a diffusion model. "
+        "Every stage is cached in the store by a fingerprint of its config and inputs.",
+    )
     parser.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    run = sub.add_parser("run", help="run a named pipeline through Prefect",
-                         description="Run pipeline NAME end to end: data, encode, score, select, reference, "
-                                     "reweight, train, classifier, evaluate. Finished stages are reused.")
+    run = sub.add_parser(
+        "run",
+        help="run a named pipeline through Prefect",
+        description="Run pipeline NAME end to end: data, encode, score, select, reference, "
+        "reweight, train, classifier, evaluate. Finished stages are reused.",
+    )
     run.add_argument("name", help="pipeline name in the pipelines file")
-    run.add_argument("--pipelines", type=Path, default=Path("pipelines.yaml"), metavar="FILE",
-                     help="YAML file with a 'pipelines:' mapping (default: pipelines.yaml)")
-    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
-                     help="override a config field, e.g. select.keep_frac=0.2 (repeatable)")
+    run.add_argument(
+        "--pipelines",
+        type=Path,
+        default=Path("pipelines.yaml"),
+        metavar="FILE",
+        help="YAML file with a 'pipelines:' mapping (default: pipelines.yaml)",
+    )
+    run.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY.PATH=VALUE",
+        help="override a config field, e.g. select.keep_frac=0.2 (repeatable)",
+    )
     run.add_argument("--dry-run", action="store_true", help="print the resolved config and fingerprints; run nothing")
     run.add_argument("--json", action="store_true", help="print the result as JSON instead of tables")
-    export = sub.add_parser("export", help="write a trained model as a diffusers pipeline folder with a model card",
-                            description="Write a model of pipeline NAME (already run: `dedt run NAME`), or of a "
-                                        "sweep's point (--sweep, --point), to DIR as a "
-                                        "standard diffusers pipeline folder (model_index.json, unet/, scheduler/, vae/ "
-                                        "for latent models) that DDPMPipeline/DDIMPipeline.from_pretrained(DIR) load, "
-                                        "and a README.md model card generated from the run's artifacts.")
+    export = sub.add_parser(
+        "export",
+        help="write a trained model as a diffusers pipeline folder with a model card",
+        description="Write a model of pipeline NAME (already run: `dedt run NAME`), or of a "
+        "sweep's point (--sweep, --point), to DIR as a "
+        "standard diffusers pipeline folder (model_index.json, unet/, scheduler/, vae/ "
+        "for latent models) that DDPMPipeline/DDIMPipeline.from_pretrained(DIR) load, "
+        "and a README.md model card generated from the run's artifacts.",
+    )
     export.add_argument("name", nargs="?", help="pipeline name in the pipelines file (or --sweep and --point)")
     export.add_argument("--sweep", metavar="SWEEP", help="export a point of this sweep (already run: `dedt sweep`)")
-    export.add_argument("--point", metavar="LABEL",
-                        help="the sweep point, as `dedt sweep SWEEP --dry-run` lists it, e.g. 'select.keep_frac=0.1 score.method=knn'")
+    export.add_argument(
+        "--point",
+        metavar="LABEL",
+        help="the sweep point, as `dedt sweep SWEEP --dry-run` lists it, e.g. 'select.keep_frac=0.1 score.method=knn'",
+    )
     export.add_argument("--pipelines", type=Path, default=Path("pipelines.yaml"), metavar="FILE")
-    export.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
-                        help="the same overrides the run had (they select its stages)")
-    export.add_argument("--model", default="final", metavar="MODEL",
-                        help="final (pruned + reweighted, or the pipeline's last model), uniform (pruned) or "
-                             "reference (full data); default final")
-    export.add_argument("--ema", nargs="?", metavar="SIGMA_REL|none",
-                        help="the weights: the run's own EMA (default, also a bare --ema), none = the raw weights, "
-                             "a number = the post-hoc EMA of that sigma_rel (a run with train.posthoc_ema: true)")
+    export.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY.PATH=VALUE",
+        help="the same overrides the run had (they select its stages)",
+    )
+    export.add_argument(
+        "--model",
+        default="final",
+        metavar="MODEL",
+        help="final (pruned + reweighted, or the pipeline's last model), uniform (pruned) or "
+        "reference (full data); default final",
+    )
+    export.add_argument(
+        "--ema",
+        nargs="?",
+        metavar="SIGMA_REL|none",
+        help="the weights: the run's own EMA (default, also a bare --ema), none = the raw weights, "
+        "a number = the post-hoc EMA of that sigma_rel (a run with train.posthoc_ema: true)",
+    )
     export.add_argument("--no-ema", dest="ema", action="store_const", const="none", help="the same as --ema none")
     export.add_argument("--to", type=Path, required=True, metavar="DIR", help="folder to write (must be empty)")
     export.add_argument("--force", action="store_true", help="replace an earlier export in DIR")
     ls = sub.add_parser("list", help="list the pipelines in a pipelines file")
     ls.add_argument("--pipelines", type=Path, default=Path("pipelines.yaml"), metavar="FILE")
-    sweep = sub.add_parser("sweep", help="run a sweep (a grid of pipelines) through Prefect",
-                           description="Run sweep NAME from the 'sweeps:' mapping: every grid point's pipeline, each "
-                                       "distinct stage once, up to max_concurrency at a time; then one comparison "
-                                       "table (Parquet in the store) and plots.")
+    sweep = sub.add_parser(
+        "sweep",
+        help="run a sweep (a grid of pipelines) through Prefect",
+        description="Run sweep NAME from the 'sweeps:' mapping: every grid point's pipeline, each "
+        "distinct stage once, up to max_concurrency at a time; then one comparison "
+        "table (Parquet in the store) and plots.",
+    )
     sweep.add_argument("name", help="sweep name in the pipelines file")
     sweep.add_argument("--pipelines", type=Path, default=Path("pipelines.yaml"), metavar="FILE")
     sweep.add_argument("--dry-run", action="store_true", help="list the grid points and stages to run; run nothing")
-    sweep.add_argument("--report", type=Path, metavar="FILE.md",
-                       help="also write the frontier report (tables, plots beside it, the paper's claims) there")
-    deploy = sub.add_parser("deploy", help="create or update a deployment per pipeline and sweep",
-                            description="Every pipeline becomes 'dedt-pipeline/NAME', every sweep 'dedt-sweep/NAME', "
-                                        "every deployment.gpu_pool 'dedt-stage/POOL', with the pools, tags and cron "
-                                        "schedules of the YAML. Idempotent: run it again after editing the YAML.")
+    sweep.add_argument(
+        "--report",
+        type=Path,
+        metavar="FILE.md",
+        help="also write the frontier report (tables, plots beside it, the paper's claims) there",
+    )
+    deploy = sub.add_parser(
+        "deploy",
+        help="create or update a deployment per pipeline and sweep",
+        description="Every pipeline becomes 'dedt-pipeline/NAME', every sweep 'dedt-sweep/NAME', "
+        "every deployment.gpu_pool 'dedt-stage/POOL', with the pools, tags and cron "
+        "schedules of the YAML. Idempotent: run it again after editing the YAML.",
+    )
     deploy.add_argument("--pipelines", type=Path, default=Path("pipelines.yaml"), metavar="FILE")
     deploy.add_argument("--dry-run", action="store_true", help="print the deployments; create nothing")
-    server = sub.add_parser("server", help="start, stop or check a local Prefect server and its workers",
-                            description="A Prefect server on 127.0.0.1 with SQLite in $DEDT_SERVER_HOME, and one "
-                                        "process worker per pool; the workers run flows with this DEDT_HOME.")
+    server = sub.add_parser(
+        "server",
+        help="start, stop or check a local Prefect server and its workers",
+        description="A Prefect server on 127.0.0.1 with SQLite in $DEDT_SERVER_HOME, and one "
+        "process worker per pool; the workers run flows with this DEDT_HOME.",
+    )
     server.add_argument("action", choices=["start", "stop", "status"])
     server.add_argument("--port", type=int, default=4200, help="server port on 127.0.0.1 (default 4200)")
-    server.add_argument("--pool", dest="pools", action="append", metavar="POOL",
-                        help="start a process worker for POOL (repeatable; default: dedt-default)")
-    server.add_argument("--query-seconds", type=float, default=2.0, metavar="S",
-                        help="how often workers poll for runs (PREFECT_WORKER_QUERY_SECONDS; Prefect's default 10)")
+    server.add_argument(
+        "--pool",
+        dest="pools",
+        action="append",
+        metavar="POOL",
+        help="start a process worker for POOL (repeatable; default: dedt-default)",
+    )
+    server.add_argument(
+        "--query-seconds",
+        type=float,
+        default=2.0,
+        metavar="S",
+        help="how often workers poll for runs (PREFECT_WORKER_QUERY_SECONDS; Prefect's default 10)",
+    )
     return parser
 
 
 def _dry_run(args: argparse.Namespace) -> None:
     from dedt.config import resolve
     from dedt.pipeline import plan
-    from dedt.store import default_root
+    from dedt.store_root import default_root
 
     cfg = resolve(args.name, args.pipelines, args.overrides)
     print(yaml.safe_dump({args.name: cfg.model_dump(mode="json")}, sort_keys=False).rstrip())
@@ -125,7 +185,7 @@ def _run(args: argparse.Namespace) -> None:
     from dedt.config import resolve
     from dedt.preflight import preflight
     from dedt.report import markdown_table
-    from dedt.store import default_root
+    from dedt.store_root import default_root
 
     # Bad input fails here, before Prefect starts and before any work.
     preflight(resolve(args.name, args.pipelines, args.overrides), default_root())
@@ -144,19 +204,25 @@ def _run(args: argparse.Namespace) -> None:
     stages = result["stages"]
     print("\nStages\n" + markdown_table(stages))
     computed = [s["stage"] for s in stages if s["status"] == "computed"]
-    print(f"\n{len(stages) - len(computed)} of {len(stages)} stages cached"
-          + ("; nothing recomputed" if not computed else f"; computed: {', '.join(computed)}"))
-    print("\nSummary. speed-up = equal-quality speed-up: the time the full-data model needs to reach this model's FD "
-          "on its own curve / this model's cost (selection and proxy included; calibrated seconds). Below 1x, "
-          "training on all the data for less time was better. 'scratch' also counts training the DRO reference.\n"
-          + result["summary_markdown"])
+    print(
+        f"\n{len(stages) - len(computed)} of {len(stages)} stages cached"
+        + ("; nothing recomputed" if not computed else f"; computed: {', '.join(computed)}")
+    )
+    print(
+        "\nSummary. speed-up = equal-quality speed-up: the time the full-data model needs to reach this model's FD "
+        "on its own curve / this model's cost (selection and proxy included; calibrated seconds). Below 1x, "
+        "training on all the data for less time was better. 'scratch' also counts training the DRO reference.\n"
+        + result["summary_markdown"]
+    )
     if result["weights"]:
         print("\nClass weights: " + ", ".join(f"{w:.3f}" for w in result["weights"]))
     relation = result.get("weights_vs_difficulty")
     if relation:
-        print(f"Weights vs the full-data model's per-class FD: Spearman {relation['spearman_weight_vs_reference_fd']} "
-              "(negative = more weight on easily generated classes, as the paper reports); "
-              f"reweighting improved per-class FD for {relation['classes_improved']} of {relation['classes']} classes")
+        print(
+            f"Weights vs the full-data model's per-class FD: Spearman {relation['spearman_weight_vs_reference_fd']} "
+            "(negative = more weight on easily generated classes, as the paper reports); "
+            f"reweighting improved per-class FD for {relation['classes_improved']} of {relation['classes']} classes"
+        )
     if result.get("exported"):
         print(f"\nexported the model (diffusers pipeline + model card) to {result['exported']}")
     print(f"\nwall-clock {time.perf_counter() - start:.1f}s")
@@ -165,7 +231,7 @@ def _run(args: argparse.Namespace) -> None:
 def _export(args: argparse.Namespace) -> None:
     from dedt.config import resolve
     from dedt.export import export_model, parse_ema, sweep_point
-    from dedt.store import default_root
+    from dedt.store_root import default_root
 
     ema = parse_ema(args.ema)  # first: a bare --ema before NAME takes NAME as its value
     if (args.name is None) == (args.sweep is None) or (args.sweep is None) != (args.point is None):
@@ -198,7 +264,7 @@ def _use_local_server() -> None:
 
 def _sweep(args: argparse.Namespace) -> None:
     from dedt.pipeline import plan
-    from dedt.store import default_root
+    from dedt.store_root import default_root
     from dedt.sweep import expand, unique_nodes
 
     points = expand(args.name, args.pipelines)  # bad input fails here, before Prefect starts
@@ -215,8 +281,11 @@ def _sweep(args: argparse.Namespace) -> None:
     result = sweep_flow(args.name, str(args.pipelines), report=str(args.report) if args.report else None)
     print(f"\n{len(result['points'])} points, {result['stages']} distinct stages, {result['computed']} computed\n")
     print(result["table_markdown"])
-    print(f"\ncomparison: {result['comparison']}" + (f"\nreport: {result['report']}" if result["report"] else "")
-          + f"\nwall-clock {time.perf_counter() - start:.1f}s")
+    print(
+        f"\ncomparison: {result['comparison']}"
+        + (f"\nreport: {result['report']}" if result["report"] else "")
+        + f"\nwall-clock {time.perf_counter() - start:.1f}s"
+    )
 
 
 def _deploy(args: argparse.Namespace) -> None:

@@ -20,8 +20,11 @@ from flows.server import DEFAULT_POOL
 from tasks.stages import STAGE_FLOW, gpu_tag
 
 REPO = Path(__file__).resolve().parents[1]
-ENTRYPOINTS = {"dedt-pipeline": "flows/pipeline.py:pipeline_flow", "dedt-sweep": "flows/sweep.py:sweep_flow",
-               STAGE_FLOW: "flows/stage.py:stage_flow"}
+ENTRYPOINTS = {
+    "dedt-pipeline": "flows/pipeline.py:pipeline_flow",
+    "dedt-sweep": "flows/sweep.py:sweep_flow",
+    STAGE_FLOW: "flows/stage.py:stage_flow",
+}
 GPU_LIMIT = 1  # concurrent train/evaluate task runs per GPU pool
 
 
@@ -55,22 +58,46 @@ def deployment_specs(pipelines_file: Path, source: Path = REPO) -> list[Deployme
         cfg = resolve(name, pipelines_file)
         d = cfg.deployment
         where = f"; heavy stages on pool {d.gpu_pool}" if d.gpu_pool else ""
-        specs.append(DeploymentSpec("dedt-pipeline", name, d.work_pool or DEFAULT_POOL,
-                                    {"name": name, "pipelines_file": file_param}, ["dedt", *d.tags], d.cron,
-                                    f"dedt pipeline {name}{where}"))
+        specs.append(
+            DeploymentSpec(
+                "dedt-pipeline",
+                name,
+                d.work_pool or DEFAULT_POOL,
+                {"name": name, "pipelines_file": file_param},
+                ["dedt", *d.tags],
+                d.cron,
+                f"dedt pipeline {name}{where}",
+            )
+        )
         if d.gpu_pool:
             gpu_pools.add(d.gpu_pool)
     for pool in sorted(gpu_pools):
-        specs.append(DeploymentSpec(STAGE_FLOW, pool, pool, {}, ["dedt", "gpu"],
-                                    description=f"one train/evaluate stage of the pipelines with gpu_pool {pool}",
-                                    concurrency_tags=[gpu_tag(pool)]))
+        specs.append(
+            DeploymentSpec(
+                STAGE_FLOW,
+                pool,
+                pool,
+                {},
+                ["dedt", "gpu"],
+                description=f"one train/evaluate stage of the pipelines with gpu_pool {pool}",
+                concurrency_tags=[gpu_tag(pool)],
+            )
+        )
     for name, sweep in load_sweeps(pipelines_file).items():
         points = expand(name, pipelines_file)
         pool = sweep.work_pool or points[0].cfg.deployment.work_pool or DEFAULT_POOL
-        specs.append(DeploymentSpec("dedt-sweep", name, pool, {"name": name, "pipelines_file": file_param},
-                                    ["dedt", "sweep", *sweep.tags], sweep.cron,
-                                    f"dedt sweep {name}: {len(points)} points over "
-                                    f"{', '.join(dict.fromkeys(k for grid in sweep.grids for k in grid))}"))
+        specs.append(
+            DeploymentSpec(
+                "dedt-sweep",
+                name,
+                pool,
+                {"name": name, "pipelines_file": file_param},
+                ["dedt", "sweep", *sweep.tags],
+                sweep.cron,
+                f"dedt sweep {name}: {len(points)} points over "
+                f"{', '.join(dict.fromkeys(k for grid in sweep.grids for k in grid))}",
+            )
+        )
     return specs
 
 
@@ -86,8 +113,11 @@ def ensure_work_pool(name: str) -> None:
             client.read_work_pool(name)
         except ObjectNotFound:
             with contextlib.suppress(ObjectAlreadyExists):  # a worker created it meanwhile
-                client.create_work_pool(WorkPoolCreate(name=name, type="process",
-                                                       base_job_template=ProcessWorker.get_default_base_job_template()))
+                client.create_work_pool(
+                    WorkPoolCreate(
+                        name=name, type="process", base_job_template=ProcessWorker.get_default_base_job_template()
+                    )
+                )
 
 
 def apply(specs: list[DeploymentSpec], source: Path = REPO) -> dict[str, str]:
@@ -100,12 +130,18 @@ def apply(specs: list[DeploymentSpec], source: Path = REPO) -> dict[str, str]:
     with get_client(sync_client=True) as client:
         for tag in sorted({t for s in specs for t in s.concurrency_tags}):
             client.create_concurrency_limit(tag=tag, concurrency_limit=GPU_LIMIT)  # an upsert
-    flows = {name: Flow.from_source(source=str(source), entrypoint=ENTRYPOINTS[name])
-             for name in {s.flow for s in specs}}
+    flows = {
+        name: Flow.from_source(source=str(source), entrypoint=ENTRYPOINTS[name]) for name in {s.flow for s in specs}
+    }
     ids = {}
     for spec in specs:
-        deployment = flows[spec.flow].to_deployment(name=spec.name, work_pool_name=spec.work_pool,
-                                                    parameters=spec.parameters, tags=spec.tags, cron=spec.cron,
-                                                    description=spec.description)
+        deployment = flows[spec.flow].to_deployment(
+            name=spec.name,
+            work_pool_name=spec.work_pool,
+            parameters=spec.parameters,
+            tags=spec.tags,
+            cron=spec.cron,
+            description=spec.description,
+        )
         ids[spec.full_name] = str(deployment.apply())
     return ids

@@ -11,15 +11,16 @@ from dedt.config import resolve
 from dedt.export import check_export
 from dedt.pipeline import NodeResult, plan
 from dedt.report import markdown_table, stage_table, summary_rows, weights_vs_difficulty
-from dedt.store import default_root, store_root
+from dedt.store_root import default_root, store_root
 from tasks.artifacts import publish_run_artifacts
 from tasks.export import export_task
 from tasks.stages import stage_task
 
 
 @flow(name="dedt-pipeline", log_prints=True)
-def pipeline_flow(name: str, pipelines_file: str = "pipelines.yaml", overrides: list[str] | None = None,
-                  root: str | None = None) -> dict[str, Any]:
+def pipeline_flow(
+    name: str, pipelines_file: str = "pipelines.yaml", overrides: list[str] | None = None, root: str | None = None
+) -> dict[str, Any]:
     """Run pipeline ``name`` from ``pipelines_file``; every stage is skipped when already in the store.
 
     With ``deployment.gpu_pool`` set, the heavy stages run as ``dedt-stage`` flow runs on that
@@ -37,6 +38,11 @@ def pipeline_flow(name: str, pipelines_file: str = "pipelines.yaml", overrides: 
     rows = summary_rows(results, proxy_kimg=cfg.reweight.proxy_kimg * cfg.reweight.rounds)
     publish_run_artifacts(cfg, results, rows)
     exported = export_task(cfg, str(store)) if cfg.export.to else None
-    return {"stages": stage_table(results), "summary": rows, "summary_markdown": markdown_table(rows),
-            "exported": exported, "weights": results["reweight"].summary["weights"] if "reweight" in results else None,
-            "weights_vs_difficulty": weights_vs_difficulty(results)}
+    return {
+        "stages": stage_table(results),
+        "summary": rows,
+        "summary_markdown": markdown_table(rows),
+        "exported": exported,
+        "weights": results["reweight"].summary["weights"] if "reweight" in results else None,
+        "weights_vs_difficulty": weights_vs_difficulty(results),
+    }

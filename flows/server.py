@@ -21,8 +21,8 @@ import os
 import re
 import secrets
 import signal
-import stat
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -32,7 +32,8 @@ from pathlib import Path
 from typing import Any
 
 from dedt.errors import DedtError
-from dedt.store import atomic_write_text, default_root, open_regular, root_spec
+from dedt.store import atomic_write_text, open_regular
+from dedt.store_root import default_root, root_spec
 
 DEFAULT_PORT = 4200
 DEFAULT_POOL = "dedt-default"  # the pool of every deployment that names none
@@ -64,7 +65,9 @@ def _headers(auth: str | None) -> dict[str, str]:
 
 
 def post_json(url: str, body: dict[str, Any], auth: str | None = None) -> Any:
-    request = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"} | _headers(auth))
+    request = urllib.request.Request(
+        url, json.dumps(body).encode(), {"Content-Type": "application/json"} | _headers(auth)
+    )
     with urllib.request.urlopen(request, timeout=5) as response:
         return json.loads(response.read())
 
@@ -87,8 +90,10 @@ def _private_folder(folder: Path) -> None:
     """``folder`` is a real folder of this user's, made 0700 (it holds the auth string and the database)."""
     info = os.lstat(folder)
     if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
-        raise DedtError(f"server state folder {folder} is not a folder of yours (another user's, or a link); remove "
-                        "it or set DEDT_SERVER_HOME to a folder of your own")
+        raise DedtError(
+            f"server state folder {folder} is not a folder of yours (another user's, or a link); remove "
+            "it or set DEDT_SERVER_HOME to a folder of your own"
+        )
     if stat.S_IMODE(info.st_mode) != 0o700:
         os.chmod(folder, 0o700)
 
@@ -137,21 +142,41 @@ def _environment(state: Path, port: int, query_seconds: float, auth: str | None)
     server asks for and the workers send, the store, no telemetry."""
     url = api_url(port)
     secret = {"PREFECT_SERVER_API_AUTH_STRING": auth, "PREFECT_API_AUTH_STRING": auth} if auth else {}
-    return os.environ | secret | {
-        "PREFECT_HOME": str(state), "PREFECT_API_URL": url, "PREFECT_UI_API_URL": url,
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1", "PREFECT_WORKER_QUERY_SECONDS": f"{query_seconds:g}",
-        "DEDT_HOME": root_spec(default_root()), "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
-    }
+    return (
+        os.environ
+        | secret
+        | {
+            "PREFECT_HOME": str(state),
+            "PREFECT_API_URL": url,
+            "PREFECT_UI_API_URL": url,
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "DO_NOT_TRACK": "1",
+            "PREFECT_WORKER_QUERY_SECONDS": f"{query_seconds:g}",
+            "DEDT_HOME": root_spec(default_root()),
+            "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
+        }
+    )
 
 
 def _spawn(args: list[str], env: dict[str, str], log: Path) -> int:
     with open(log, "ab") as out:
-        return subprocess.Popen([sys.executable, "-m", "prefect", *args], env=env, stdout=out, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True).pid
+        return subprocess.Popen(
+            [sys.executable, "-m", "prefect", *args],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        ).pid
 
 
-def start(port: int = DEFAULT_PORT, pools: Sequence[str] = (DEFAULT_POOL,), query_seconds: float = 2.0,
-          timeout_s: float = 180.0, auth: bool = True) -> dict[str, Any]:
+def start(
+    port: int = DEFAULT_PORT,
+    pools: Sequence[str] = (DEFAULT_POOL,),
+    query_seconds: float = 2.0,
+    timeout_s: float = 180.0,
+    auth: bool = True,
+) -> dict[str, Any]:
     """Start the server, wait until its API answers, then one process worker per pool.
 
     ``auth=False`` leaves the API open to every local user: only for a throwaway server that a
@@ -165,10 +190,21 @@ def start(port: int = DEFAULT_PORT, pools: Sequence[str] = (DEFAULT_POOL,), quer
     _private_folder(state)
     secret = f"dedt:{secrets.token_urlsafe(32)}" if auth else None
     env = _environment(state, port, query_seconds, secret)
-    pids = {"server": _spawn(["server", "start", "--host", "127.0.0.1", "--port", str(port)], env, state / "server.log")}
-    info = {"port": port, "api_url": api_url(port), "ui_url": f"http://127.0.0.1:{port}", "state": str(state),
-            "store": env["DEDT_HOME"], "pids": pids, "auth": secret}
-    atomic_write_text(state / STATE_FILE, json.dumps(info, indent=2))  # written first: `stop` can clean up a failed start
+    pids = {
+        "server": _spawn(["server", "start", "--host", "127.0.0.1", "--port", str(port)], env, state / "server.log")
+    }
+    info = {
+        "port": port,
+        "api_url": api_url(port),
+        "ui_url": f"http://127.0.0.1:{port}",
+        "state": str(state),
+        "store": env["DEDT_HOME"],
+        "pids": pids,
+        "auth": secret,
+    }
+    atomic_write_text(
+        state / STATE_FILE, json.dumps(info, indent=2)
+    )  # written first: `stop` can clean up a failed start
     deadline = time.monotonic() + timeout_s
     while not healthy(info["api_url"]):
         if time.monotonic() > deadline or not _alive(pids["server"]):
@@ -176,8 +212,11 @@ def start(port: int = DEFAULT_PORT, pools: Sequence[str] = (DEFAULT_POOL,), quer
             raise DedtError(f"the Prefect server did not come up on port {port}; see {state / 'server.log'}")
         time.sleep(0.5)
     for pool in pools:
-        pids[f"worker:{pool}"] = _spawn(["worker", "start", "--pool", pool, "--type", "process", "--name", f"dedt-{pool}"],
-                                        env, state / f"worker-{pool}.log")
+        pids[f"worker:{pool}"] = _spawn(
+            ["worker", "start", "--pool", pool, "--type", "process", "--name", f"dedt-{pool}"],
+            env,
+            state / f"worker-{pool}.log",
+        )
     atomic_write_text(state / STATE_FILE, json.dumps(info, indent=2))
     for pool in pools:  # ready means a run triggered now is picked up
         while not worker_online(info["api_url"], pool, secret):
@@ -199,12 +238,12 @@ def _alive(pid: int) -> bool:
 def _descendants(pid: int) -> list[int]:
     """Children, grandchildren, ... of ``pid`` from /proc (flow runs start in their own sessions)."""
     children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
+    for stat_file in Path("/proc").glob("[0-9]*/stat"):
         try:
-            fields = stat.read_text().rsplit(") ", 1)[1].split()
+            fields = stat_file.read_text().rsplit(") ", 1)[1].split()
         except (OSError, IndexError):
             continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+        children.setdefault(int(fields[1]), []).append(int(stat_file.parent.name))
     found, todo = [], [pid]
     while todo:
         for child in children.get(todo.pop(), []):

@@ -13,7 +13,7 @@ from prefect import flow
 
 from dedt.config import PipelineConfig
 from dedt.pipeline import plan
-from dedt.store import store_root
+from dedt.store_root import store_root
 from tasks.stages import STAGE_TASKS
 
 

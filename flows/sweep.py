@@ -18,18 +18,19 @@ from typing import Any
 from prefect import flow
 from prefect.task_runners import ProcessPoolTaskRunner
 
+from dedt.frontier import describe_setup, time_to_quality_rows, write_report
 from dedt.pipeline import NodeResult, plan
 from dedt.report import markdown_table
-from dedt.store import default_root, store_root
-from dedt.frontier import describe_setup, time_to_quality_rows, write_report
+from dedt.store_root import default_root, store_root
 from dedt.sweep import BRIEF_COLUMNS, compare, comparison_dir, expand, node_id, resolve_sweep, unique_nodes
 from tasks.artifacts import publish_report_artifact, publish_sweep_artifacts
 from tasks.stages import stage_task
 
 
 @flow(name="dedt-sweep", log_prints=True)
-def sweep_flow(name: str, pipelines_file: str = "pipelines.yaml", root: str | None = None,
-               report: str | None = None) -> dict[str, Any]:
+def sweep_flow(
+    name: str, pipelines_file: str = "pipelines.yaml", root: str | None = None, report: str | None = None
+) -> dict[str, Any]:
     """Run sweep ``name`` from ``pipelines_file``; a second run of an unchanged sweep computes nothing.
     ``report``: also write the frontier report (Markdown + plots) there, from the comparison rows."""
     sweep = resolve_sweep(name, Path(pipelines_file))
@@ -45,11 +46,15 @@ def sweep_flow(name: str, pipelines_file: str = "pipelines.yaml", root: str | No
     done = {n.id: NodeResult(**task_for[n.id](**args[n.id])) for n in nodes if n.id in cached}
     todo = [n for n in nodes if n.id not in cached]
     if todo:
-        with _threads_per_worker(sweep.max_concurrency), ProcessPoolTaskRunner(max_workers=sweep.max_concurrency) as runner:
+        with (
+            _threads_per_worker(sweep.max_concurrency),
+            ProcessPoolTaskRunner(max_workers=sweep.max_concurrency) as runner,
+        ):
             futures = {}
             for n in todo:
-                futures[n.id] = runner.submit(task_for[n.id], args[n.id],
-                                              wait_for=[futures[i] for i in n.inputs if i in futures])
+                futures[n.id] = runner.submit(
+                    task_for[n.id], args[n.id], wait_for=[futures[i] for i in n.inputs if i in futures]
+                )
             done |= {key: NodeResult(**future.result()) for key, future in futures.items()}
     results = [{key: done[node_id(node)] for key, node in planned.items()} for planned in plans]
     folder = comparison_dir(store, name, points, plans)
@@ -57,14 +62,25 @@ def sweep_flow(name: str, pipelines_file: str = "pipelines.yaml", root: str | No
     publish_sweep_artifacts(name, folder.path, rows, time_to_quality_rows(rows))
     print(f"comparison: {folder.file('comparison.parquet')}")
     if report:
-        path = write_report(rows, Path(report), title=f"Time to quality: sweep {name}",
-                            command=f"dedt sweep {name} --report {report}", setup=describe_setup(points, sweep))
+        path = write_report(
+            rows,
+            Path(report),
+            title=f"Time to quality: sweep {name}",
+            command=f"dedt sweep {name} --report {report}",
+            setup=describe_setup(points, sweep),
+        )
         publish_report_artifact(name, path)
         print(f"report: {path}")
     brief = [{k: r[k] for k in BRIEF_COLUMNS} for r in rows]
-    return {"points": [p.label for p in points], "stages": len(nodes), "computed": len(nodes) - len(cached),
-            "comparison": str(folder.file("comparison.parquet")), "rows": rows, "table_markdown": markdown_table(brief),
-            "report": report}
+    return {
+        "points": [p.label for p in points],
+        "stages": len(nodes),
+        "computed": len(nodes) - len(cached),
+        "comparison": str(folder.file("comparison.parquet")),
+        "rows": rows,
+        "table_markdown": markdown_table(brief),
+        "report": report,
+    }
 
 
 @contextlib.contextmanager

@@ -21,16 +21,26 @@ from pathlib import Path
 from flows import server
 from tasks.artifacts import slug
 
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                  "--run-all-compositor-stages-before-draw", "--virtual-time-budget=15000"]
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--run-all-compositor-stages-before-draw",
+    "--virtual-time-budget=15000",
+]
 TERMINAL = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
 
 
 def _chromium(profile: Path, *args: str) -> str:
     """Run headless Chromium once; return stdout (the DOM for --dump-dom)."""
-    proc = subprocess.run(["chromium", *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *args],
-                          capture_output=True, text=True, timeout=180)
+    proc = subprocess.run(
+        ["chromium", *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *args], capture_output=True, text=True, timeout=180
+    )
     if proc.returncode != 0:
         raise RuntimeError(f"chromium failed ({proc.returncode}): {proc.stderr[-2000:]}")
     return proc.stdout
@@ -45,8 +55,13 @@ def _text(dom: str) -> str:
 def run_as_deployment(pipelines: Path, pipeline: str, api: str, env: dict[str, str], timeout_s: float) -> str:
     """`dedt deploy`, then `prefect deployment run` as a user types it; wait for Completed; the run id."""
     subprocess.run([sys.executable, "-m", "flows.cli", "deploy", "--pipelines", str(pipelines)], env=env, check=True)
-    out = subprocess.run([sys.executable, "-m", "prefect", "deployment", "run", f"dedt-pipeline/{pipeline}"],
-                         env=env, check=True, capture_output=True, text=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "prefect", "deployment", "run", f"dedt-pipeline/{pipeline}"],
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
     run_id = re.search(r"flow-run/([0-9a-f-]{36})", out).group(1)
     deadline = time.monotonic() + timeout_s
     while (state := server.get_json(f"{api}/flow_runs/{run_id}")["state"])["type"] not in TERMINAL:
@@ -61,19 +76,24 @@ def run_as_deployment(pipelines: Path, pipeline: str, api: str, env: dict[str, s
 def look(ui: str, api: str, run_id: str, pipeline: str, out: Path, profile: Path) -> list[str]:
     """Screenshots of the run's Artifacts tab and of its summary; what the rendered pages lack."""
     key = f"{slug(pipeline)}-summary"
-    artifact = server.post_json(f"{api}/artifacts/filter",
-                                {"artifacts": {"key": {"any_": [key]}, "flow_run_id": {"any_": [run_id]}}})[0]
-    pages = {"run-artifacts": (f"{ui}/v2/runs/flow-run/{run_id}?tab=Artifacts", "1400,1200"),
-             "summary": (f"{ui}/v2/artifacts/artifact/{artifact['id']}", "1400,2400")}
+    artifact = server.post_json(
+        f"{api}/artifacts/filter", {"artifacts": {"key": {"any_": [key]}, "flow_run_id": {"any_": [run_id]}}}
+    )[0]
+    pages = {
+        "run-artifacts": (f"{ui}/v2/runs/flow-run/{run_id}?tab=Artifacts", "1400,1200"),
+        "summary": (f"{ui}/v2/artifacts/artifact/{artifact['id']}", "1400,2400"),
+    }
     text = {}
     for name, (url, size) in pages.items():
         _chromium(profile, f"--window-size={size}", f"--screenshot={out.resolve() / f'{name}.png'}", url)
         text[name] = _text(_chromium(profile, "--dump-dom", url))
         (out / f"{name}.txt").write_text(text[name])
-    checks = {f"{key} on the run's Artifacts tab": key in text["run-artifacts"],
-              f"the heading 'dedt: {pipeline}'": f"dedt: {pipeline}" in text["summary"],
-              "the summary table": "pruned" in text["summary"] or "full data" in text["summary"],
-              "links to the Parquet files": ".parquet" in text["summary"]}
+    checks = {
+        f"{key} on the run's Artifacts tab": key in text["run-artifacts"],
+        f"the heading 'dedt: {pipeline}'": f"dedt: {pipeline}" in text["summary"],
+        "the summary table": "pruned" in text["summary"] or "full data" in text["summary"],
+        "links to the Parquet files": ".parquet" in text["summary"],
+    }
     return [what for what, ok in checks.items() if not ok]
 
 

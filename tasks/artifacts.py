@@ -52,75 +52,132 @@ def publish_run_artifacts(cfg: PipelineConfig, results: dict[str, NodeResult], r
     s = slug(cfg.name)
     if "select" in results:
         kept = results["select"].summary["kept_per_class"]
-        create_table_artifact(key=f"{s}-kept-per-class", table=[{"class": c, "kept": n} for c, n in kept.items()],
-                              description="Samples kept per class")
+        create_table_artifact(
+            key=f"{s}-kept-per-class",
+            table=[{"class": c, "kept": n} for c, n in kept.items()],
+            description="Samples kept per class",
+        )
     weights_png = Path(results["reweight"].path) / WEIGHTS_PLOT if "reweight" in results else None
     if weights_png:
         weights = results["reweight"].summary["weights"]
-        create_table_artifact(key=f"{s}-class-weights", table=[{"group": g, "weight": w} for g, w in enumerate(weights)],
-                              description="Group-DRO class weights")
-        create_image_artifact(image_url=data_uri(weights_png), key=f"{s}-dro-trajectory",
-                              description="DRO trajectory of the class weights (left) and the averaged weights (right)")
-    logs = {MODEL_LABELS.get(k, k): Path(r.path) / TRAIN_LOG for k, r in results.items()
-            if Path(r.path).parent.name == "train" and (Path(r.path) / TRAIN_LOG).exists()}
+        create_table_artifact(
+            key=f"{s}-class-weights",
+            table=[{"group": g, "weight": w} for g, w in enumerate(weights)],
+            description="Group-DRO class weights",
+        )
+        create_image_artifact(
+            image_url=data_uri(weights_png),
+            key=f"{s}-dro-trajectory",
+            description="DRO trajectory of the class weights (left) and the averaged weights (right)",
+        )
+    logs = {
+        MODEL_LABELS.get(k, k): Path(r.path) / TRAIN_LOG
+        for k, r in results.items()
+        if Path(r.path).parent.name == "train" and (Path(r.path) / TRAIN_LOG).exists()
+    }
     curve = training_curves_png(logs) if logs else None
     if curve:
-        create_image_artifact(image_url=data_uri(curve), key=f"{s}-training-curve", description="Loss vs kimg per model")
-    curves = {MODEL_LABELS.get(k.removeprefix("curve:"), k): Curve(r.summary["kimg"], r.summary["fd"])
-              for k, r in results.items() if k.startswith("curve:")}
+        create_image_artifact(
+            image_url=data_uri(curve), key=f"{s}-training-curve", description="Loss vs kimg per model"
+        )
+    curves = {
+        MODEL_LABELS.get(k.removeprefix("curve:"), k): Curve(r.summary["kimg"], r.summary["fd"])
+        for k, r in results.items()
+        if k.startswith("curve:")
+    }
     quality = quality_curves_png(curves, results["calibrate"].summary["train_s_per_img"]) if curves else None
     if quality:
-        create_image_artifact(image_url=data_uri(quality), key=f"{s}-time-to-quality",
-                              description="FD vs images seen and vs calibrated seconds (each model's curve)")
-        create_table_artifact(key=f"{s}-curves", description="FD at each evaluated point of each model's training",
-                              table=[{"model": label, "kimg": round(float(k), 3), "fd": round(float(f), 4)}
-                                     for label, c in curves.items() for k, f in zip(c.kimg, c.fd)])
+        create_image_artifact(
+            image_url=data_uri(quality),
+            key=f"{s}-time-to-quality",
+            description="FD vs images seen and vs calibrated seconds (each model's curve)",
+        )
+        create_table_artifact(
+            key=f"{s}-curves",
+            description="FD at each evaluated point of each model's training",
+            table=[
+                {"model": label, "kimg": round(float(k), 3), "fd": round(float(f), 4)}
+                for label, c in curves.items()
+                for k, f in zip(c.kimg, c.fd, strict=False)
+            ],
+        )
     models = {k.removeprefix("evaluate:"): r for k, r in results.items() if k.startswith("evaluate:")}
     grids = {k: enlarged_png(Path(r.path) / GRID) for k, r in models.items()}
     if models:
-        create_table_artifact(key=f"{s}-metrics", description="Fréchet distance in the classifier's feature space",
-                              table=[{"model": MODEL_LABELS.get(k, k), "all": r.summary["fd"], **r.summary["fd_per_class"]}
-                                     for k, r in models.items()])
-        memorization = [{"model": MODEL_LABELS.get(k, k), "space": space, "trained on": ref,
-                         **{m: values.get(m) for m in ("memorized_frac", "memorized_frac_duplicated",
-                                                       "memorization_threshold")}}
-                        for k, r in models.items() for space, refs in r.summary.get("overall", {}).items()
-                        for ref, values in refs.items() if "memorized_frac" in values]
+        create_table_artifact(
+            key=f"{s}-metrics",
+            description="Fréchet distance in the classifier's feature space",
+            table=[
+                {"model": MODEL_LABELS.get(k, k), "all": r.summary["fd"], **r.summary["fd_per_class"]}
+                for k, r in models.items()
+            ],
+        )
+        memorization = [
+            {
+                "model": MODEL_LABELS.get(k, k),
+                "space": space,
+                "trained on": ref,
+                **{m: values.get(m) for m in ("memorized_frac", "memorized_frac_duplicated", "memorization_threshold")},
+            }
+            for k, r in models.items()
+            for space, refs in r.summary.get("overall", {}).items()
+            for ref, values in refs.items()
+            if "memorized_frac" in values
+        ]
         if memorization:
-            create_table_artifact(key=f"{s}-memorization", table=memorization,
-                                  description="Memorization rate: samples nearer a training image than the 1st "
-                                              "percentile of held-out reals' distances (~0.01 without copying)")
+            create_table_artifact(
+                key=f"{s}-memorization",
+                table=memorization,
+                description="Memorization rate: samples nearer a training image than the 1st "
+                "percentile of held-out reals' distances (~0.01 without copying)",
+            )
     for k, png in grids.items():
-        create_image_artifact(image_url=data_uri(png), key=f"{s}-samples-{slug(k)}",
-                              description=f"Samples of {MODEL_LABELS.get(k, k)} (8 per class)")
+        create_image_artifact(
+            image_url=data_uri(png),
+            key=f"{s}-samples-{slug(k)}",
+            description=f"Samples of {MODEL_LABELS.get(k, k)} (8 per class)",
+        )
     images = "".join(_png_markdown(png, f"samples: {MODEL_LABELS.get(k, k)}") for k, png in grids.items())
     images += _png_markdown(weights_png, "class weights") if weights_png else ""
     images += _png_markdown(curve, "training curves") if curve else ""
     images += _png_markdown(quality, "time to quality") if quality else ""
-    create_markdown_artifact(key=f"{s}-summary", description=f"dedt summary of {cfg.name}",
-                             markdown=f"# dedt: {cfg.name}\n\n{markdown_table(rows)}\n\n"
-                                      f"## Artifacts (Parquet files in the store)\n{_parquet_links(results)}{images}")
+    create_markdown_artifact(
+        key=f"{s}-summary",
+        description=f"dedt summary of {cfg.name}",
+        markdown=f"# dedt: {cfg.name}\n\n{markdown_table(rows)}\n\n"
+        f"## Artifacts (Parquet files in the store)\n{_parquet_links(results)}{images}",
+    )
 
 
-def publish_sweep_artifacts(name: str, folder: Path, rows: list[dict[str, Any]],
-                            time_to_quality: list[dict[str, Any]]) -> None:
+def publish_sweep_artifacts(
+    name: str, folder: Path, rows: list[dict[str, Any]], time_to_quality: list[dict[str, Any]]
+) -> None:
     """The sweep's comparison table, its time-to-quality table, its two plots, and a summary linking
     the Parquet file."""
     s = slug(name)
     if time_to_quality:
-        create_table_artifact(key=f"{s}-time-to-quality", table=time_to_quality,
-                              description=f"Sweep {name}: speed-up to each target of the full-data curve "
-                                          "[95% interval over seeds], per arm and setting")
+        create_table_artifact(
+            key=f"{s}-time-to-quality",
+            table=time_to_quality,
+            description=f"Sweep {name}: speed-up to each target of the full-data curve "
+            "[95% interval over seeds], per arm and setting",
+        )
     create_table_artifact(key=f"{s}-comparison", table=rows, description=f"Sweep {name}: one row per point and model")
     for png in (FD_PLOT, COST_PLOT):
-        create_image_artifact(image_url=data_uri(folder / png), key=f"{s}-{slug(png.removesuffix('.png'))}",
-                              description=f"Sweep {name}: {png.removesuffix('.png').replace('_', ' ')}")
+        create_image_artifact(
+            image_url=data_uri(folder / png),
+            key=f"{s}-{slug(png.removesuffix('.png'))}",
+            description=f"Sweep {name}: {png.removesuffix('.png').replace('_', ' ')}",
+        )
     table = folder / COMPARISON
-    create_markdown_artifact(key=f"{s}-summary", description=f"dedt sweep {name}",
-                             markdown=f"# dedt sweep: {name}\n\n{markdown_table(rows)}\n\n"
-                                      f"Table: [{table.name}]({table.as_uri()}) (`{table}`)"
-                                      + _png_markdown(folder / FD_PLOT, "FD vs keep_frac")
-                                      + _png_markdown(folder / COST_PLOT, "FD vs cost"))
+    create_markdown_artifact(
+        key=f"{s}-summary",
+        description=f"dedt sweep {name}",
+        markdown=f"# dedt sweep: {name}\n\n{markdown_table(rows)}\n\n"
+        f"Table: [{table.name}]({table.as_uri()}) (`{table}`)"
+        + _png_markdown(folder / FD_PLOT, "FD vs keep_frac")
+        + _png_markdown(folder / COST_PLOT, "FD vs cost"),
+    )
 
 
 def publish_report_artifact(name: str, report: Path) -> None:

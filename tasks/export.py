@@ -18,6 +18,9 @@ from tasks.artifacts import slug
 def export_task(cfg: PipelineConfig, root: str) -> str:
     """Export ``cfg.export.model`` to ``cfg.export.to``, replacing an earlier export there; returns the folder."""
     folder = export_model(cfg, Path(root), cfg.export.model, Path(cfg.export.to), ema=cfg.export.ema, force=True)
-    create_markdown_artifact(key=f"{slug(cfg.name)}-model-card", markdown=(folder / CARD).read_text(),
-                             description=f"Model card of the {cfg.export.model} model of {cfg.name}, in {folder}")
+    create_markdown_artifact(
+        key=f"{slug(cfg.name)}-model-card",
+        markdown=(folder / CARD).read_text(),
+        description=f"Model card of the {cfg.export.model} model of {cfg.name}, in {folder}",
+    )
     return str(folder)

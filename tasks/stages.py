@@ -25,7 +25,7 @@ from dedt.config import PipelineConfig
 from dedt.errors import DedtError
 from dedt.pipeline import VERSIONS, Node, plan, run_node
 from dedt.progress import reporting
-from dedt.store import root_spec, store_root
+from dedt.store_root import root_spec, store_root
 from tasks.progress import artifact_progress
 
 # Store folder names of the stages that run models on the resolved device (train also holds the
@@ -53,16 +53,26 @@ def _dispatch(cfg: PipelineConfig, key: str, root: str) -> dict[str, Any]:
     pool = cfg.deployment.gpu_pool
     if not plan(cfg, store_root(root))[key].out.is_complete():
         try:
-            run = run_deployment(f"{STAGE_FLOW}/{pool}", flow_run_name=f"{cfg.name}:{key}",
-                                 parameters={"config": cfg.model_dump(mode="json"), "key": key,
-                                             "root": root_spec(store_root(root)),
-                                             "concurrency_tag": gpu_tag(pool)},
-                                 poll_interval=DISPATCH_POLL_S)
+            run = run_deployment(
+                f"{STAGE_FLOW}/{pool}",
+                flow_run_name=f"{cfg.name}:{key}",
+                parameters={
+                    "config": cfg.model_dump(mode="json"),
+                    "key": key,
+                    "root": root_spec(store_root(root)),
+                    "concurrency_tag": gpu_tag(pool),
+                },
+                poll_interval=DISPATCH_POLL_S,
+            )
         except ObjectNotFound:
-            raise DedtError(f"no deployment {STAGE_FLOW}/{pool} for deployment.gpu_pool={pool!r}: run `dedt deploy`") from None
+            raise DedtError(
+                f"no deployment {STAGE_FLOW}/{pool} for deployment.gpu_pool={pool!r}: run `dedt deploy`"
+            ) from None
         if run.state is None or not run.state.is_completed():
-            raise RuntimeError(f"{key} on pool {pool!r} ended {run.state.name if run.state else 'without a state'}; "
-                               f"see flow run {run.name} ({run.id})")
+            raise RuntimeError(
+                f"{key} on pool {pool!r} ended {run.state.name if run.state else 'without a state'}; "
+                f"see flow run {run.name} ({run.id})"
+            )
     return _run(cfg, key, root)
 
 

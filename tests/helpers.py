@@ -24,6 +24,7 @@ class Kill(Exception):
 
 def kill_at(step: int):
     """An ``on_step`` hook that raises Kill once the run reaches ``step``."""
+
     def hook(current: int, nimg: int) -> None:
         if current == step:
             raise Kill

@@ -24,9 +24,18 @@ def folder(tmp_path, stage: str) -> StageDir:
 def manifest(tmp_path) -> StageDir:
     """A data stage whose train split is samples 0-5 and holdout 6-7."""
     data = folder(tmp_path, "data")
-    write_parquet(pa.table({"sample_id": np.arange(8, dtype=np.int64), "label": np.zeros(8, np.int32),
-                            "class_name": ["a"] * 8, "split": ["train"] * 6 + ["holdout"] * 2,
-                            "image": pa.array([b""] * 8, pa.binary())}), MANIFEST.path(data))
+    write_parquet(
+        pa.table(
+            {
+                "sample_id": np.arange(8, dtype=np.int64),
+                "label": np.zeros(8, np.int32),
+                "class_name": ["a"] * 8,
+                "split": ["train"] * 6 + ["holdout"] * 2,
+                "image": pa.array([b""] * 8, pa.binary()),
+            }
+        ),
+        MANIFEST.path(data),
+    )
     (data.path / artifacts.SUMMARY).write_text(json.dumps({"shape": [8, 8, 1], "classes": 3}))
     return data
 
@@ -61,8 +70,9 @@ def test_weights_off_the_simplex_are_refused_naming_the_file(tmp_path, weights):
 
 def test_weights_on_the_simplex_read_back_and_count_against_classes(tmp_path):
     out = folder(tmp_path, "reweight")
-    write_parquet(pa.table({"group": np.arange(3, dtype=np.int32), "weight": np.array([0.5, 0.25, 0.25])}),
-                  WEIGHTS.path(out))
+    write_parquet(
+        pa.table({"group": np.arange(3, dtype=np.int32), "weight": np.array([0.5, 0.25, 0.25])}), WEIGHTS.path(out)
+    )
     np.testing.assert_array_equal(artifacts.read_weights(out), [0.5, 0.25, 0.25])
     artifacts.check_weights(out, 3)
     with pytest.raises(DedtError, match="3 class weights for 10 classes"):
@@ -93,8 +103,11 @@ def test_checks_refuse_other_samples_nan_scores_and_wrong_width(tmp_path):
         artifacts.check_subset(select, ids)
 
     encode = folder(tmp_path, "encode")
-    write_parquet(embedding_table(IDS, np.zeros((6, 4), np.float32)), EMBEDDINGS.path(encode),
-                  {"encoder": "pixels", "dim": 4, "preprocessing": "none"})
+    write_parquet(
+        embedding_table(IDS, np.zeros((6, 4), np.float32)),
+        EMBEDDINGS.path(encode),
+        {"encoder": "pixels", "dim": 4, "preprocessing": "none"},
+    )
     artifacts.check_embeddings(encode, ids, "pixels", 4)
     with pytest.raises(DedtError, match="4-d embeddings but encode.encoder=pixels gives 64-d"):
         artifacts.check_embeddings(encode, ids, "pixels", 64)

@@ -47,8 +47,10 @@ class Case:
 LIMIT_AS, LIMIT_S = 6 << 30, 90  # importing torch alone maps ~4 GB of address space
 # Python that caps its own address space, then runs the CLI: a case that would allocate more fails
 # with MemoryError (exit 1) instead of exhausting the machine.
-CAPPED = ("import os, resource, sys; resource.setrlimit(resource.RLIMIT_AS, (int(sys.argv[1]),) * 2); "
-          "os.execv(sys.executable, [sys.executable, '-m', 'flows.cli', *sys.argv[2:]])")
+CAPPED = (
+    "import os, resource, sys; resource.setrlimit(resource.RLIMIT_AS, (int(sys.argv[1]),) * 2); "
+    "os.execv(sys.executable, [sys.executable, '-m', 'flows.cli', *sys.argv[2:]])"
+)
 
 
 def with_dataset(**dataset) -> dict:  # noqa: ANN003
@@ -82,6 +84,7 @@ def folder_case(damage: Callable[[Path], object], needle: Callable[[Path], str],
         root = image_folder(work / "ds")
         damage(root)
         return Case(with_dataset(source="imagefolder", path=str(root), **dataset), needle(root))
+
     return build
 
 
@@ -89,6 +92,7 @@ def npz_case(arrays: dict, needle: str = "data.npz") -> Callable:
     def build(work: Path) -> Case:
         path = npz(work / "data.npz", **arrays)
         return Case(with_dataset(source="npz", path=str(path)), needle if needle != "data.npz" else str(path))
+
     return build
 
 
@@ -135,8 +139,11 @@ def _cifar_evil(work: Path) -> Case:
     return Case(with_dataset(source="cifar10", path=str(root)), "refusing to load")
 
 
-def cifar_case(batch: Callable[[], bytes], meta: Callable[[], bytes] | None = None, needle: str = "data_batch_1") -> Callable:
+def cifar_case(
+    batch: Callable[[], bytes], meta: Callable[[], bytes] | None = None, needle: str = "data_batch_1"
+) -> Callable:
     """A cifar-10-batches-py folder with a crafted ``data_batch_1`` (and ``batches.meta``), run under the caps."""
+
     def build(work: Path) -> Case:
         root = work / "cifar-10-batches-py"
         root.mkdir()
@@ -144,6 +151,7 @@ def cifar_case(batch: Callable[[], bytes], meta: Callable[[], bytes] | None = No
         if meta is not None:
             (root / "batches.meta").write_bytes(meta())
         return Case(with_dataset(source="cifar10", path=str(root)), needle, hostile=True)
+
     return build
 
 
@@ -175,17 +183,22 @@ def _eps_as_png(root: Path) -> None:
 
 def _huge_png_header(root: Path) -> None:
     """A PNG whose header claims 10,000 x 10,000 pixels (100 Mpx) in a few dozen bytes."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
     ihdr = struct.pack(">IIBBBBB", 10_000, 10_000, 8, 0, 0, 0, 0)
-    (root / "class1" / "0.png").write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr)
-                                            + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+    (root / "class1" / "0.png").write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    )
 
 
 def _npz_declared_giant(work: Path) -> Case:
     """An .npz of a few hundred bytes whose images.npy header declares (100000, 2048, 2048): ~400 GB."""
     header = io.BytesIO()
-    np.lib.format.write_array_header_1_0(header, {"descr": "|u1", "fortran_order": False, "shape": (100_000, 2048, 2048)})
+    np.lib.format.write_array_header_1_0(
+        header, {"descr": "|u1", "fortran_order": False, "shape": (100_000, 2048, 2048)}
+    )
     labels = io.BytesIO()
     np.save(labels, np.zeros(100_000, np.int64))
     with zipfile.ZipFile(work / "data.npz", "w", zipfile.ZIP_DEFLATED) as archive:
@@ -223,6 +236,7 @@ def _cifar_empty(work: Path) -> Case:
 def planted(stage_key: str, plant: Callable) -> Callable[[Path], Case]:  # noqa: ANN001
     """A store where the stages before ``stage_key``'s reader are finished, ``stage_key``'s artifact replaced
     (and its marker rewritten to match): the CLI must refuse it before running its reader."""
+
     def build(work: Path) -> Case:
         from dedt.config import build_config
         from dedt.pipeline import plan, run_node
@@ -240,6 +254,7 @@ def planted(stage_key: str, plant: Callable) -> Callable[[Path], Case]:  # noqa:
         files = json.loads(out.file("_COMPLETE").read_text())["files"] if out.file("_COMPLETE").exists() else {}
         out.mark_complete(sorted({*files, name, "summary.json"}), {"planted": True})
         return Case(raw, str(out.file(name)), store=lambda _: store)
+
     return build
 
 
@@ -250,8 +265,11 @@ def _wrong_dim(out, planned) -> str:  # noqa: ANN001
     from dedt.store import write_parquet
 
     ids = pq.read_table(out.file("embeddings.parquet"), columns=["sample_id"]).column("sample_id").to_numpy()
-    write_parquet(embedding_table(ids, np.zeros((len(ids), 32), np.float32)), out.file("embeddings.parquet"),
-                  {"encoder": "pixels", "dim": 32, "preprocessing": "none"})
+    write_parquet(
+        embedding_table(ids, np.zeros((len(ids), 32), np.float32)),
+        out.file("embeddings.parquet"),
+        {"encoder": "pixels", "dim": 32, "preprocessing": "none"},
+    )
     return "embeddings.parquet"
 
 
@@ -272,8 +290,11 @@ def _off_simplex(out, planned) -> str:  # noqa: ANN001
 
     from dedt.store import atomic_write_text, write_parquet
 
-    write_parquet(pa.table({"group": np.arange(3, dtype=np.int32), "weight": np.array([0.6, 0.6, 0.6])}),
-                  out.file("weights.parquet"), {"eta": 1.0})
+    write_parquet(
+        pa.table({"group": np.arange(3, dtype=np.int32), "weight": np.array([0.6, 0.6, 0.6])}),
+        out.file("weights.parquet"),
+        {"eta": 1.0},
+    )
     atomic_write_text(out.file("summary.json"), json.dumps({"weights": [0.6, 0.6, 0.6], "seconds": 0}))
     return "weights.parquet"
 
@@ -283,23 +304,43 @@ def _foreign_subset(out, planned) -> str:  # noqa: ANN001
 
     from dedt.store import write_parquet
 
-    write_parquet(pa.table({"sample_id": np.array([5000, 5001], np.int64), "label": np.array([0, 1], np.int32),
-                            "score": np.zeros(2), "rank": np.arange(2, dtype=np.int64)}), out.file("subset.parquet"))
+    write_parquet(
+        pa.table(
+            {
+                "sample_id": np.array([5000, 5001], np.int64),
+                "label": np.array([0, 1], np.int32),
+                "score": np.zeros(2),
+                "rank": np.arange(2, dtype=np.int64),
+            }
+        ),
+        out.file("subset.parquet"),
+    )
     return "subset.parquet"
 
 
 def _reference_other_arch(work: Path) -> Case:
     ref = work / "ref"
     ref.mkdir()
-    (ref / "config.json").write_text(json.dumps({"_class_name": "UNet2DModel", "in_channels": 3, "out_channels": 3,
-                                                 "sample_size": 32, "block_out_channels": [32, 64]}))
+    (ref / "config.json").write_text(
+        json.dumps(
+            {
+                "_class_name": "UNet2DModel",
+                "in_channels": 3,
+                "out_channels": 3,
+                "sample_size": 32,
+                "block_out_channels": [32, 64],
+            }
+        )
+    )
     (ref / "diffusion_pytorch_model.safetensors").write_bytes(b"")
     return Case({**TINY, "reweight": {**TINY["reweight"], "reference_path": str(ref)}}, "reweight.reference_path")
 
 
 def _reference_missing(work: Path) -> Case:
-    return Case({**TINY, "reweight": {**TINY["reweight"], "reference_path": str(work / "no-such-unet")}},
-                "reweight.reference_path")
+    return Case(
+        {**TINY, "reweight": {**TINY["reweight"], "reference_path": str(work / "no-such-unet")}},
+        "reweight.reference_path",
+    )
 
 
 def _store_is_file(work: Path) -> Case:
@@ -316,30 +357,39 @@ CASES: dict[str, Callable[[Path], Case]] = {
     "dataset-missing-path": lambda w: Case(with_dataset(source="imagefolder", path=str(w / "nope")), str(w / "nope")),
     "dataset-path-not-set": simple(with_dataset(source="npz"), "dataset.path"),
     "dataset-empty-class": folder_case(lambda r: (r / "class3").mkdir(), lambda r: str(r / "class3")),
-    "dataset-truncated-image": folder_case(lambda r: _truncate(r / "class0" / "1.png"), lambda r: str(r / "class0" / "1.png")),
-    "dataset-zero-byte-image": folder_case(lambda r: (r / "class1" / "0.png").write_bytes(b""), lambda r: str(r / "class1" / "0.png")),
-    "dataset-not-an-image": folder_case(lambda r: (r / "class2" / "0.png").write_text("hello"), lambda r: str(r / "class2" / "0.png")),
+    "dataset-truncated-image": folder_case(
+        lambda r: _truncate(r / "class0" / "1.png"), lambda r: str(r / "class0" / "1.png")
+    ),
+    "dataset-zero-byte-image": folder_case(
+        lambda r: (r / "class1" / "0.png").write_bytes(b""), lambda r: str(r / "class1" / "0.png")
+    ),
+    "dataset-not-an-image": folder_case(
+        lambda r: (r / "class2" / "0.png").write_text("hello"), lambda r: str(r / "class2" / "0.png")
+    ),
     "dataset-mixed-sizes-no-resize": folder_case(_mixed_sizes, lambda r: "dataset.resolution"),
     "dataset-mixed-channels": folder_case(_mixed_channels, lambda r: "dataset.channels"),
     "dataset-no-class-folders": folder_case(_no_classes, lambda r: str(r)),
     "dataset-symlink-escape": folder_case(_symlink_out, lambda r: "outside the dataset root"),
     "npz-nan-pixels": npz_case({"images": np.full((6, 8, 8), np.nan), "labels": np.array([0, 1] * 3)}),
     "npz-labels-out-of-range": npz_case({"images": np.zeros((6, 8, 8), np.uint8), "labels": np.array([-1, 0, 1] * 2)}),
-    "npz-class-without-images": npz_case({"images": np.zeros((20, 8, 8), np.uint8), "labels": np.array([0, 2] * 10)},
-                                         "no training images"),
+    "npz-class-without-images": npz_case(
+        {"images": np.zeros((20, 8, 8), np.uint8), "labels": np.array([0, 2] * 10)}, "no training images"
+    ),
     "npz-count-mismatch": npz_case({"images": np.zeros((5, 8, 8), np.uint8), "labels": np.array([0, 1])}),
     "npz-no-labels": npz_case({"images": np.zeros((5, 8, 8), np.uint8)}),
     "npz-float-labels": npz_case({"images": np.zeros((2, 8, 8), np.uint8), "labels": np.array([0.5, 1.0])}),
     "npz-not-an-npz": _junk_npz,
     "cifar10-no-batches": _cifar_empty,
     "cifar10-pickle-payload": _cifar_evil,
-    "cifar10-object-array": cifar_case(lambda: pickle.dumps({b"data": np.array([[1, "x"]], object), b"labels": [0]}, 2),
-                                       needle="not a uint8 array"),
+    "cifar10-object-array": cifar_case(
+        lambda: pickle.dumps({b"data": np.array([[1, "x"]], object), b"labels": [0]}, 2), needle="not a uint8 array"
+    ),
     "cifar10-zero-stride-giant": cifar_case(_cifar_zero_strides, needle="(N, 3072)"),
     "cifar10-shared-nested-lists": cifar_case(_cifar_shared_lists, needle="'labels'"),
     "cifar10-not-a-dict": cifar_case(lambda: pickle.dumps([1, 2, 3], 2), needle="holds no dict"),
-    "cifar10-huge-int-label": cifar_case(lambda: pickle.dumps({b"data": np.zeros((1, 3072), np.uint8),
-                                                               b"labels": [10 ** 5000]}, 2), needle="'labels'"),
+    "cifar10-huge-int-label": cifar_case(
+        lambda: pickle.dumps({b"data": np.zeros((1, 3072), np.uint8), b"labels": [10**5000]}, 2), needle="'labels'"
+    ),
     "cifar10-truncated": cifar_case(lambda: _cifar_valid()[:-3000]),
     "cifar10-bad-meta": cifar_case(_cifar_valid, lambda: pickle.dumps({b"label_names": 5}, 2), needle="batches.meta"),
     "dataset-eps-named-png": folder_case(_eps_as_png, lambda r: str(r / "class0" / "0.png")),
@@ -348,18 +398,30 @@ CASES: dict[str, Callable[[Path], Case]] = {
     "dataset-non-utf8-class-folder": folder_case(_non_utf8_class, lambda r: "not UTF-8"),
     "dataset-1000-plus-class-folders": _too_many_class_folders,
     "dataset-holdout-zero": simple(TINY, "dataset.holdout_frac", "dataset.holdout_frac=0"),
-    "dataset-holdout-empty-few-per-class": npz_case({"images": np.zeros((15, 8, 8), np.uint8),
-                                                     "labels": np.repeat(np.arange(3), 5)}, "dataset.holdout_frac"),
+    "dataset-holdout-empty-few-per-class": npz_case(
+        {"images": np.zeros((15, 8, 8), np.uint8), "labels": np.repeat(np.arange(3), 5)}, "dataset.holdout_frac"
+    ),
     "npz-declared-giant": _npz_declared_giant,
     "npz-2048px-images": _npz_big_images,
-    "npz-labels-up-to-1e12": lambda w: Case(with_dataset(source="npz", path=str(npz(
-        w / "data.npz", images=np.zeros((2, 8, 8), np.uint8), labels=np.array([0, 10 ** 12])))), "at most 1000 classes",
-        hostile=True),
-    "npz-10000-classes": lambda w: Case(with_dataset(source="npz", path=str(npz(
-        w / "data.npz", images=np.zeros((20_000, 8, 8), np.uint8), labels=np.arange(20_000) % 10_000))),
-        "at most 1000 classes", hostile=True),
-    "reference-path-root": lambda w: Case({**TINY, "reweight": {**TINY["reweight"], "reference_path": "/"}},
-                                          "reweight.reference_path", hostile=True),
+    "npz-labels-up-to-1e12": lambda w: Case(
+        with_dataset(
+            source="npz",
+            path=str(npz(w / "data.npz", images=np.zeros((2, 8, 8), np.uint8), labels=np.array([0, 10**12]))),
+        ),
+        "at most 1000 classes",
+        hostile=True,
+    ),
+    "npz-10000-classes": lambda w: Case(
+        with_dataset(
+            source="npz",
+            path=str(npz(w / "data.npz", images=np.zeros((20_000, 8, 8), np.uint8), labels=np.arange(20_000) % 10_000)),
+        ),
+        "at most 1000 classes",
+        hostile=True,
+    ),
+    "reference-path-root": lambda w: Case(
+        {**TINY, "reweight": {**TINY["reweight"], "reference_path": "/"}}, "reweight.reference_path", hostile=True
+    ),
     # configs
     "config-bad-yaml": lambda w: Case("pipelines: {p: {seed: [1, 2}", "pipelines.yaml:1:"),
     "config-python-tag": simple("pipelines:\n  p: !!python/object/apply:os.system ['true']\n", "tag refused"),
@@ -378,19 +440,26 @@ CASES: dict[str, Callable[[Path], Case]] = {
     "config-eta-zero": simple(TINY, "reweight.eta", "reweight.eta=0"),
     "config-smoothing-one": simple(TINY, "reweight.smoothing", "reweight.smoothing=1"),
     "config-seed-negative": simple(TINY, "seed", "seed=-3"),
-    "config-set-python-tag": simple(TINY, "--set select.keep_frac", "select.keep_frac=!!python/object/apply:os.getcwd []"),
-    "config-t-range-inverted": simple(TINY, "reweight.t_min_frac", "reweight.t_min_frac=0.6", "reweight.t_max_frac=0.5"),
+    "config-set-python-tag": simple(
+        TINY, "--set select.keep_frac", "select.keep_frac=!!python/object/apply:os.getcwd []"
+    ),
+    "config-t-range-inverted": simple(
+        TINY, "reweight.t_min_frac", "reweight.t_min_frac=0.6", "reweight.t_max_frac=0.5"
+    ),
     # artifacts in the store (valid marker, wrong content)
     "artifact-embeddings-wrong-dim": planted("encode", _wrong_dim),
     "artifact-scores-other-samples": planted("score", _other_samples),
     "artifact-subset-foreign-samples": planted("select", _foreign_subset),
     "artifact-weights-off-simplex": planted("reweight", _off_simplex),
     # weights
-    "weights-encoder-file-missing": simple(TINY, "encode.weights", "encode.encoder=resnet18",
-                                           "encode.weights=/nonexistent/resnet18.pth"),
+    "weights-encoder-file-missing": simple(
+        TINY, "encode.weights", "encode.encoder=resnet18", "encode.weights=/nonexistent/resnet18.pth"
+    ),
     "weights-reference-missing": _reference_missing,
-    "weights-inception-other-torchscript": lambda w: (w / "my_inception.pt").write_bytes(b"PK\x03\x04 not FID's") and Case(
-        TINY, "sha1", ["encode.encoder=inception", f"encode.weights={w / 'my_inception.pt'}"]),
+    "weights-inception-other-torchscript": lambda w: (
+        (w / "my_inception.pt").write_bytes(b"PK\x03\x04 not FID's")
+        and Case(TINY, "sha1", ["encode.encoder=inception", f"encode.weights={w / 'my_inception.pt'}"])
+    ),
     "weights-reference-other-architecture": _reference_other_arch,
     # store
     "store-root-is-a-file": _store_is_file,
@@ -418,10 +487,19 @@ def run_case(name: str, work: Path) -> dict:
         cmd[1:3] = ["-c", CAPPED, str(LIMIT_AS)]
     cmd += [a for o in case.overrides for a in ("--set", o)]
     env = {**os.environ, **ENV, "DEDT_HOME": str(store), **case.env}
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=LIMIT_S if case.hostile else 300)
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=LIMIT_S if case.hostile else 300
+    )
     needle = case.needle(work) if callable(case.needle) else case.needle
-    return {"code": proc.returncode, "stderr": proc.stderr, "stdout": proc.stdout, "needle": needle,
-            "before": before, "after": snapshot(store), "work": work}
+    return {
+        "code": proc.returncode,
+        "stderr": proc.stderr,
+        "stdout": proc.stdout,
+        "needle": needle,
+        "before": before,
+        "after": snapshot(store),
+        "work": work,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -451,8 +529,12 @@ def test_bad_input_is_one_clear_line_exit_2_nothing_written(outcomes: dict, name
 def test_debug_shows_the_traceback(tmp_path: Path) -> None:
     pipelines = tmp_path / "pipelines.yaml"
     pipelines.write_text(yaml.safe_dump({"pipelines": {"p": with_dataset(source="npz", path=str(tmp_path / "x"))}}))
-    proc = subprocess.run([sys.executable, "-m", "flows.cli", "--debug", "run", "p", "--pipelines", str(pipelines)],
-                          capture_output=True, text=True, cwd=REPO, env={**os.environ, **ENV,
-                                                                         "DEDT_HOME": str(tmp_path / "store")})
+    proc = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "--debug", "run", "p", "--pipelines", str(pipelines)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, **ENV, "DEDT_HOME": str(tmp_path / "store")},
+    )
     assert proc.returncode != 0 and "Traceback" in proc.stderr and "DedtError" in proc.stderr
     assert not (tmp_path / "store").exists()

@@ -23,15 +23,22 @@ def test_dry_run_prints_config_and_fingerprints(capsys, store, pipelines_file):
     assert not store.exists()  # nothing written
 
 
-@pytest.mark.parametrize("args,needle", [
-    (["run", "nope"], "no pipeline 'nope'"),
-    (["run", "tiny", "--set", "select.keep_frac=2"], "select.keep_frac"),
-    (["run", "tiny", "--set", "score.method=magic"], "score.method"),
-    (["run", "tiny", "--set", "oops"], "key.path=value"),
-])
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["run", "nope"], "no pipeline 'nope'"),
+        (["run", "tiny", "--set", "select.keep_frac=2"], "select.keep_frac"),
+        (["run", "tiny", "--set", "score.method=magic"], "score.method"),
+        (["run", "tiny", "--set", "oops"], "key.path=value"),
+    ],
+)
 def test_bad_input_exits_2_with_one_line(args, needle, store, pipelines_file):
-    proc = subprocess.run([sys.executable, "-m", "flows.cli", *args, "--pipelines", str(pipelines_file)],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "flows.cli", *args, "--pipelines", str(pipelines_file)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2, proc.stderr
     assert needle in proc.stderr and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1

@@ -14,25 +14,28 @@ def test_override_parses_yaml_scalars():
     assert cfg.select.keep_frac == 0.2 and cfg.dataset.source == "mnist5k"
 
 
-@pytest.mark.parametrize("override,field", [
-    ("select.keep_frac=0", "select.keep_frac"),
-    ("select.keep_frac=1.5", "select.keep_frac"),
-    ("select.keep_fraction=0.2", "select.keep_fraction"),
-    ("score.method=magic", "score.method"),
-    ("score.index=annoy", "score.index"),
-    ("score.nprobe=0", "score.nprobe"),
-    ("encode.encoder=nonsense", "encode.encoder"),
-    ("train.preset=huge", "train.preset"),
-    ("train.budget_kimg=0", "train.budget_kimg"),
-    ("reweight.eta=0", "reweight.eta"),
-    ("reweight.smoothing=1", "reweight.smoothing"),
-    ("reweight.method=magic", "reweight.method"),
-    ("train.weighting=magic", "train.weighting"),
-    ("reweight.groups=kmeans", "train.conditional=false"),
-    ("reweight.t_max_frac=0", "reweight.t_max_frac"),
-    ("seed=abc", "seed"),
-    ("dataset.source=imagenet", "dataset.source"),
-])
+@pytest.mark.parametrize(
+    "override,field",
+    [
+        ("select.keep_frac=0", "select.keep_frac"),
+        ("select.keep_frac=1.5", "select.keep_frac"),
+        ("select.keep_fraction=0.2", "select.keep_fraction"),
+        ("score.method=magic", "score.method"),
+        ("score.index=annoy", "score.index"),
+        ("score.nprobe=0", "score.nprobe"),
+        ("encode.encoder=nonsense", "encode.encoder"),
+        ("train.preset=huge", "train.preset"),
+        ("train.budget_kimg=0", "train.budget_kimg"),
+        ("reweight.eta=0", "reweight.eta"),
+        ("reweight.smoothing=1", "reweight.smoothing"),
+        ("reweight.method=magic", "reweight.method"),
+        ("train.weighting=magic", "train.weighting"),
+        ("reweight.groups=kmeans", "train.conditional=false"),
+        ("reweight.t_max_frac=0", "reweight.t_max_frac"),
+        ("seed=abc", "seed"),
+        ("dataset.source=imagenet", "dataset.source"),
+    ],
+)
 def test_bad_values_name_the_field(override, field):
     with pytest.raises(DedtError) as err:
         build_config({}, "p", [override])
@@ -79,7 +82,9 @@ def test_config_validates_without_loading_scipy_or_faiss():
     import subprocess
     import sys
 
-    code = ("import sys; from dedt.config import build_config; build_config({}, 'p', ['score.method=knn']); "
-            "print(sorted({m.split('.')[0] for m in sys.modules} & {'scipy', 'faiss', 'torch'}))")
+    code = (
+        "import sys; from dedt.config import build_config; build_config({}, 'p', ['score.method=knn']); "
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'scipy', 'faiss', 'torch'}))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

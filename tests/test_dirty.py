@@ -33,8 +33,9 @@ def _find(images: np.ndarray, original: np.ndarray) -> np.ndarray:
     return np.asarray([lookup.get(img.tobytes(), -1) for img in images])
 
 
-ALL = ContaminateConfig(duplicate_frac=0.1, near_duplicate_frac=0.1, off_domain_frac=0.05, mislabel_frac=0.05,
-                        max_copies=8, seed=3)
+ALL = ContaminateConfig(
+    duplicate_frac=0.1, near_duplicate_frac=0.1, off_domain_frac=0.05, mislabel_frac=0.05, max_copies=8, seed=3
+)
 
 
 def test_each_kind_is_generated_as_declared() -> None:
@@ -78,8 +79,13 @@ def test_contamination_is_deterministic_from_its_seed() -> None:
     raw = _raw()
     holdout = holdout_mask(raw.labels, 0.1, 0)
     a, b = contaminate(raw, holdout, ALL), contaminate(raw, holdout, ALL)
-    for x, y in ((a.raw.images, b.raw.images), (a.raw.labels, b.raw.labels), (a.kinds, b.kinds),
-                 (a.duplicate_of, b.duplicate_of), (a.holdout, b.holdout)):
+    for x, y in (
+        (a.raw.images, b.raw.images),
+        (a.raw.labels, b.raw.labels),
+        (a.kinds, b.kinds),
+        (a.duplicate_of, b.duplicate_of),
+        (a.holdout, b.holdout),
+    ):
         assert np.array_equal(x, y)
     other = contaminate(raw, holdout, ALL.model_copy(update={"seed": 4}))
     assert not np.array_equal(a.kinds, other.kinds)
@@ -102,8 +108,9 @@ def test_heavy_tailed_copies_and_class_imbalance() -> None:
 @pytest.mark.parametrize("channels", [1, 3])
 def test_off_domain_images_fit_the_source(off_domain: str, channels: int) -> None:
     raw = _raw(channels)
-    dirty = contaminate(raw, np.zeros(len(raw.labels), bool),
-                        ContaminateConfig(off_domain_frac=0.1, off_domain=off_domain))
+    dirty = contaminate(
+        raw, np.zeros(len(raw.labels), bool), ContaminateConfig(off_domain_frac=0.1, off_domain=off_domain)
+    )
     off = dirty.raw.images[dirty.kinds == "off-domain"]
     assert off.shape == (20, SIDE, SIDE, channels) and off.dtype == np.uint8 and off.std() > 5
 
@@ -116,24 +123,30 @@ def test_contamination_is_off_by_default_and_keeps_fingerprints() -> None:
     assert set(planned["select"].config["select"]) == {"keep_frac", "per_class"}
     # Zero fractions change nothing: same fingerprint whatever the seed.
     idle = build_config({"dataset": {"contaminate": {"seed": 7}}}, "x")
-    assert plan(idle, Path("/store"))["data"].out.fingerprint == plan(build_config({}, "x"), Path("/store"))[
-        "data"].out.fingerprint
-    dirty = build_config({"dataset": {"contaminate": {"duplicate_frac": 0.1}}, "select": {"dedup_threshold": 0.01}},
-                         "x")
+    assert (
+        plan(idle, Path("/store"))["data"].out.fingerprint
+        == plan(build_config({}, "x"), Path("/store"))["data"].out.fingerprint
+    )
+    dirty = build_config(
+        {"dataset": {"contaminate": {"duplicate_frac": 0.1}}, "select": {"dedup_threshold": 0.01}}, "x"
+    )
     dirty_plan = plan(dirty, Path("/store"))
     assert dirty_plan["data"].config["dataset"]["contaminate"]["duplicate_frac"] == 0.1
     assert dirty_plan["select"].inputs == {"score": "score", "encode": "encode"}
 
 
-@pytest.mark.parametrize(("overrides", "field"), [
-    (["dataset.contaminate.duplicate_frac=1.5"], "dataset.contaminate.duplicate_frac"),
-    (["dataset.contaminate.imbalance=0.5"], "dataset.contaminate.imbalance"),
-    (["dataset.contaminate.off_domain=noise"], "dataset.contaminate.off_domain"),
-    (["dataset.contaminate.dupes=0.1"], "dataset.contaminate.dupes"),
-    (["dataset.contaminate.mislabel_frac=0.5", "dataset.contaminate.duplicate_frac=0.6"], "dataset.contaminate"),
-    (["select.dedup_threshold=2.5"], "select.dedup_threshold"),
-    (["select.trim_outliers_frac=1"], "select.trim_outliers_frac"),
-])
+@pytest.mark.parametrize(
+    ("overrides", "field"),
+    [
+        (["dataset.contaminate.duplicate_frac=1.5"], "dataset.contaminate.duplicate_frac"),
+        (["dataset.contaminate.imbalance=0.5"], "dataset.contaminate.imbalance"),
+        (["dataset.contaminate.off_domain=noise"], "dataset.contaminate.off_domain"),
+        (["dataset.contaminate.dupes=0.1"], "dataset.contaminate.dupes"),
+        (["dataset.contaminate.mislabel_frac=0.5", "dataset.contaminate.duplicate_frac=0.6"], "dataset.contaminate"),
+        (["select.dedup_threshold=2.5"], "select.dedup_threshold"),
+        (["select.trim_outliers_frac=1"], "select.trim_outliers_frac"),
+    ],
+)
 def test_bad_options_give_one_clear_error(overrides: list[str], field: str) -> None:
     with pytest.raises(DedtError) as info:
         build_config({}, "p", overrides)
@@ -184,9 +197,22 @@ def test_trimming_drops_only_the_lowest_density_tail() -> None:
 
 
 def _dirty_pipeline(tmp_path: Path, **select: object) -> tuple[PipelineConfig, dict]:
-    cfg = build_config({"dataset": {"source": "digits", "contaminate": {
-        "duplicate_frac": 0.05, "near_duplicate_frac": 0.05, "off_domain_frac": 0.05, "mislabel_frac": 0.05}},
-        "score": {"method": "random"}, "select": {"keep_frac": 1.0, **select}}, "dirty")
+    cfg = build_config(
+        {
+            "dataset": {
+                "source": "digits",
+                "contaminate": {
+                    "duplicate_frac": 0.05,
+                    "near_duplicate_frac": 0.05,
+                    "off_domain_frac": 0.05,
+                    "mislabel_frac": 0.05,
+                },
+            },
+            "score": {"method": "random"},
+            "select": {"keep_frac": 1.0, **select},
+        },
+        "dirty",
+    )
     planned = plan(cfg, tmp_path)
     for key in ("data", "encode", "score", "select"):
         if key in planned:  # keep_frac 1 without cleaning: no encode or score
@@ -264,8 +290,9 @@ def test_memorization_rows_in_features_and_pixels() -> None:
     with tempfile.TemporaryDirectory() as root:
         source = RealSource(Path(root), "fp", splits.__getitem__, None, 60, duplicated_ids=np.arange(10))
         fake = train[:40]  # copies: 10 of duplicated images, 30 of the others
-        rows = evaluate_samples(fake, labels[:40], [space], source, ["a", "b"], prdc_k=3, with_kid=False, seed=0,
-                                pixels=True)
+        rows = evaluate_samples(
+            fake, labels[:40], [space], source, ["a", "b"], prdc_k=3, with_kid=False, seed=0, pixels=True
+        )
     for name in ("flat", PIXELS):
         assert lookup(rows, "memorized_frac", name) == 1.0
         assert lookup(rows, "memorized_frac_duplicated", name) == 1.0
@@ -290,7 +317,8 @@ def test_confusion_table_on_a_constructed_case() -> None:
     # Group of 0: 0, 11, 12 kept (3 left); group of 1: only the near copy 13 kept (one left).
     assert table["groups"] == 2 and table["groups_one"] == 0.5 and table["groups_lost"] == 0.0
     assert "| dedup | 12 / 20 | 80.0% | 33.3% | 0.0% | 100.0% | 75.0% | 50.0% | 0.0% |" in confusion_markdown(
-        {"dedup": table})
+        {"dedup": table}
+    )
     assert confusion(np.array(["none", "none"]), np.array([True, False]))["duplicate_removed"] is None
     with pytest.raises(DedtError, match="unknown contaminant kinds"):
         confusion(np.array(["dirty"]), np.array([True]))
@@ -300,8 +328,9 @@ def test_confusion_from_the_store(tmp_path: Path) -> None:
     from dedt.dirty import confusion_from_store
 
     _, planned = _dirty_pipeline(tmp_path, dedup_threshold=1e-6)
-    tables = confusion_from_store(planned["data"].out.file("manifest.parquet"),
-                                  {"dedup": planned["select"].out.file("subset.parquet")})
+    tables = confusion_from_store(
+        planned["data"].out.file("manifest.parquet"), {"dedup": planned["select"].out.file("subset.parquet")}
+    )
     t = tables["dedup"]
     assert t["groups_one"] is not None and t["duplicate_removed"] > 0.5 and t["clean_kept"] > 0.9
 
@@ -311,15 +340,22 @@ def test_the_frontier_report_keeps_cleaned_arms_apart_and_shows_what_they_remove
     from tests.test_frontier import _row
 
     _, planned = _dirty_pipeline(tmp_path / "store", dedup_threshold=1e-6)
-    dirty = {"manifest": str(planned["data"].out.file("manifest.parquet")),
-             "memorized_frac": 0.02, "memorized_frac_pixels": 0.0, "memorized_frac_duplicated": 0.1,
-             "memorized_frac_duplicated_pixels": None}
+    dirty = {
+        "manifest": str(planned["data"].out.file("manifest.parquet")),
+        "memorized_frac": 0.02,
+        "memorized_frac_pixels": 0.0,
+        "memorized_frac_duplicated": 0.1,
+        "memorized_frac_duplicated_pixels": None,
+    }
     subset = str(planned["select"].out.file("subset.parquet"))
     rows = []
     for seed in (0, 1):
         rows.append(_row(tmp_path, seed, "full data", 80.0) | dirty | {"subset": None, "cleaning": "dedup 1e-06"})
-        rows.append(_row(tmp_path, seed, "pruned", 60.0, scorer="random") | dirty
-                    | {"subset": subset, "cleaning": "dedup 1e-06"})
+        rows.append(
+            _row(tmp_path, seed, "pruned", 60.0, scorer="random")
+            | dirty
+            | {"subset": subset, "cleaning": "dedup 1e-06"}
+        )
     found = {a.label: a for a in arms(rows)}
     assert set(found) == {"full data", "random 1, uniform, dedup 1e-06"} and found["full data"].is_full
     out = write_report(rows, tmp_path / "report.md", title="dirty", command="test")
@@ -333,19 +369,31 @@ def test_sweep_rows_carry_cleaning_ground_truth_and_memorization() -> None:
     from dedt.pipeline import NodeResult
     from dedt.sweep import _dirty_details, cleaning_label
 
-    cfg = build_config({"dataset": {"contaminate": {"duplicate_frac": 0.1}},
-                        "select": {"dedup_threshold": 0.001, "trim_outliers_frac": 0.05}}, "x")
+    cfg = build_config(
+        {
+            "dataset": {"contaminate": {"duplicate_frac": 0.1}},
+            "select": {"dedup_threshold": 0.001, "trim_outliers_frac": 0.05},
+        },
+        "x",
+    )
     assert cleaning_label(cfg) == "dedup 0.001 + trim 0.05" and cleaning_label(build_config({}, "x")) == ""
-    overall = {"classifier": {"subset": {"memorized_frac": 0.03, "memorized_frac_duplicated": 0.2}},
-               "pixels": {"subset": {"memorized_frac": 0.01}}}
-    results = {"data": NodeResult("data", "d", "/s/data/d", True, 0.0, {}),
-               "select": NodeResult("select", "s", "/s/select/s", True, 0.0, {}),
-               "evaluate:train:uniform": NodeResult("evaluate:train:uniform", "e", "/s/e", True, 0.0,
-                                                    {"overall": overall})}
+    overall = {
+        "classifier": {"subset": {"memorized_frac": 0.03, "memorized_frac_duplicated": 0.2}},
+        "pixels": {"subset": {"memorized_frac": 0.01}},
+    }
+    results = {
+        "data": NodeResult("data", "d", "/s/data/d", True, 0.0, {}),
+        "select": NodeResult("select", "s", "/s/select/s", True, 0.0, {}),
+        "evaluate:train:uniform": NodeResult("evaluate:train:uniform", "e", "/s/e", True, 0.0, {"overall": overall}),
+    }
     assert _dirty_details(cfg, results, "pruned") == {
-        "manifest": "/s/data/d/manifest.parquet", "subset": "/s/select/s/subset.parquet",
-        "memorized_frac": 0.03, "memorized_frac_duplicated": 0.2,
-        "memorized_frac_pixels": 0.01, "memorized_frac_duplicated_pixels": None}
+        "manifest": "/s/data/d/manifest.parquet",
+        "subset": "/s/select/s/subset.parquet",
+        "memorized_frac": 0.03,
+        "memorized_frac_duplicated": 0.2,
+        "memorized_frac_pixels": 0.01,
+        "memorized_frac_duplicated_pixels": None,
+    }
     clean = _dirty_details(build_config({}, "x"), results, "pruned")  # a dirty sweep's uncontaminated point
     assert clean["manifest"] is None and clean["subset"] is None and clean["memorized_frac"] == 0.03
 
@@ -359,10 +407,14 @@ def test_a_dirty_sweep_keeps_its_uncontaminated_full_data_apart(tmp_path: Path) 
     rows = []
     (tmp_path / "clean").mkdir()
     for seed in (0, 1):
-        rows.append(_row(tmp_path, seed, "full data", 80.0) | {"contaminated": True, "manifest": manifest,
-                                                                "subset": None, "memorized_frac": 0.05})
-        rows.append(_row(tmp_path / "clean", seed, "full data", 60.0, scorer="random")
-                    | {"contaminated": False, "manifest": None, "subset": None, "memorized_frac": 0.01})
+        rows.append(
+            _row(tmp_path, seed, "full data", 80.0)
+            | {"contaminated": True, "manifest": manifest, "subset": None, "memorized_frac": 0.05}
+        )
+        rows.append(
+            _row(tmp_path / "clean", seed, "full data", 60.0, scorer="random")
+            | {"contaminated": False, "manifest": None, "subset": None, "memorized_frac": 0.01}
+        )
     found = {a.label: a for a in arms(rows)}
     assert set(found) == {"full data", "full data, uncontaminated"}
     assert found["full data"].is_full and not found["full data, uncontaminated"].is_full

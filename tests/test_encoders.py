@@ -185,8 +185,9 @@ def test_dinov2_random_init_and_local_checkpoint(tmp_path):
     assert encoder.encode_batch(images(1, channels=3, size=16)).shape == (1, 384) and encoder.dim == 384
     checkpoint = tmp_path / "dinov2.safetensors"
     save_file(encoder.network.state_dict(), str(checkpoint))
-    assert_same_weights(get_encoder("dinov2:small", weights=str(checkpoint), device="cpu", seed=5).network,
-                        encoder.network)
+    assert_same_weights(
+        get_encoder("dinov2:small", weights=str(checkpoint), device="cpu", seed=5).network, encoder.network
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -240,12 +241,28 @@ def test_kill_during_concatenation_resumes_without_encoding(tmp_path, monkeypatc
     real_concatenate = streaming._concatenate
     monkeypatch.setattr(streaming, "_concatenate", lambda *args: (_ for _ in ()).throw(KeyboardInterrupt))
     with pytest.raises(KeyboardInterrupt):
-        encode_to_parquet(x, 100, np.arange(100), get_encoder("pixels"), tmp_path / "e.parquet", tmp_path / "w",
-                          shard_size=40, progress=False)
+        encode_to_parquet(
+            x,
+            100,
+            np.arange(100),
+            get_encoder("pixels"),
+            tmp_path / "e.parquet",
+            tmp_path / "w",
+            shard_size=40,
+            progress=False,
+        )
     monkeypatch.setattr(streaming, "_concatenate", real_concatenate)
     fresh = get_encoder("pixels")  # dim unknown: it never sees a batch on this run
-    metadata = encode_to_parquet(lambda a, b: pytest.fail("all shards were done"), 100, np.arange(100), fresh,
-                                 tmp_path / "e.parquet", tmp_path / "w", shard_size=40, progress=False)
+    metadata = encode_to_parquet(
+        lambda a, b: pytest.fail("all shards were done"),
+        100,
+        np.arange(100),
+        fresh,
+        tmp_path / "e.parquet",
+        tmp_path / "w",
+        shard_size=40,
+        progress=False,
+    )
     assert metadata["dim"] == 64 and fresh.dim is None
     np.testing.assert_array_equal(read_embeddings(tmp_path / "e.parquet")[1], x.reshape(100, -1))
 
@@ -259,8 +276,13 @@ def test_shards_of_another_encoder_are_redone(tmp_path):
         return x[start:stop]
 
     with pytest.raises(KeyboardInterrupt):
-        stream(tmp_path, die_after_first_shard, 200, encoder=get_encoder("random-projection", dim=16, seed=9),
-               shard_size=50)
+        stream(
+            tmp_path,
+            die_after_first_shard,
+            200,
+            encoder=get_encoder("random-projection", dim=16, seed=9),
+            shard_size=50,
+        )
     starts: list[int] = []
     _, z, _ = stream(tmp_path, lambda a, b: starts.append(a) or x[a:b], 200, shard_size=50)  # seed 0 now
     assert starts[0] == 0  # the seed-9 shard was not reused
@@ -276,8 +298,17 @@ def test_streaming_memory_is_bounded_by_batch_and_shard(tmp_path):
         return images(stop - start, seed=start)
 
     tracemalloc.start()
-    encode_to_parquet(loader, n, np.arange(n), get_encoder("pixels"), tmp_path / "out.parquet", tmp_path / "work",
-                      batch_size=128, shard_size=1024, progress=False)
+    encode_to_parquet(
+        loader,
+        n,
+        np.arange(n),
+        get_encoder("pixels"),
+        tmp_path / "out.parquet",
+        tmp_path / "work",
+        batch_size=128,
+        shard_size=1024,
+        progress=False,
+    )
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     full = n * 64 * 4  # the whole image array (and as much again for all embeddings)
@@ -290,8 +321,9 @@ def test_bad_streaming_input_and_corrupt_artifacts(tmp_path):
     with pytest.raises(DedtError, match="sample_ids"):
         encode_to_parquet(images(4), 4, np.arange(3), encoder, tmp_path / "o.parquet", tmp_path / "w")
     with pytest.raises(DedtError, match="loader returned 1 images"):
-        encode_to_parquet(lambda a, b: images(1), 4, np.arange(4), encoder, tmp_path / "o.parquet", tmp_path / "w",
-                          progress=False)
+        encode_to_parquet(
+            lambda a, b: images(1), 4, np.arange(4), encoder, tmp_path / "o.parquet", tmp_path / "w", progress=False
+        )
     broken = tmp_path / "broken.parquet"
     broken.write_bytes(b"not parquet")
     with pytest.raises(DedtError, match=str(broken)):

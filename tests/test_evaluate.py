@@ -46,8 +46,10 @@ class Splits:
         self.reads: list[str] = []
         train, train_labels = clusters(30, seed=0)
         holdout, holdout_labels = clusters(6, seed=1)
-        self.data = {"train": (np.arange(60), train, train_labels),
-                     "holdout": (np.arange(60, 72), holdout, holdout_labels)}
+        self.data = {
+            "train": (np.arange(60), train, train_labels),
+            "holdout": (np.arange(60, 72), holdout, holdout_labels),
+        }
 
     def __call__(self, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         self.reads.append(split)
@@ -73,10 +75,25 @@ def source(root: Path, splits: Splits, subset_ids: np.ndarray | None) -> RealSou
     return RealSource(root, "datafp", splits, subset_ids, n_holdout=12)
 
 
-def run(root: Path, splits: Splits, extractor: CountingPixels, fake: np.ndarray, fake_labels: np.ndarray,
-        subset_ids: np.ndarray | None = None, identity: dict | None = None) -> list:
-    return evaluate_samples(fake, fake_labels, [pixel_space(extractor, identity)], source(root, splits, subset_ids),
-                            ["zero", "one"], prdc_k=3, with_kid=True, seed=0)
+def run(
+    root: Path,
+    splits: Splits,
+    extractor: CountingPixels,
+    fake: np.ndarray,
+    fake_labels: np.ndarray,
+    subset_ids: np.ndarray | None = None,
+    identity: dict | None = None,
+) -> list:
+    return evaluate_samples(
+        fake,
+        fake_labels,
+        [pixel_space(extractor, identity)],
+        source(root, splits, subset_ids),
+        ["zero", "one"],
+        prdc_k=3,
+        with_kid=True,
+        seed=0,
+    )
 
 
 def test_second_evaluation_reuses_reference_statistics(tmp_path):
@@ -86,15 +103,21 @@ def test_second_evaluation_reuses_reference_statistics(tmp_path):
     assert splits.reads == ["train", "holdout"] and extractor.images == 60 + 20 + 12
     folder = refstats_dir(tmp_path, "datafp", "train", pixel_space(extractor))
     assert folder.is_complete() and folder.path.parent.name == "refstats"
-    assert {p.name for p in folder.path.glob("*.npy")} == {"sample_ids.npy", "labels.npy", "features.npy",
-                                                          "mu.npy", "sigma.npy"}
+    assert {p.name for p in folder.path.glob("*.npy")} == {
+        "sample_ids.npy",
+        "labels.npy",
+        "features.npy",
+        "mu.npy",
+        "sigma.npy",
+    }
     mtimes = {p.name: p.stat().st_mtime_ns for p in folder.path.iterdir() if p.name != ".lock"}
 
     second = run(tmp_path, splits, CountingPixels(), fake, fake_labels)  # a new extractor: only the samples
     assert splits.reads == ["train", "holdout"]
     assert {p.name: p.stat().st_mtime_ns for p in folder.path.iterdir() if p.name != ".lock"} == mtimes
     assert [(r.metric, r.reference, r.cls, r.value) for r in second] == [
-        (r.metric, r.reference, r.cls, r.value) for r in first]
+        (r.metric, r.reference, r.cls, r.value) for r in first
+    ]
 
     run(tmp_path, splits, CountingPixels(), fake, fake_labels, identity={"test": 2})  # other weights: recomputed
     assert splits.reads == ["train", "holdout"] * 2
@@ -133,8 +156,19 @@ def test_metrics_file_summary_report_and_plot(tmp_path):
     table = pq.read_table(tmp_path / "metrics.parquet").to_pandas()
     assert list(table.columns) == ["metric", "feature_space", "reference", "class", "value", "n_real", "n_fake", "seed"]
     assert set(table.reference) == {"full", "subset"} and set(table.seed) == {7}
-    assert {"fd", "kid", "kid_std", "precision", "recall", "density", "coverage", "fd_real_floor", "kept_data_fd",
-            "nn_median_ratio", "nn_closer_to_train"} <= set(table.metric)
+    assert {
+        "fd",
+        "kid",
+        "kid_std",
+        "precision",
+        "recall",
+        "density",
+        "coverage",
+        "fd_real_floor",
+        "kept_data_fd",
+        "nn_median_ratio",
+        "nn_closer_to_train",
+    } <= set(table.metric)
     assert np.isfinite(table.value).all()
     info = summary(rows, ["pixels"])
     assert info["fd"] == pytest.approx(lookup(rows, "fd", "pixels"), rel=1e-5)
@@ -163,21 +197,32 @@ def test_stale_reference_features_of_another_dimension(tmp_path):
     run(tmp_path, splits, CountingPixels(), fake, fake_labels)
     pooled = FeatureSpace("pixels", {"test": 1}, lambda: lambda x: x.reshape(len(x), -1)[:, :8])  # same key, 8-d
     with pytest.raises(DedtError, match=r"refstats/.* are 16-d but the samples' are 8-d.*delete that folder"):
-        evaluate_samples(fake, fake_labels, [pooled], source(tmp_path, splits, None), ["zero", "one"],
-                         prdc_k=3, with_kid=False, seed=0)
+        evaluate_samples(
+            fake,
+            fake_labels,
+            [pooled],
+            source(tmp_path, splits, None),
+            ["zero", "one"],
+            prdc_k=3,
+            with_kid=False,
+            seed=0,
+        )
 
 
 # ---------------------------------------------------------------------------------------------
 # Feature-space registry
 
 
-@pytest.mark.parametrize(("name", "message"), [
-    ("vgg16", "unknown feature space 'vgg16'; known: classifier"),
-    ("classifier:x", "takes no ':' argument"),
-    ("inception:/x.pt", f"set \\${WEIGHTS_ENV}"),
-    ("clip", "needs an argument: .*clip:<model>"),
-    ("dinov2:tiny", "choose one of small, base, large, giant"),
-])
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("vgg16", "unknown feature space 'vgg16'; known: classifier"),
+        ("classifier:x", "takes no ':' argument"),
+        ("inception:/x.pt", f"set \\${WEIGHTS_ENV}"),
+        ("clip", "needs an argument: .*clip:<model>"),
+        ("dinov2:tiny", "choose one of small, base, large, giant"),
+    ],
+)
 def test_bad_feature_space_names(name, message):
     with pytest.raises(DedtError, match=message):
         validate_feature_space(name)
@@ -197,8 +242,11 @@ def test_metric_options_change_only_the_evaluate_stages():
         return {k: n.out.fingerprint for k, n in plan(build_config(TINY, "tiny", overrides), Path("/s")).items()}
 
     before, after = fingerprints([]), fingerprints(["evaluate.prdc_k=3"])
-    assert {k for k in before if before[k] != after[k]} == {"evaluate:reference", "evaluate:train",
-                                                            "evaluate:train:uniform"}
+    assert {k for k in before if before[k] != after[k]} == {
+        "evaluate:reference",
+        "evaluate:train",
+        "evaluate:train:uniform",
+    }
     nodes = plan(build_config(TINY, "tiny"), Path("/s"))
     assert "select" in nodes["evaluate:train"].inputs and "select" not in nodes["evaluate:reference"].inputs
 
@@ -217,8 +265,11 @@ def test_missing_dinov2_weights_name_the_file_and_where_to_put_it(tmp_path, monk
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
-    with pytest.raises(DedtError, match=r"torch/hub/checkpoints/dinov2_vits14_pretrain\.pth.*"
-                                        r"model\.safetensors.*dinov2:small:/path/to/weights\.pth"):
+    with pytest.raises(
+        DedtError,
+        match=r"torch/hub/checkpoints/dinov2_vits14_pretrain\.pth.*"
+        r"model\.safetensors.*dinov2:small:/path/to/weights\.pth",
+    ):
         validate_feature_space("dinov2:small")
     missing = tmp_path / "dino.pth"
     with pytest.raises(DedtError, match=rf"{missing} does not exist; put Meta's dinov2_vitb14_pretrain\.pth"):
@@ -230,8 +281,11 @@ def test_missing_clip_weights_name_the_file_and_where_to_put_it(tmp_path, monkey
 
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
     monkeypatch.setenv("HOME", str(tmp_path))  # ~/.cache/clip
-    with pytest.raises(DedtError, match=r"open_clip_model\.safetensors.*\.cache/clip/ViT-B-32\.pt.*"
-                                        r"as a feature space: clip:ViT-B-32:/path/to/weights\.safetensors"):
+    with pytest.raises(
+        DedtError,
+        match=r"open_clip_model\.safetensors.*\.cache/clip/ViT-B-32\.pt.*"
+        r"as a feature space: clip:ViT-B-32:/path/to/weights\.safetensors",
+    ):
         validate_feature_space("clip:ViT-B-32")  # the default tag: openai
     missing = tmp_path / "clip.safetensors"
     with pytest.raises(DedtError, match=str(missing)):

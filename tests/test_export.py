@@ -32,17 +32,27 @@ from flows.cli import main
 
 # The frontier-smoke pipeline without snapshots, at half its budgets: every stage real, each model 0.25 kimg.
 PIPELINES = {
-    "tiny": {"seed": 0, "dataset": {"source": "digits"}, "encode": {"encoder": "pixels"},
-             "score": {"method": "gaussian"}, "select": {"keep_frac": 0.3},
-             "reweight": {"method": "doremi", "reference_kimg": 0.25, "proxy_kimg": 0.125},
-             "train": {"preset": "digits-tiny", "budget_kimg": 0.25, "batch_size": 32, "ema": "power", "snapshots": 0},
-             "sample": {"steps": 2, "per_class": 8}, "evaluate": {"classifier_epochs": 1, "kid": False}},
+    "tiny": {
+        "seed": 0,
+        "dataset": {"source": "digits"},
+        "encode": {"encoder": "pixels"},
+        "score": {"method": "gaussian"},
+        "select": {"keep_frac": 0.3},
+        "reweight": {"method": "doremi", "reference_kimg": 0.25, "proxy_kimg": 0.125},
+        "train": {"preset": "digits-tiny", "budget_kimg": 0.25, "batch_size": 32, "ema": "power", "snapshots": 0},
+        "sample": {"steps": 2, "per_class": 8},
+        "evaluate": {"classifier_epochs": 1, "kid": False},
+    },
     # An unconditional model on all the data, nothing else trained: the pipeline classes must run it directly.
-    "tiny-uncond": {"seed": 0, "dataset": {"source": "digits"}, "select": {"keep_frac": 1.0},
-                    "reweight": {"method": "none", "reference_kimg": 0.25},
-                    "train": {"preset": "digits-tiny", "budget_kimg": 0.25, "batch_size": 32, "conditional": False},
-                    "sample": {"steps": 2, "per_class": 8},
-                    "evaluate": {"classifier_epochs": 1, "kid": False, "baselines": False}},
+    "tiny-uncond": {
+        "seed": 0,
+        "dataset": {"source": "digits"},
+        "select": {"keep_frac": 1.0},
+        "reweight": {"method": "none", "reference_kimg": 0.25},
+        "train": {"preset": "digits-tiny", "budget_kimg": 0.25, "batch_size": 32, "conditional": False},
+        "sample": {"steps": 2, "per_class": 8},
+        "evaluate": {"classifier_epochs": 1, "kid": False, "baselines": False},
+    },
 }
 # tiny-uncond's point False is the pipeline itself (its stages are shared); True trains one model more.
 SWEEPS = {"posthoc": {"base": "tiny-uncond", "grid": {"train.posthoc_ema": [False, True]}}}
@@ -89,20 +99,35 @@ numpy.savez({str(out)!r}, **arrays)
     # x0 clipping over 20 steps of a barely trained model turns that into visible differences
     prologue = f"import torch\ntorch.set_num_threads({torch.get_num_threads()})\n"
     env = os.environ | {"HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, "-c", prologue + code + epilogue], cwd=tmp_path, env=env, capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", prologue + code + epilogue],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     with np.load(out) as arrays:
         return dict(arrays)
 
 
-def _dedt_images(trained: dict, name: str, key: str, labels: list[int] | None, *, n: int, method: str,
-                 steps: int) -> np.ndarray:
+def _dedt_images(
+    trained: dict, name: str, key: str, labels: list[int] | None, *, n: int, method: str, steps: int
+) -> np.ndarray:
     """dedt's sampler on the stored EMA model, as diffusers returns images: [0, 1]."""
     cfg = resolve(name, trained["pipelines"])
     node = plan(cfg, trained["store"])[key]
-    x = sample(load_model(node.out.path), build_scheduler(cfg.train.preset), None if labels is None
-               else np.asarray(labels), num=n, method=method, steps=steps, seed=SEED, progress=False)
+    x = sample(
+        load_model(node.out.path),
+        build_scheduler(cfg.train.preset),
+        None if labels is None else np.asarray(labels),
+        num=n,
+        method=method,
+        steps=steps,
+        seed=SEED,
+        progress=False,
+    )
     return x / 2 + 0.5
 
 
@@ -112,11 +137,14 @@ def test_unconditional_export_runs_in_ddim_and_ddpm_pipelines_like_dedt(trained,
     assert {p.name for p in folder.iterdir()} == {"model_index.json", "unet", "scheduler", "README.md"}
     assert json.loads((folder / "model_index.json").read_text())["_class_name"] == "DDPMPipeline"
     seeds = [_sample_seed(SEED, i) for i in range(4)]
-    code = _snippet((folder / "README.md").read_text(), seeds=seeds) + """
+    code = (
+        _snippet((folder / "README.md").read_text(), seeds=seeds)
+        + """
 from diffusers import DDPMPipeline
 ddpm = DDPMPipeline.from_pretrained(folder)(batch_size=4, generator=[torch.Generator().manual_seed(s) for s in seeds],
                                             num_inference_steps=5, output_type="np").images
 """
+    )
     got = _in_fresh_interpreter(code, tmp_path)
     nhwc = (0, 2, 3, 1)
     ddim = _dedt_images(trained, "tiny-uncond", "train:uniform", None, n=4, method="ddim", steps=20).transpose(nhwc)
@@ -167,10 +195,13 @@ def test_model_card_numbers_are_the_artifacts(trained, tmp_path):
     folder = export_model(cfg, trained["store"], "final", tmp_path / "card", ema=False)
     card = (folder / "README.md").read_text()
     tables = _tables(card)
-    overall = {tuple(r[:3]): r[3:] for r in tables["metric", "feature space", "reference", "value", "real images",
-                                                   "generated"]}
-    memorization = {tuple(r[:3]): r[3:] for r in tables["metric", "feature space", "trained on", "value",
-                                                        "real images", "generated"]}
+    overall = {
+        tuple(r[:3]): r[3:] for r in tables["metric", "feature space", "reference", "value", "real images", "generated"]
+    }
+    memorization = {
+        tuple(r[:3]): r[3:]
+        for r in tables["metric", "feature space", "trained on", "value", "real images", "generated"]
+    }
     per_class = {r[0]: r[1:] for r in tables["class", "FD", "real images", "generated"]}
     metrics = read_metrics(Path(results["evaluate:train"].path) / "metrics.parquet")
     for r in metrics:
@@ -185,7 +216,8 @@ def test_model_card_numbers_are_the_artifacts(trained, tmp_path):
     weights = results["reweight"].summary["weights"]
     kept = results["select"].summary["kept_per_class"]
     assert tables["class index", "class", "kept images", "weight"] == [
-        [str(c), str(c), str(kept[str(c)]), f"{w:g}"] for c, w in enumerate(weights)]  # digits' names are 0-9
+        [str(c), str(c), str(kept[str(c)]), f"{w:g}"] for c, w in enumerate(weights)
+    ]  # digits' names are 0-9
     training = dict(tables["", ""])
     train = results["train"].summary
     assert training["images seen"] == f"{train['nimg']:,}" and training["wall-clock"] == f"{train['seconds']:.1f} s"
@@ -242,8 +274,9 @@ def test_pipeline_run_ends_by_exporting(trained, tmp_path, prefect_harness):
     assert result["exported"] == str(target) and (target / "unet" / "diffusion_pytorch_model.safetensors").is_file()
     assert all(s["status"] == "cached" for s in result["stages"])
     # A scheduled deployment runs again: the earlier export is replaced.
-    assert pipeline_flow("tiny", str(trained["pipelines"]), [f"export.to={target}"],
-                         root=str(trained["store"]))["exported"] == str(target)
+    assert pipeline_flow("tiny", str(trained["pipelines"]), [f"export.to={target}"], root=str(trained["store"]))[
+        "exported"
+    ] == str(target)
 
 
 def test_latent_export_ships_the_vae_and_the_card_decodes_like_dedt(tmp_path):
@@ -251,8 +284,12 @@ def test_latent_export_ships_the_vae_and_the_card_decodes_like_dedt(tmp_path):
     from tests.test_latents import save_tiny_vae
 
     vae = save_tiny_vae(tmp_path / "vae")
-    raw = {**PIPELINES["tiny-uncond"], "select": {"keep_frac": 0.3}, "score": {"method": "random"},
-           "train": {"preset": "digits-tiny", "budget_kimg": 0.128, "batch_size": 32, "vae_path": str(vae)}}
+    raw = {
+        **PIPELINES["tiny-uncond"],
+        "select": {"keep_frac": 0.3},
+        "score": {"method": "random"},
+        "train": {"preset": "digits-tiny", "budget_kimg": 0.128, "batch_size": 32, "vae_path": str(vae)},
+    }
     pipelines = tmp_path / "pipelines.yaml"
     pipelines.write_text(yaml.safe_dump({"pipelines": {"latent": raw}}))
     cfg = resolve("latent", pipelines)
@@ -264,8 +301,15 @@ def test_latent_export_ships_the_vae_and_the_card_decodes_like_dedt(tmp_path):
     seeds = [_sample_seed(SEED, i) for i in range(len(labels))]
     got = _in_fresh_interpreter(_snippet((folder / "README.md").read_text(), labels=labels, seeds=seeds), tmp_path)
     model = load_model(Path(results["train:uniform"].path))
-    z = sample(model, build_scheduler("digits-tiny", latent=True), np.asarray(labels), method="ddim", steps=20,
-               seed=SEED, progress=False)
+    z = sample(
+        model,
+        build_scheduler("digits-tiny", latent=True),
+        np.asarray(labels),
+        method="ddim",
+        steps=20,
+        seed=SEED,
+        progress=False,
+    )
     want = decode_latents(z, str(vae), 256) / 2 + 0.5
     assert got["images"].shape == want.shape == (3, 1, 8, 8)
     assert np.abs(got["images"] - want).max() <= TOLERANCE
@@ -300,8 +344,12 @@ def test_a_sweep_point_exports_as_its_pipeline_with_the_same_overrides(trained, 
     # The cards differ only in the folder of the usage example and the command that computes the stages.
     sweep = f"`dedt sweep posthoc` (point `{label}`, with the same --pipelines)"
     assert sweep in cards[0]
-    assert cards[0].replace(str(point), str(pipeline)).replace(
-        sweep, run_command(resolve("tiny-uncond", trained["pipelines"]))) == cards[1]
+    assert (
+        cards[0]
+        .replace(str(point), str(pipeline))
+        .replace(sweep, run_command(resolve("tiny-uncond", trained["pipelines"])))
+        == cards[1]
+    )
 
 
 def test_ema_none_exports_the_raw_weights_and_the_default_the_runs_ema(trained, tmp_path, monkeypatch):
@@ -318,8 +366,24 @@ def test_ema_none_exports_the_raw_weights_and_the_default_the_runs_ema(trained, 
 def test_ema_sigma_rel_exports_the_posthoc_reconstruction(trained, posthoc, tmp_path, monkeypatch):
     monkeypatch.setenv("DEDT_HOME", str(trained["store"]))
     folder = tmp_path / "posthoc"
-    assert main(["export", "--sweep", "posthoc", "--point", POSTHOC, "--ema", "0.075", "--to", str(folder),
-                 "--pipelines", str(trained["pipelines"])]) == 0
+    assert (
+        main(
+            [
+                "export",
+                "--sweep",
+                "posthoc",
+                "--point",
+                POSTHOC,
+                "--ema",
+                "0.075",
+                "--to",
+                str(folder),
+                "--pipelines",
+                str(trained["pipelines"]),
+            ]
+        )
+        == 0
+    )
     want = reconstruct_ema(list_posthoc_snapshots(posthoc), 0.075)
     assert _same_tensors(load_file(folder / UNET), want)
     assert not _same_tensors(want, load_file(posthoc / "ema.safetensors"))  # not the run's own EMA
@@ -330,8 +394,10 @@ def test_bad_sweep_point_or_ema_exits_2_with_one_line(trained, tmp_path, monkeyp
     monkeypatch.setenv("DEDT_HOME", str(trained["store"]))
     to = ["--to", str(tmp_path / "a"), "--pipelines", str(trained["pipelines"])]
     cases = [
-        (["--sweep", "posthoc", "--point", "seed=1"],
-         "has no point 'seed=1'; its points: 'train.posthoc_ema=False', 'train.posthoc_ema=True'"),
+        (
+            ["--sweep", "posthoc", "--point", "seed=1"],
+            "has no point 'seed=1'; its points: 'train.posthoc_ema=False', 'train.posthoc_ema=True'",
+        ),
         (["--sweep", "nope", "--point", "seed=1"], "no sweep 'nope'"),
         (["--sweep", "posthoc"], "--sweep SWEEP with --point LABEL"),
         (["tiny", "--point", POSTHOC], "--sweep SWEEP with --point LABEL"),

@@ -36,12 +36,28 @@ REPO = Path(__file__).resolve().parent.parent
 SEED = 20240917
 DEFAULT_KILLS = 20
 SOAK_KILLS = int(os.environ.get("DEDT_SOAK_KILLS", "0"))
-TIMING_KEYS = {"seconds", "images_per_s", "mfu", "proxy_seconds", "proxy_images_per_s",
-               "train_s_per_img", "proxy_s_per_img", "overhead_seconds", "reference_seconds"}
+TIMING_KEYS = {
+    "seconds",
+    "images_per_s",
+    "mfu",
+    "proxy_seconds",
+    "proxy_images_per_s",
+    "train_s_per_img",
+    "proxy_s_per_img",
+    "overhead_seconds",
+    "reference_seconds",
+}
 # curve.parquet's wall-clock columns: measured, like the seconds of summary.json
 CURVE_TIMING_COLUMNS = ("train_seconds", "overhead_seconds", "reference_seconds")
-ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-       "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PYTHONPATH": str(REPO), "TQDM_DISABLE": "1"}
+ENV = {
+    "OMP_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+    "OPENBLAS_NUM_THREADS": "1",
+    "HF_HUB_OFFLINE": "1",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "PYTHONPATH": str(REPO),
+    "TQDM_DISABLE": "1",
+}
 
 
 def fault_config(npz: Path) -> dict:
@@ -53,8 +69,13 @@ def fault_config(npz: Path) -> dict:
         "score": {"method": "gaussian"},
         "select": {"keep_frac": 0.3},
         "reweight": {"method": "doremi", "reference_kimg": 0.256, "proxy_kimg": 0.128},
-        "train": {"preset": "digits-tiny", "budget_kimg": 0.192, "batch_size": 32, "checkpoint_every_kimg": 0.064,
-                  "keep_checkpoints": 2},
+        "train": {
+            "preset": "digits-tiny",
+            "budget_kimg": 0.192,
+            "batch_size": 32,
+            "checkpoint_every_kimg": 0.064,
+            "keep_checkpoints": 2,
+        },
         "sample": {"steps": 2, "per_class": 4, "batch_size": 16},
         "evaluate": {"classifier_epochs": 1},
     }
@@ -186,8 +207,9 @@ def child_run(cmd: dict, cfg) -> int:  # noqa: ANN001
                 inj.key = key
                 start = time.perf_counter()
                 result = run_node(cfg, planned, key)
-                reply["results"].append({"key": key, "cached": result.cached,
-                                         "seconds": round(time.perf_counter() - start, 3)})
+                reply["results"].append(
+                    {"key": key, "cached": result.cached, "seconds": round(time.perf_counter() - start, 3)}
+                )
         except DedtError as exc:
             reply["error"], code = str(exc), 2
         except BaseException:  # noqa: BLE001
@@ -268,9 +290,11 @@ def zygote_main(pipelines: str, name: str) -> None:
                 os.kill(pid, signal.SIGKILL)
         if not reaped:
             _, status = os.waitpid(pid, 0)
-        out = {"signal": os.WTERMSIG(status) if os.WIFSIGNALED(status) else None,
-               "code": os.WEXITSTATUS(status) if os.WIFEXITED(status) else None,
-               "seconds": round(time.perf_counter() - start, 3)}
+        out = {
+            "signal": os.WTERMSIG(status) if os.WIFSIGNALED(status) else None,
+            "code": os.WEXITSTATUS(status) if os.WIFEXITED(status) else None,
+            "seconds": round(time.perf_counter() - start, 3),
+        }
         for suffix, field in (("", "reply"), (".kill", "kill")):
             path = Path(cmd["reply"] + suffix)
             if path.exists():
@@ -287,9 +311,15 @@ class Zygote:
     def __init__(self, pipelines: Path, name: str, workdir: Path) -> None:
         self.workdir = workdir
         self.stderr = open(workdir / "zygote.stderr", "w")  # noqa: SIM115
-        self.proc = subprocess.Popen([sys.executable, "-m", "tests.test_faults", "zygote", str(pipelines), name],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr, text=True,
-                                     cwd=REPO, env={**os.environ, **ENV})
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "tests.test_faults", "zygote", str(pipelines), name],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self.stderr,
+            text=True,
+            cwd=REPO,
+            env={**os.environ, **ENV},
+        )
         ready = self.proc.stdout.readline()
         assert ready, (workdir / "zygote.stderr").read_text()[-3000:]
         self.calls = 0
@@ -316,6 +346,7 @@ class Zygote:
 def normalised_digest(path: Path) -> str:
     """SHA-256 of the file; for summary.json, log.jsonl and curve.parquet, of their content minus
     wall-clock fields (the calibrate stage's per-image costs are measurements too)."""
+
     def strip(obj):  # noqa: ANN001, ANN202
         if isinstance(obj, dict):
             return {k: strip(v) for k, v in obj.items() if k not in TIMING_KEYS}
@@ -395,8 +426,14 @@ def baseline(env: dict, zygote: Zygote) -> dict:
     cfg = resolve("fault", env["pipelines"])
     planned = plan(cfg, store)
     folders = {key: f"{n.out.stage}/{n.out.fingerprint}" for key, n in planned.items()}
-    return {"store": store, "digests": store_digests(store), "counts": out["reply"]["counts"], "keys": list(planned),
-            "folders": folders, "seconds": out["seconds"]}
+    return {
+        "store": store,
+        "digests": store_digests(store),
+        "counts": out["reply"]["counts"],
+        "keys": list(planned),
+        "folders": folders,
+        "seconds": out["seconds"],
+    }
 
 
 def seed_store(baseline: dict, dest: Path, before: str) -> None:
@@ -437,7 +474,9 @@ TARGETS = [
 
 
 def matching(counts: dict[str, int], key: str, label: str) -> int:
-    return sum(n for name, n in counts.items() if name.split("|", 1)[0] == key and name.split("|", 1)[1].startswith(label))
+    return sum(
+        n for name, n in counts.items() if name.split("|", 1)[0] == key and name.split("|", 1)[1].startswith(label)
+    )
 
 
 def check_partial_store(store: Path, baseline: dict) -> None:
@@ -462,7 +501,7 @@ def kill_chain(env: dict, zygote: Zygote, baseline: dict, rng: random.Random, ta
             assert out["code"] == 0, out
         else:
             assert out["signal"] == signal.SIGKILL and out["kill"]["killed_at"].startswith(f"{key}|{label}"), out
-            where.append(f'{out["kill"]["killed_at"]}#{out["kill"]["m"]}')
+            where.append(f"{out['kill']['killed_at']}#{out['kill']['m']}")
         check_partial_store(store, baseline)
     out = zygote.run(store=store)
     assert out["code"] == 0, out
@@ -488,8 +527,17 @@ def test_kill_at_random_points_resumes_byte_identical(env: dict, zygote: Zygote,
     stages = {w.split("|")[0] for w in where}
     print(f"\n{len(where)} kill points survived in {chains} chain(s), stages {sorted(stages)}")
     assert len(where) >= max(DEFAULT_KILLS, SOAK_KILLS)
-    assert {"data", "encode", "score", "select", "classifier", "reference", "reweight", "train",
-            "evaluate:train"} <= stages
+    assert {
+        "data",
+        "encode",
+        "score",
+        "select",
+        "classifier",
+        "reference",
+        "reweight",
+        "train",
+        "evaluate:train",
+    } <= stages
 
 
 def test_kill_chain_at_random_delays_then_complete(env: dict, zygote: Zygote, baseline: dict) -> None:
@@ -533,8 +581,17 @@ def test_two_runner_processes_one_killed(env: dict, baseline: dict) -> None:
     the survivor); the store ends with the uninterrupted run's bytes."""
     store = env["work"] / "two"
     seed_store(baseline, store, "reweight")
-    procs = [subprocess.Popen(runner_cmd(env, store), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              cwd=REPO, env={**os.environ, **ENV}) for _ in range(2)]
+    procs = [
+        subprocess.Popen(
+            runner_cmd(env, store),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=REPO,
+            env={**os.environ, **ENV},
+        )
+        for _ in range(2)
+    ]
     victim, survivor = procs
     lines = []
     for line in victim.stdout:  # the finished stages are reported at once; then reweight starts
@@ -551,7 +608,7 @@ def test_two_runner_processes_one_killed(env: dict, baseline: dict) -> None:
     for line in [*lines, *rest.splitlines(), *out.splitlines()]:
         record = json.loads(line)
         computed[record["key"]] = computed.get(record["key"], 0) + (not record["cached"])
-    todo = baseline["keys"][baseline["keys"].index("reweight"):]
+    todo = baseline["keys"][baseline["keys"].index("reweight") :]
     assert all(computed[k] == 0 for k in baseline["keys"] if k not in todo)
     assert all(computed[k] <= 1 for k in todo), computed  # never two writers of one stage
     # Every stage reported computed by one process; at most one not reported, when the victim
@@ -565,13 +622,17 @@ def test_two_runner_processes_one_killed(env: dict, baseline: dict) -> None:
 # Disk full, unwritable store
 
 
-@pytest.mark.parametrize("stage,fsize,fails", [
-    ("data", 16_384, "manifest.parquet"),  # pyarrow: OSError
-    ("reference", 1_000_000, "model.safetensors"),  # safetensors: SafetensorError
-    ("reference", 3_000_000, "training_state.pt"),  # torch.save: RuntimeError
-])
-def test_disk_full_is_a_clear_error_and_loses_nothing(env: dict, zygote: Zygote, baseline: dict, stage: str,
-                                                       fsize: int, fails: str) -> None:
+@pytest.mark.parametrize(
+    "stage,fsize,fails",
+    [
+        ("data", 16_384, "manifest.parquet"),  # pyarrow: OSError
+        ("reference", 1_000_000, "model.safetensors"),  # safetensors: SafetensorError
+        ("reference", 3_000_000, "training_state.pt"),  # torch.save: RuntimeError
+    ],
+)
+def test_disk_full_is_a_clear_error_and_loses_nothing(
+    env: dict, zygote: Zygote, baseline: dict, stage: str, fsize: int, fails: str
+) -> None:
     """RLIMIT_FSIZE stands in for a full disk: files cannot grow past ``fsize`` bytes."""
     store = env["work"] / f"full-{stage}-{fsize}"
     seed_store(baseline, store, stage)
@@ -587,8 +648,11 @@ def test_disk_full_is_a_clear_error_and_loses_nothing(env: dict, zygote: Zygote,
     assert store_digests(store) == before  # the finished stages are intact
     out = zygote.run(store=store, upto=stage)  # space freed: the same command completes
     assert out["code"] == 0, out
-    assert_same_as_baseline(store, baseline["digests"], {baseline["folders"][k] for k in
-                                                          baseline["keys"][: baseline["keys"].index(stage) + 1]})
+    assert_same_as_baseline(
+        store,
+        baseline["digests"],
+        {baseline["folders"][k] for k in baseline["keys"][: baseline["keys"].index(stage) + 1]},
+    )
     shutil.rmtree(store)
 
 
@@ -608,8 +672,9 @@ def test_store_root_is_a_file_fails_before_work(env: dict, tmp_path: Path) -> No
     """The runner's preflight: one line, exit 2, nothing created."""
     root = tmp_path / "store-file"
     root.write_text("x")
-    proc = subprocess.run(runner_cmd(env, root / "sub"), capture_output=True, text=True, cwd=REPO,
-                          env={**os.environ, **ENV}, timeout=300)
+    proc = subprocess.run(
+        runner_cmd(env, root / "sub"), capture_output=True, text=True, cwd=REPO, env={**os.environ, **ENV}, timeout=300
+    )
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and str(root) in lines[0] and "not a folder" in lines[0]
@@ -627,14 +692,18 @@ def flip_bytes(path: Path, count: int = 8) -> None:
     path.write_bytes(bytes(data))
 
 
-@pytest.mark.parametrize("key,name,damage", [
-    ("encode", "embeddings.parquet", "truncate"),
-    ("data", "manifest.parquet", "flip"),
-    ("reference", "ema.safetensors", "flip"),
-    ("classifier", "classifier.safetensors", "truncate"),
-])
-def test_corrupted_artifact_is_reported_and_recomputed(env: dict, zygote: Zygote, baseline: dict, key: str,
-                                                       name: str, damage: str) -> None:
+@pytest.mark.parametrize(
+    "key,name,damage",
+    [
+        ("encode", "embeddings.parquet", "truncate"),
+        ("data", "manifest.parquet", "flip"),
+        ("reference", "ema.safetensors", "flip"),
+        ("classifier", "classifier.safetensors", "truncate"),
+    ],
+)
+def test_corrupted_artifact_is_reported_and_recomputed(
+    env: dict, zygote: Zygote, baseline: dict, key: str, name: str, damage: str
+) -> None:
     store = env["work"] / f"corrupt-{key}"
     upto = baseline["keys"][baseline["keys"].index(key) + 1]  # the stage after: it reads the damaged one
     seed_store(baseline, store, upto)
@@ -647,8 +716,11 @@ def test_corrupted_artifact_is_reported_and_recomputed(env: dict, zygote: Zygote
     assert out["code"] == 0, out
     assert any(str(path) in w and "SHA-256" in w for w in out["reply"]["warnings"]), out["reply"]["warnings"]
     assert [r["key"] for r in out["reply"]["results"] if not r["cached"]][0] == key
-    assert_same_as_baseline(store, baseline["digests"], {baseline["folders"][k] for k in
-                                                          baseline["keys"][: baseline["keys"].index(upto) + 1]})
+    assert_same_as_baseline(
+        store,
+        baseline["digests"],
+        {baseline["folders"][k] for k in baseline["keys"][: baseline["keys"].index(upto) + 1]},
+    )
     shutil.rmtree(store)
 
 

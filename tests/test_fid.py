@@ -64,8 +64,16 @@ def test_fid_folders_equals_cleanfid(model, folders):
         return model((batch - 128) / 128)
 
     a, b = folders
-    theirs = cleanfid.compute_fid(str(a), str(b), mode="clean", custom_feat_extractor=extractor, num_workers=0,
-                                  batch_size=N_PER_FOLDER + 1, device=torch.device("cpu"), verbose=False)
+    theirs = cleanfid.compute_fid(
+        str(a),
+        str(b),
+        mode="clean",
+        custom_feat_extractor=extractor,
+        num_workers=0,
+        batch_size=N_PER_FOLDER + 1,
+        device=torch.device("cpu"),
+        verbose=False,
+    )
     ours = fid_folders(a, b, batch_size=N_PER_FOLDER + 1)
     assert ours == pytest.approx(theirs, rel=1e-3)
 

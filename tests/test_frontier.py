@@ -20,23 +20,46 @@ KIMG = np.array([1.0, 2.0, 4.0, 8.0])
 def _curve_file(path, scale, per_class=(9.0, 10.0, 11.0), bank2=None):
     """A curve FD = scale / sqrt(kimg); the final row carries per-class FD and a second bank's FD."""
     fd = scale / np.sqrt(KIMG)
-    pq.write_table(pa.table({
-        "kimg": KIMG, "train_seconds": KIMG, "overhead_seconds": np.zeros(4), "reference_seconds": np.zeros(4),
-        "fd": fd, "precision": np.full(4, 0.5), "recall": np.full(4, 0.4),
-        "fd_per_class": [json.dumps(dict(zip(CLASSES, per_class, strict=True)))] * 4,
-        "fd_bank2": pa.array([None, None, None, bank2 if bank2 else fd[-1] * 1.02], pa.float64()),
-        "final": [False, False, False, True]}), path)
+    pq.write_table(
+        pa.table(
+            {
+                "kimg": KIMG,
+                "train_seconds": KIMG,
+                "overhead_seconds": np.zeros(4),
+                "reference_seconds": np.zeros(4),
+                "fd": fd,
+                "precision": np.full(4, 0.5),
+                "recall": np.full(4, 0.4),
+                "fd_per_class": [json.dumps(dict(zip(CLASSES, per_class, strict=True)))] * 4,
+                "fd_bank2": pa.array([None, None, None, bank2 if bank2 else fd[-1] * 1.02], pa.float64()),
+                "final": [False, False, False, True],
+            }
+        ),
+        path,
+    )
     return str(path)
 
 
 def _row(tmp_path, seed, model, scale, keep=1.0, scorer="gaussian", weights=None, **curve):
     name = f"{model}-{keep}-{scorer}-{seed}.parquet".replace("+", "_")
     dro = model == "pruned+reweighted"
-    return {"point": f"{keep}{scorer}", "keep_frac": keep, "scorer": scorer, "seed": seed, "model": model,
-            "fd": scale / np.sqrt(8), "selection_s": 0.0 if model == "full data" else 1.0,
-            "proxy_kimg": 1.0 if dro else 0.0, "reference_kimg": 8.0 if dro else 0.0,
-            "train_s_per_img": 0.001, "proxy_s_per_img": 0.002, "floor_fd": 2.0, "recall": 0.4,
-            "weights": json.dumps(weights) if weights else None, "curve": _curve_file(tmp_path / name, scale, **curve)}
+    return {
+        "point": f"{keep}{scorer}",
+        "keep_frac": keep,
+        "scorer": scorer,
+        "seed": seed,
+        "model": model,
+        "fd": scale / np.sqrt(8),
+        "selection_s": 0.0 if model == "full data" else 1.0,
+        "proxy_kimg": 1.0 if dro else 0.0,
+        "reference_kimg": 8.0 if dro else 0.0,
+        "train_s_per_img": 0.001,
+        "proxy_s_per_img": 0.002,
+        "floor_fd": 2.0,
+        "recall": 0.4,
+        "weights": json.dumps(weights) if weights else None,
+        "curve": _curve_file(tmp_path / name, scale, **curve),
+    }
 
 
 def _rows(tmp_path):
@@ -47,8 +70,17 @@ def _rows(tmp_path):
         rows.append(_row(tmp_path, seed, "full data", 80.0))
         rows.append(_row(tmp_path, seed, "full data", 80.0))  # every point repeats it: counted once
         rows.append(_row(tmp_path, seed, "pruned", 40.0, keep=0.2, per_class=(12.0, 12.0, 12.0)))
-        rows.append(_row(tmp_path, seed, "pruned+reweighted", 40.0, keep=0.2, per_class=(10.0, 11.0, 13.0),
-                         weights=[0.5, 0.3, 0.2]))
+        rows.append(
+            _row(
+                tmp_path,
+                seed,
+                "pruned+reweighted",
+                40.0,
+                keep=0.2,
+                per_class=(10.0, 11.0, 13.0),
+                weights=[0.5, 0.3, 0.2],
+            )
+        )
         rows.append(_row(tmp_path, seed, "pruned", 100.0, keep=0.2, scorer="random"))
     return rows
 
@@ -94,8 +126,9 @@ def test_claims_on_time_to_quality(tmp_path):
 
 
 def test_report_written_from_curves(tmp_path):
-    out = write_report(_rows(tmp_path), tmp_path / "docs" / "RESULTS.md", title="t", command="dedt sweep x",
-                       setup=["a setup line"])
+    out = write_report(
+        _rows(tmp_path), tmp_path / "docs" / "RESULTS.md", title="t", command="dedt sweep x", setup=["a setup line"]
+    )
     text = out.read_text()
     assert "a setup line" in text and "F(B) = 28.28" in text and "the real-data floor" in text
     assert "| gaussian 0.2, uniform | 2 | 14.1 ± 0.0 | 0.40 ± 0.00 | ≥1.00x [1.00, 1.00] | 2.00x" in text
@@ -103,8 +136,13 @@ def test_report_written_from_curves(tmp_path):
     assert "falls 29% per doubling" in text
     assert "FD moves by 2.0% (median)" in text  # the second bank is 2% off in every fixture
     assert "best pruned arm gaussian 0.2, uniform" in text
-    for png in ("fd_vs_seconds.png", "fd_vs_kimg.png", "sampling_noise.png", "class_fd.png",
-                "weights_vs_difficulty.png"):
+    for png in (
+        "fd_vs_seconds.png",
+        "fd_vs_kimg.png",
+        "sampling_noise.png",
+        "class_fd.png",
+        "weights_vs_difficulty.png",
+    ):
         assert (tmp_path / "docs" / "results" / png).read_bytes()[:4] == b"\x89PNG"
         assert f"(results/{png})" in text
 

@@ -38,7 +38,9 @@ TINY = dict(budget_kimg=0.192, batch_size=16, checkpoint_every_kimg=0.064, log_e
 def dropout_preset(monkeypatch: pytest.MonkeyPatch) -> str:
     """A tiny preset with dropout: a forward pass in train mode draws from the RNG."""
     monkeypatch.setitem(
-        PRESETS, "tiny-dropout", Preset(description="test", block_out_channels=(32, 64), layers_per_block=1, dropout=0.1)
+        PRESETS,
+        "tiny-dropout",
+        Preset(description="test", block_out_channels=(32, 64), layers_per_block=1, dropout=0.1),
     )
     return "tiny-dropout"
 
@@ -84,9 +86,12 @@ def test_every_torch_load_maps_to_an_explicit_device() -> None:
     missing = []
     for path in [*REPO.glob("dedt/**/*.py"), *REPO.glob("tasks/**/*.py"), *REPO.glob("flows/**/*.py")]:
         for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.Call) and ast.unparse(node.func) in ("torch.load", "torch.jit.load"):
-                if not any(k.arg == "map_location" for k in node.keywords):
-                    missing.append(f"{path.relative_to(REPO)}:{node.lineno}")
+            if (
+                isinstance(node, ast.Call)
+                and ast.unparse(node.func) in ("torch.load", "torch.jit.load")
+                and not any(k.arg == "map_location" for k in node.keywords)
+            ):
+                missing.append(f"{path.relative_to(REPO)}:{node.lineno}")
     assert not missing, missing
 
 
@@ -209,9 +214,7 @@ class _LargeOutputs(TorchDispatchMode):
 
 
 @pytest.mark.parametrize("metric", ["l2", "ip"])
-def test_torch_knn_writes_each_score_block_once_within_the_budget(
-    metric: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_torch_knn_writes_each_score_block_once_within_the_budget(metric: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """One preallocated (rows, N) score block, filled by one fused addmm per query block: the memory
     bound computed from the shapes is the memory used (no (rows, N) temporaries besides it)."""
     n, d, k = 600, 32, 5
@@ -276,7 +279,9 @@ def test_reference_statistics_are_cached_per_device_class_and_precision(
     on_gpu = feature_space("inception", device="auto")  # a GPU worker's default
     assert on_cpu.identity["device"] == "cpu" and on_gpu.identity["device"] == "cuda"
     assert on_cpu.identity["precision"] == on_gpu.identity["precision"] == FEATURE_PRECISION
-    assert refstats_dir(tmp_path, "f" * 64, "train", on_cpu).path != refstats_dir(tmp_path, "f" * 64, "train", on_gpu).path
+    assert (
+        refstats_dir(tmp_path, "f" * 64, "train", on_cpu).path != refstats_dir(tmp_path, "f" * 64, "train", on_gpu).path
+    )
     weights = tmp_path / "classifier.safetensors"
     weights.write_bytes(b"weights")
     assert feature_space("classifier", classifier=weights).identity["device"] == "cpu"  # always on the CPU
@@ -288,8 +293,14 @@ def test_inception_features_are_ieee_fp32_whatever_the_caller_enabled() -> None:
     seen = []
 
     def model(x: torch.Tensor) -> torch.Tensor:
-        seen.append((torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
-                     torch.is_autocast_enabled("cpu"), x.dtype))
+        seen.append(
+            (
+                torch.backends.cuda.matmul.allow_tf32,
+                torch.backends.cudnn.allow_tf32,
+                torch.is_autocast_enabled("cpu"),
+                x.dtype,
+            )
+        )
         return torch.zeros(len(x), FEATURE_DIM)
 
     images = np.zeros((2, 8, 8, 3), dtype=np.uint8)
@@ -392,8 +403,13 @@ def test_gpu_check_script_parses_and_says_so_without_a_gpu(tmp_path: Path) -> No
 
     script = REPO / "bench" / "gpu_check.sh"
     subprocess.run(["bash", "-n", str(script)], check=True)
-    done = subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=300,
-                          env={"PATH": "/usr/bin:/bin", "PYTHON": sys.executable, "TMPDIR": str(tmp_path)})
+    done = subprocess.run(
+        ["bash", str(script)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={"PATH": "/usr/bin:/bin", "PYTHON": sys.executable, "TMPDIR": str(tmp_path)},
+    )
     assert done.returncode == 0, done.stderr
     assert "No CUDA GPU: nothing measured" in done.stdout
     rows = [line for line in done.stdout.splitlines() if line.startswith("| ") and "not run" in line]

@@ -78,8 +78,9 @@ def test_pipeline_folder_layout_and_shift_factor(tmp_path: Path) -> None:
     vae.register_to_config(shift_factor=0.5)
     shifted = encode_latents(x, vae)
     np.testing.assert_allclose(shifted, plain - 0.5 * vae.config.scaling_factor, atol=1e-5)
-    np.testing.assert_allclose(decode_latents(shifted, vae), decode_latents(plain, load_vae(tmp_path / "pipe")),
-                               atol=1e-5)
+    np.testing.assert_allclose(
+        decode_latents(shifted, vae), decode_latents(plain, load_vae(tmp_path / "pipe")), atol=1e-5
+    )
 
 
 def test_missing_vae_is_a_clear_error(tmp_path: Path, vae_dir: Path) -> None:
@@ -113,8 +114,15 @@ def test_train_on_latents_then_decode_samples(tmp_path: Path, vae_dir: Path) -> 
     labels = np.arange(24, dtype=np.int64) % 2
     z = encode_latents(x, vae_dir) * 20  # scaled well outside [-1, 1]: latents are unbounded
     assert np.abs(z).max() > 1
-    common = dict(preset="digits-tiny", budget_kimg=0.032, batch_size=8, checkpoint_every_kimg=0.016,
-                  log_every_kimg=0.016, warmup_kimg=0.0, device="cpu")
+    common = dict(
+        preset="digits-tiny",
+        budget_kimg=0.032,
+        batch_size=8,
+        checkpoint_every_kimg=0.016,
+        log_every_kimg=0.016,
+        warmup_kimg=0.0,
+        device="cpu",
+    )
     with pytest.raises(DedtError, match=r"\[-1, 1\]"):  # a pixel run still rejects them
         train(z, labels, TrainOptions(**common), tmp_path / "pixels", num_classes=2, progress=False)
     options = TrainOptions(**common, vae_path=str(vae_dir))
@@ -160,9 +168,12 @@ def test_latents_stage_in_the_pipeline(tmp_path: Path) -> None:
     from tests.helpers import TINY
 
     vae = save_tiny_vae(tmp_path / "vae")
-    small = {**TINY, "reweight": {"method": "uniform"}, "evaluate": {"classifier_epochs": 1, "baselines": False,
-                                                                     "kid": False},
-             "train": {**TINY["train"], "budget_kimg": 0.128, "vae_path": str(vae)}}
+    small = {
+        **TINY,
+        "reweight": {"method": "uniform"},
+        "evaluate": {"classifier_epochs": 1, "baselines": False, "kid": False},
+        "train": {**TINY["train"], "budget_kimg": 0.128, "vae_path": str(vae)},
+    }
     cfg = build_config(small, "latent")
     root = tmp_path / "store"
     planned = plan(cfg, root)

@@ -63,13 +63,23 @@ def test_deploy_needs_a_server_and_validates_first(tmp_path, store, monkeypatch)
     monkeypatch.delenv("PREFECT_API_URL", raising=False)
     monkeypatch.setenv("DEDT_SERVER_HOME", str(tmp_path / "no-server"))
     path = tmp_path / "pipelines.yaml"
-    path.write_text(yaml.safe_dump({"pipelines": {"nano": NANO}, "sweeps": {"bad": {"base": "nano", "grid": {"seed": [-1]}}}}))
-    proc = subprocess.run([sys.executable, "-m", "flows.cli", "deploy", "--pipelines", str(path)],
-                          capture_output=True, text=True, timeout=120)
+    path.write_text(
+        yaml.safe_dump({"pipelines": {"nano": NANO}, "sweeps": {"bad": {"base": "nano", "grid": {"seed": [-1]}}}})
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "deploy", "--pipelines", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2 and "sweep 'bad', point seed=-1" in proc.stderr
     path.write_text(yaml.safe_dump({"pipelines": {"nano": NANO}}))
-    proc = subprocess.run([sys.executable, "-m", "flows.cli", "deploy", "--pipelines", str(path)],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "deploy", "--pipelines", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2 and "dedt server start" in proc.stderr
 
 
@@ -81,8 +91,12 @@ class Server:
         self.api = f"http://127.0.0.1:{self.port}/api"
         self.pipelines = tmp / "pipelines.yaml"
         self.store = tmp / "store"
-        self.env = os.environ | {"DEDT_HOME": str(self.store), "DEDT_SERVER_HOME": str(tmp / "server"),
-                                 "PREFECT_HOME": str(tmp / "client-home"), "PREFECT_API_URL": self.api}
+        self.env = os.environ | {
+            "DEDT_HOME": str(self.store),
+            "DEDT_SERVER_HOME": str(tmp / "server"),
+            "PREFECT_HOME": str(tmp / "client-home"),
+            "PREFECT_API_URL": self.api,
+        }
 
     def write(self, sweep: dict[str, Any]) -> None:
         doc = {"pipelines": {"nano": NANO, "nano-gpu": NANO_GPU}, "sweeps": {"nano-grid": sweep}}
@@ -129,16 +143,20 @@ class Server:
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     srv = Server(tmp_path_factory.mktemp("orchestration"))
     srv.write(SWEEP)
-    srv.dedt("server", "start", "--port", str(srv.port), "--pool", "dedt-default", "--pool", "gpu",
-             "--query-seconds", "1")
+    srv.dedt(
+        "server", "start", "--port", str(srv.port), "--pool", "dedt-default", "--pool", "gpu", "--query-seconds", "1"
+    )
     state = yaml.safe_load((Path(srv.env["DEDT_SERVER_HOME"]) / "server.json").read_text())
     srv.env["PREFECT_API_AUTH_STRING"] = state["auth"]  # what `dedt server start` printed for this shell
     try:
         yield srv
     finally:
         assert "server" in srv.dedt("server", "stop")
-        left = [pid for pid in state["pids"].values() if Path(f"/proc/{pid}").exists()
-                and Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1][0] != "Z"]
+        left = [
+            pid
+            for pid in state["pids"].values()
+            if Path(f"/proc/{pid}").exists() and Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1][0] != "Z"
+        ]
         assert not left, f"processes left behind: {left}"
 
 
@@ -200,8 +218,15 @@ def test_deployment_run_completes_with_artifacts(server: Server, runs: dict[str,
     assert run["state"]["type"] == "COMPLETED", run["state"]
     artifacts = server.post("/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [run["id"]]}}})
     by_key = {a["key"]: a for a in artifacts}
-    assert {"nano-summary", "nano-kept-per-class", "nano-class-weights", "nano-dro-trajectory",
-            "nano-training-curve", "nano-metrics", "nano-samples-train"} <= set(by_key)
+    assert {
+        "nano-summary",
+        "nano-kept-per-class",
+        "nano-class-weights",
+        "nano-dro-trajectory",
+        "nano-training-curve",
+        "nano-metrics",
+        "nano-samples-train",
+    } <= set(by_key)
     summary = by_key["nano-summary"]["data"]
     assert summary.startswith("# dedt: nano") and "pruned+reweighted" in summary and "subset.parquet" in summary
     assert by_key["nano-dro-trajectory"]["data"].startswith("data:image/png;base64,")

@@ -51,7 +51,8 @@ def test_latent_diffusion_feeds_latents_to_the_diffusion_model_stages_only(tmp_p
         cfg = build_config({**TINY, "train": train, "reweight": TINY["reweight"] | reference}, "latent")
         readers = {key for key, node in plan(cfg, tmp_path / "store").items() if "latents" in node.inputs}
         assert readers == {"reference", "reweight", "train", "train:uniform", "calibrate"} - (
-            {"calibrate"} if reference else set())
+            {"calibrate"} if reference else set()
+        )
 
 
 def test_end_to_end_then_fully_cached(prefect_harness, store, pipelines_file):
@@ -64,7 +65,10 @@ def test_end_to_end_then_fully_cached(prefect_harness, store, pipelines_file):
     assert second["summary"] == first["summary"]
 
     by_key = {s["stage"]: s for s in first["stages"]}
-    stage_dir = lambda key, name: store / key.split(":")[0].replace("reference", "train") / by_key[key]["fingerprint"] / name  # noqa: E731
+
+    def stage_dir(key, name):
+        return store / key.split(":")[0].replace("reference", "train") / by_key[key]["fingerprint"] / name
+
     subset = pq.read_table(stage_dir("select", "subset.parquet"))
     counts = np.bincount(subset.column("label").to_numpy())
     manifest = pq.read_table(stage_dir("data", "manifest.parquet")).to_pandas()

@@ -27,8 +27,9 @@ def _proxy(**kwargs):
     images, labels = _data()
     torch.manual_seed(1)
     reference = build_model("digits-tiny", in_channels=1, resolution=8, num_classes=3)
-    return train_proxy(images, labels, labels, reference, OPTIONS, num_classes=3, budget_kimg=0.06,
-                       smoothing=1e-3, seed=0, **kwargs)
+    return train_proxy(
+        images, labels, labels, reference, OPTIONS, num_classes=3, budget_kimg=0.06, smoothing=1e-3, seed=0, **kwargs
+    )
 
 
 @pytest.mark.parametrize("timesteps", ["common", "independent"])
@@ -75,8 +76,9 @@ def test_throttle_reports_a_bounded_number_of_times(monkeypatch):
 
 
 def test_format_line():
-    line = progress.format_line("train:reference", 12_300, 57_600, {"images_per_s": 850.4, "loss": 0.04123,
-                                                                    "eta_s": 53.2})
+    line = progress.format_line(
+        "train:reference", 12_300, 57_600, {"images_per_s": 850.4, "loss": 0.04123, "eta_s": 53.2}
+    )
     assert line == "train:reference 12.3k/57.6k img (21%), 850 img/s, loss 0.0412, ETA 53 s"
     assert progress.format_line("encode", 5, 10, {"images_per_s": 1.0, "eta_s": float("inf")}).endswith("ETA ?")
 
@@ -87,15 +89,29 @@ def test_training_reports_increasing_counts_a_bounded_number_of_times(one_thread
     images, labels = _data(n=24)
     options = TrainOptions(preset="digits-tiny", batch_size=8, lr=1e-3, budget_kimg=0.08, checkpoint_every_kimg=0.08)
     calls = []
-    train(images, labels, options, tmp_path / "a", num_classes=3, progress=False,
-          on_progress=lambda done, total, info: calls.append((done, total, info)))
+    train(
+        images,
+        labels,
+        options,
+        tmp_path / "a",
+        num_classes=3,
+        progress=False,
+        on_progress=lambda done, total, info: calls.append((done, total, info)),
+    )
     assert len(calls) == 1 and calls[0][0] == calls[0][1] == 80  # under 10 s: only the final report
     assert np.isfinite(calls[0][2]["loss"])
 
     monkeypatch.setattr(progress, "REPORT_EVERY_S", 0.0)
     calls.clear()
-    train(images, labels, options, tmp_path / "b", num_classes=3, progress=False,
-          on_progress=lambda done, total, info: calls.append(done))
+    train(
+        images,
+        labels,
+        options,
+        tmp_path / "b",
+        num_classes=3,
+        progress=False,
+        on_progress=lambda done, total, info: calls.append(done),
+    )
     assert calls == [8 * (i + 1) for i in range(10)]  # every step, increasing, capped by the budget
 
 
@@ -108,14 +124,30 @@ def test_sampling_and_encoding_report_progress(monkeypatch, tmp_path):
     monkeypatch.setattr(progress, "REPORT_EVERY_S", 0.0)
     calls = []
     model = build_model("digits-tiny", in_channels=1, resolution=8, num_classes=3)
-    sample(model, build_scheduler("digits-tiny"), np.arange(5) % 3, steps=2, batch_size=2, progress=False,
-           on_progress=lambda done, total, info: calls.append((done, total)))
+    sample(
+        model,
+        build_scheduler("digits-tiny"),
+        np.arange(5) % 3,
+        steps=2,
+        batch_size=2,
+        progress=False,
+        on_progress=lambda done, total, info: calls.append((done, total)),
+    )
     assert calls == [(2, 5), (4, 5), (5, 5)]
     calls.clear()
     images, _ = _data(n=10)
-    encode_to_parquet(images, 10, np.arange(10), get_encoder("pixels"), tmp_path / "e.parquet", tmp_path / "shards",
-                      batch_size=4, shard_size=6, progress=False,
-                      on_progress=lambda done, total, info: calls.append((done, total)))
+    encode_to_parquet(
+        images,
+        10,
+        np.arange(10),
+        get_encoder("pixels"),
+        tmp_path / "e.parquet",
+        tmp_path / "shards",
+        batch_size=4,
+        shard_size=6,
+        progress=False,
+        on_progress=lambda done, total, info: calls.append((done, total)),
+    )
     assert calls == [(4, 10), (6, 10), (10, 10)]
 
 
@@ -156,8 +188,9 @@ def test_a_pipeline_stage_creates_a_progress_artifact(prefect_harness, store, pi
 
     async def progress_artifacts():  # this run's only: the test session's server holds other tests' too
         async with get_client() as client:
-            only_progress = ArtifactFilter(type=ArtifactFilterType(any_=["progress"]),
-                                           flow_run_id=ArtifactFilterFlowRunId(any_=[run_id]))
+            only_progress = ArtifactFilter(
+                type=ArtifactFilterType(any_=["progress"]), flow_run_id=ArtifactFilterFlowRunId(any_=[run_id])
+            )
             return await client.read_artifacts(artifact_filter=only_progress)
 
     artifacts = asyncio.run(progress_artifacts())

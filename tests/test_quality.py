@@ -115,6 +115,7 @@ def test_speedup_interval_spreads_with_seed_noise():
     kimg = np.array([1, 2, 4, 8])
     full = [Curve(kimg, 80 / np.sqrt(kimg) * rng.uniform(0.9, 1.1)) for _ in range(3)]
     arm = [Curve(kimg, 40 / np.sqrt(kimg) * rng.uniform(0.8, 1.2)) for _ in range(3)]
-    iv = speedup_interval(full, arm, Curve.mean(full).fd[-1], full_s_per_kimg=1.0, arm_s_per_kimg=1.0,
-                          arm_overhead_s=0.0)
+    iv = speedup_interval(
+        full, arm, Curve.mean(full).fd[-1], full_s_per_kimg=1.0, arm_s_per_kimg=1.0, arm_overhead_s=0.0
+    )
     assert iv.low < iv.value < iv.high

@@ -36,9 +36,15 @@ def s3(tmp_path_factory: pytest.TempPathFactory):
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
-    env = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
-           "AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_EC2_METADATA_DISABLED": "true",
-           "AWS_CONFIG_FILE": "/nonexistent", "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent"}
+    env = {
+        "AWS_ACCESS_KEY_ID": "test",
+        "AWS_SECRET_ACCESS_KEY": "test",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": f"http://{host}:{port}",
+        "AWS_EC2_METADATA_DISABLED": "true",
+        "AWS_CONFIG_FILE": "/nonexistent",
+        "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent",
+    }
     with pytest.MonkeyPatch.context() as mp:
         for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN"):
             mp.delenv(name, raising=False)
@@ -60,7 +66,7 @@ def _cfg():
 
 def _worker(monkeypatch: pytest.MonkeyPatch, cache: Path, prefix: str) -> Path:
     """A worker: its own cache folder, the store s3://BUCKET/prefix; returns its local root."""
-    from dedt.store import store_root
+    from dedt.store_root import store_root
 
     monkeypatch.setenv("DEDT_CACHE", str(cache))
     return store_root(f"s3://{BUCKET}/{prefix}")
@@ -102,8 +108,10 @@ def test_two_workers_share_one_bucket(s3: dict, tmp_path: Path, monkeypatch: pyt
     first = _run(root_a, [*UP_TO_SELECT, "classifier", "train:uniform"])
     assert not any(r.cached for r in first.values())
     for result in first.values():  # each finished stage is in the bucket, marker last
-        assert _remote_marker(s3, "two", _folder(result))["files"] == json.loads(
-            (Path(result.path) / "_COMPLETE").read_text())["files"]
+        assert (
+            _remote_marker(s3, "two", _folder(result))["files"]
+            == json.loads((Path(result.path) / "_COMPLETE").read_text())["files"]
+        )
 
     root_b = _worker(monkeypatch, tmp_path / "cache-b", "two")
     second = run_pipeline(_cfg(), f"s3://{BUCKET}/two")  # with preflight, as `dedt run` does
@@ -128,8 +136,14 @@ def test_kill_during_upload_then_rerun(s3: dict, tmp_path: Path, monkeypatch: py
     nothing partial); the re-run uploads it, and a fresh cache gets the killed worker's exact bytes."""
     cache = tmp_path / "cache-killed"
     env = {**os.environ, **s3["env"], "DEDT_CACHE": str(cache), "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    child = subprocess.run([sys.executable, __file__, "kill-at-upload", "5", json.dumps(CONFIG)], env=env, cwd=REPO,
-                           capture_output=True, text=True, timeout=300)
+    child = subprocess.run(
+        [sys.executable, __file__, "kill-at-upload", "5", json.dumps(CONFIG)],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert child.returncode == -signal.SIGKILL, child.stderr[-3000:]
     root = _worker(monkeypatch, cache, "kill")
     planned_folders = {k: f"{n.out.stage}/{n.out.fingerprint}" for k, n in _plan(root).items()}
@@ -170,7 +184,10 @@ def test_corrupted_object_is_detected_and_replaced(s3: dict, tmp_path: Path, mon
         again = _run(other, UP_TO_SELECT)
     assert not again["select"].cached and all(again[k].cached for k in UP_TO_SELECT[:-1])
     assert any(issubclass(w.category, CorruptArtifactWarning) and "subset.parquet" in str(w.message) for w in caught)
-    assert s3["client"].get_object(Bucket=BUCKET, Key=key)["Body"].read() == (other / folder / "subset.parquet").read_bytes()
+    assert (
+        s3["client"].get_object(Bucket=BUCKET, Key=key)["Body"].read()
+        == (other / folder / "subset.parquet").read_bytes()
+    )
     third = _worker(monkeypatch, tmp_path / "cache-3", "corrupt")
     assert _run(third, ["select"])["select"].cached
     assert _files(third, folder) == _files(other, folder)
@@ -200,9 +217,9 @@ def test_two_writers_first_wins(s3: dict, tmp_path: Path, monkeypatch: pytest.Mo
     assert not remote_for(outs[1].root)._put_marker(outs[1], b"{}", replace=False)
 
 
-def test_missing_credentials_and_dead_endpoint_fail_in_one_line(s3: dict, tmp_path: Path, pipelines_file: Path,
-                                                                 monkeypatch: pytest.MonkeyPatch,
-                                                                 capsys: pytest.CaptureFixture) -> None:
+def test_missing_credentials_and_dead_endpoint_fail_in_one_line(
+    s3: dict, tmp_path: Path, pipelines_file: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
     from dedt.runner import main
 
     monkeypatch.setenv("DEDT_CACHE", str(tmp_path / "cache"))
@@ -227,7 +244,7 @@ def test_missing_credentials_and_dead_endpoint_fail_in_one_line(s3: dict, tmp_pa
 
 def test_bad_store_urls_are_refused() -> None:
     from dedt.errors import DedtError
-    from dedt.store import store_root
+    from dedt.store_root import store_root
 
     for url in ("gs://bucket/x", "s3://Bad_Bucket/x", "s3://user:secret@bucket/x", "s3://bucket/../x"):
         with pytest.raises(DedtError):
@@ -239,7 +256,7 @@ def _kill_at_upload(n: int, config: dict) -> None:
     import dedt.remote_store
     from dedt.config import PipelineConfig
     from dedt.pipeline import plan, run_node
-    from dedt.store import store_root
+    from dedt.store_root import store_root
 
     real, calls = dedt.remote_store.Remote._put_file, [0]
 

@@ -26,8 +26,9 @@ def _reference(seed=1):
 
 def test_absent_group_keeps_its_previous_excess():
     images, labels = _data()
-    trainer = ProxyTrainer(images, labels, labels, _reference(), OPTIONS, num_classes=3, eta=1.0,
-                           smoothing=1e-3, seed=0)
+    trainer = ProxyTrainer(
+        images, labels, labels, _reference(), OPTIONS, num_classes=3, eta=1.0, smoothing=1e-3, seed=0
+    )
     trainer.step(np.arange(12))  # all three groups present
     first = trainer.excess.copy()
     assert np.all(first >= 0)
@@ -39,8 +40,7 @@ def test_absent_group_keeps_its_previous_excess():
 
 def test_same_noise_for_proxy_and_reference_gives_zero_excess_against_itself():
     images, labels = _data()
-    trainer = ProxyTrainer(images, labels, labels, _reference(), OPTIONS, num_classes=3, eta=1.0,
-                           smoothing=0.0, seed=0)
+    trainer = ProxyTrainer(images, labels, labels, _reference(), OPTIONS, num_classes=3, eta=1.0, smoothing=0.0, seed=0)
     trainer.reference = trainer.proxy  # reference == proxy: with a shared (t, eps) the excess is exactly 0
     trainer.step(np.arange(12))
     np.testing.assert_array_equal(trainer.excess, np.zeros(3))
@@ -49,8 +49,18 @@ def test_same_noise_for_proxy_and_reference_gives_zero_excess_against_itself():
 
 def test_timestep_range_outside_batch_counts_nothing():
     images, labels = _data()
-    trainer = ProxyTrainer(images, labels, labels, _reference(), OPTIONS, num_classes=3, eta=1.0,
-                           smoothing=1e-3, seed=0, t_range=(0.999, 1.0))
+    trainer = ProxyTrainer(
+        images,
+        labels,
+        labels,
+        _reference(),
+        OPTIONS,
+        num_classes=3,
+        eta=1.0,
+        smoothing=1e-3,
+        seed=0,
+        t_range=(0.999, 1.0),
+    )
     torch.manual_seed(0)
     trainer.step(np.arange(3))  # 3 draws of t: almost surely none in the top 0.1%
     np.testing.assert_array_equal(trainer.excess, np.zeros(3))
@@ -58,8 +68,21 @@ def test_timestep_range_outside_batch_counts_nothing():
 
 def test_train_proxy_deterministic_and_averaged():
     images, labels = _data()
-    runs = [train_proxy(images, labels, labels, _reference(), OPTIONS, num_classes=3, budget_kimg=0.06,
-                        eta=1.0, smoothing=1e-3, seed=3) for _ in range(2)]
+    runs = [
+        train_proxy(
+            images,
+            labels,
+            labels,
+            _reference(),
+            OPTIONS,
+            num_classes=3,
+            budget_kimg=0.06,
+            eta=1.0,
+            smoothing=1e-3,
+            seed=3,
+        )
+        for _ in range(2)
+    ]
     np.testing.assert_array_equal(runs[0].weights, runs[1].weights)
     np.testing.assert_allclose(runs[0].weights, runs[0].alphas.mean(axis=0))
     np.testing.assert_allclose(runs[0].alphas[0], np.full(3, 1 / 3))  # alpha_0 included
@@ -113,8 +136,18 @@ def test_collapse_warning_on_constructed_run():
     images, labels = _data()
     images[labels == 1] = 0.0  # the reference is perfect on group 1 only: all excess, all weight, goes there
     images[labels != 1] = 1.0
-    result = train_proxy(images, labels, labels, _OracleForZeros(), OPTIONS, num_classes=3, budget_kimg=0.36,
-                         eta=50.0, smoothing=0.0, seed=0)
+    result = train_proxy(
+        images,
+        labels,
+        labels,
+        _OracleForZeros(),
+        OPTIONS,
+        num_classes=3,
+        budget_kimg=0.36,
+        eta=50.0,
+        smoothing=0.0,
+        seed=0,
+    )
     assert result.weights.argmax() == 1
     assert result.warning is not None and "collapsed" in result.warning and "eta 50.0" in result.warning
 

@@ -65,17 +65,27 @@ def _laughs(levels: int) -> str:
 
 
 SWEEP_BOMBS = {  # name: (pipelines file text, what the one error line must say)
-    "alias-bomb-in-the-grid": (_laughs(9) + "pipelines: {p: {seed: 0}}\nsweeps: {s: {base: p, grid: {seed: *a8}}}\n",
-                               "aliases expand to more than"),
-    "recursive-alias": ("pipelines: {p: {seed: 0}}\nsweeps: {s: {base: p, grid: &g {seed: [0, *g]}}}\n",
-                        "recursive alias"),
-    "million-points": ("pipelines: {p: {seed: 0}}\nvalues: &v [" + ", ".join(map(str, range(100))) + "]\n"
-                       "sweeps: {s: {base: p, grid: {seed: *v, train.budget_kimg: *v, select.keep_frac: *v}}}\n",
-                       "1,000,000 points"),
-    "nested-grid-values": (_laughs(2) + "pipelines: {p: {seed: 0}}\nsweeps: {s: {base: p, grid: {seed: [*a2]}}}\n",
-                           "each value must be"),
-    "deep-nesting": ("pipelines: {p: {seed: 0}}\nsweeps: {s: {base: p, grid: {seed: " + "[" * 5000 + "]" * 5000 + "}}}\n",
-                     "nested too deeply"),
+    "alias-bomb-in-the-grid": (
+        _laughs(9) + "pipelines: {p: {seed: 0}}\nsweeps: {s: {base: p, grid: {seed: *a8}}}\n",
+        "aliases expand to more than",
+    ),
+    "recursive-alias": (
+        "pipelines: {p: {seed: 0}}\nsweeps: {s: {base: p, grid: &g {seed: [0, *g]}}}\n",
+        "recursive alias",
+    ),
+    "million-points": (
+        "pipelines: {p: {seed: 0}}\nvalues: &v [" + ", ".join(map(str, range(100))) + "]\n"
+        "sweeps: {s: {base: p, grid: {seed: *v, train.budget_kimg: *v, select.keep_frac: *v}}}\n",
+        "1,000,000 points",
+    ),
+    "nested-grid-values": (
+        _laughs(2) + "pipelines: {p: {seed: 0}}\nsweeps: {s: {base: p, grid: {seed: [*a2]}}}\n",
+        "each value must be",
+    ),
+    "deep-nesting": (
+        "pipelines: {p: {seed: 0}}\nsweeps: {s: {base: p, grid: {seed: " + "[" * 5000 + "]" * 5000 + "}}}\n",
+        "nested too deeply",
+    ),
 }
 
 
@@ -86,9 +96,24 @@ def test_hostile_sweep_yaml_is_one_line_exit_2(tmp_path: Path, name: str) -> Non
 
     text, needle = SWEEP_BOMBS[name]
     (tmp_path / "pipelines.yaml").write_text(text)
-    proc = subprocess.run([sys.executable, "-c", CAPPED, str(LIMIT_AS), "sweep", "s", "--dry-run", "--pipelines",
-                           str(tmp_path / "pipelines.yaml")], capture_output=True, text=True, cwd=REPO, timeout=LIMIT_S,
-                          env={**os.environ, "DEDT_HOME": str(tmp_path / "store")})
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            CAPPED,
+            str(LIMIT_AS),
+            "sweep",
+            "s",
+            "--dry-run",
+            "--pipelines",
+            str(tmp_path / "pipelines.yaml"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=LIMIT_S,
+        env={**os.environ, "DEDT_HOME": str(tmp_path / "store")},
+    )
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("dedt: error: "), proc.stderr[-2000:]
     assert needle in lines[0], lines[0]
@@ -102,8 +127,12 @@ def test_alias_bomb_in_a_set_value_is_refused() -> None:
 
 def test_yaml_only_safe_loaders_in_the_code() -> None:
     unsafe = {"yaml.load", "yaml.unsafe_load", "yaml.full_load", "yaml.load_all", "yaml.unsafe_load_all"}
-    found = [f"{p.relative_to(REPO)}:{node.lineno} {name}" for p in python_files(*CODE_DIRS)
-             for name, node in calls(p) if name in unsafe]
+    found = [
+        f"{p.relative_to(REPO)}:{node.lineno} {name}"
+        for p in python_files(*CODE_DIRS)
+        for name, node in calls(p)
+        if name in unsafe
+    ]
     assert not found
 
 
@@ -129,9 +158,24 @@ def test_inception_encoder_loads_only_the_fid_weights(tmp_path: Path) -> None:
 
 
 def test_no_pickle_deserialisation() -> None:
-    banned = {"pickle.load", "pickle.loads", "pickle.Unpickler", "cPickle.load", "dill.load", "dill.loads",
-              "joblib.load", "cloudpickle.load", "cloudpickle.loads", "pd.read_pickle", "pandas.read_pickle",
-              "numpy.load", "np.load", "torch.jit.load", "marshal.loads", "shelve.open"}
+    banned = {
+        "pickle.load",
+        "pickle.loads",
+        "pickle.Unpickler",
+        "cPickle.load",
+        "dill.load",
+        "dill.loads",
+        "joblib.load",
+        "cloudpickle.load",
+        "cloudpickle.loads",
+        "pd.read_pickle",
+        "pandas.read_pickle",
+        "numpy.load",
+        "np.load",
+        "torch.jit.load",
+        "marshal.loads",
+        "shelve.open",
+    }
     # TorchScript (not Python pickle code) for the FID Inception network, which exists only in that
     # format: the two loaders of default_1.pt. Any other use must be reviewed and added here.
     torchscript = {"dedt/metrics/inception.py", "dedt/encoders/torch_models.py"}
@@ -157,8 +201,12 @@ def test_cifar10_unpickler_refuses_gadgets(tmp_path: Path, gadget: str) -> None:
     root.mkdir()
     marker = tmp_path / "pwned"
     module, name = gadget.rsplit(".", 1)
-    arg = {"os.system": f"touch {marker}", "builtins.exec": f"open({str(marker)!r}, 'w')",
-           "subprocess.check_output": ["touch", str(marker)], "numpy.load": str(marker)}[gadget]
+    arg = {
+        "os.system": f"touch {marker}",
+        "builtins.exec": f"open({str(marker)!r}, 'w')",
+        "subprocess.check_output": ["touch", str(marker)],
+        "numpy.load": str(marker),
+    }[gadget]
 
     class Gadget:
         def __reduce__(self):  # noqa: ANN204
@@ -192,6 +240,7 @@ def cifar_py2_batch(data: np.ndarray, labels: list[int], shape: tuple[int, int] 
     """A batch byte for byte in the layout of CIFAR-10's own files (Python 2 cPickle, protocol 2:
     str as BINSTRING, the array through numpy.core.multiarray._reconstruct and BUILD). ``shape``
     overrides the shape the pickle claims for ``data``'s bytes."""
+
     def text(raw: bytes) -> bytes:
         return (b"U" + bytes([len(raw)]) if len(raw) < 256 else b"T" + struct.pack("<i", len(raw))) + raw
 
@@ -199,15 +248,37 @@ def cifar_py2_batch(data: np.ndarray, labels: list[int], shape: tuple[int, int] 
         return b"J" + struct.pack("<i", n)
 
     rows, width = shape or data.shape
-    return b"".join([
-        b"\x80\x02}q\x01(", text(b"batch_label"), text(b"training batch 1 of 5"),
-        text(b"labels"), b"]q\x02(", *(b"K" + bytes([y]) for y in labels), b"e",
-        text(b"data"), b"cnumpy.core.multiarray\n_reconstruct\nq\x03cnumpy\nndarray\nq\x04K\x00\x85", text(b"b"),
-        b"\x87Rq\x05(K\x01", int_(rows), int_(width), b"\x86cnumpy\ndtype\nq\x06", text(b"u1"),
-        b"K\x00K\x01\x87Rq\x07(K\x03", text(b"|"), b"NNN", int_(-1), int_(-1), b"K\x00tb\x89",
-        text(data.tobytes()), b"tb", text(b"filenames"), b"]q\x08(", *(text(b"img%d.png" % i) for i in range(len(labels))),
-        b"eu.",
-    ])
+    return b"".join(
+        [
+            b"\x80\x02}q\x01(",
+            text(b"batch_label"),
+            text(b"training batch 1 of 5"),
+            text(b"labels"),
+            b"]q\x02(",
+            *(b"K" + bytes([y]) for y in labels),
+            b"e",
+            text(b"data"),
+            b"cnumpy.core.multiarray\n_reconstruct\nq\x03cnumpy\nndarray\nq\x04K\x00\x85",
+            text(b"b"),
+            b"\x87Rq\x05(K\x01",
+            int_(rows),
+            int_(width),
+            b"\x86cnumpy\ndtype\nq\x06",
+            text(b"u1"),
+            b"K\x00K\x01\x87Rq\x07(K\x03",
+            text(b"|"),
+            b"NNN",
+            int_(-1),
+            int_(-1),
+            b"K\x00tb\x89",
+            text(data.tobytes()),
+            b"tb",
+            text(b"filenames"),
+            b"]q\x08(",
+            *(text(b"img%d.png" % i) for i in range(len(labels))),
+            b"eu.",
+        ]
+    )
 
 
 CIFAR_NAMES = [b"airplane", b"automobile", b"bird", b"cat", b"deer", b"dog", b"frog", b"horse", b"ship", b"truck"]
@@ -219,17 +290,27 @@ def test_cifar10_batches_round_trip(tmp_path: Path, protocol: object) -> None:
     root = tmp_path / "cifar-10-batches-py"
     root.mkdir()
     rng = np.random.default_rng(0)
-    batches = [(rng.integers(0, 256, (n, 3072), dtype=np.uint8), [int(y) for y in rng.integers(0, 10, n)]) for n in (7, 5)]
+    batches = [
+        (rng.integers(0, 256, (n, 3072), dtype=np.uint8), [int(y) for y in rng.integers(0, 10, n)]) for n in (7, 5)
+    ]
     for i, (data, labels) in enumerate(batches, 1):
         if protocol == "cifar-10 files":
             raw = cifar_py2_batch(data, labels)
             assert np.array_equal(pickle.loads(raw, encoding="bytes")[b"data"], data)  # a genuine pickle of it
         else:
-            raw = pickle.dumps({b"batch_label": b"training batch", b"labels": labels, b"data": data,
-                                b"filenames": [b"img%d.png" % j for j in range(len(labels))]}, protocol=protocol)
+            raw = pickle.dumps(
+                {
+                    b"batch_label": b"training batch",
+                    b"labels": labels,
+                    b"data": data,
+                    b"filenames": [b"img%d.png" % j for j in range(len(labels))],
+                },
+                protocol=protocol,
+            )
         (root / f"data_batch_{i}").write_bytes(raw)
-    (root / "batches.meta").write_bytes(pickle.dumps({b"num_cases_per_batch": 10000, b"label_names": CIFAR_NAMES,
-                                                      b"num_vis": 3072}, protocol=2))
+    (root / "batches.meta").write_bytes(
+        pickle.dumps({b"num_cases_per_batch": 10000, b"label_names": CIFAR_NAMES, b"num_vis": 3072}, protocol=2)
+    )
     raw = load_source("cifar10", str(root))
     data = np.concatenate([d for d, _ in batches])
     assert np.array_equal(raw.images, data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
@@ -282,9 +363,14 @@ def test_dry_run_over_a_marker_naming_a_device_ends(tmp_path: Path) -> None:
     data = plan(build_config(TINY, "p"), tmp_path / "store")["data"].out
     data.path.mkdir(parents=True)
     (data.path / "_COMPLETE").write_text(json.dumps({"files": {"../../../../../../dev/zero": "0" * 64}}))
-    proc = subprocess.run([sys.executable, "-m", "flows.cli", "run", "p", "--dry-run", "--pipelines",
-                           str(tmp_path / "pipelines.yaml")], capture_output=True, text=True, cwd=REPO, timeout=60,
-                          env={**os.environ, "DEDT_HOME": str(tmp_path / "store")})
+    proc = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "run", "p", "--dry-run", "--pipelines", str(tmp_path / "pipelines.yaml")],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=60,
+        env={**os.environ, "DEDT_HOME": str(tmp_path / "store")},
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert any(line.split()[:1] == ["data"] and line.endswith("to run") for line in proc.stdout.splitlines())
 
@@ -338,7 +424,7 @@ def test_manifest_holds_pixels_not_paths(tmp_path: Path) -> None:
 
 # ---- the network ----------------------------------------------------------------------------------
 
-SITECUSTOMIZE = '''
+SITECUSTOMIZE = """
 import os, socket
 
 _LOG = os.environ["DEDT_NET_LOG"]
@@ -387,7 +473,7 @@ def getaddrinfo(host, *args, **kwargs):
 
 socket.socket.connect, socket.socket.connect_ex, socket.socket.sendto = connect, connect_ex, sendto
 socket.getaddrinfo = getaddrinfo
-'''
+"""
 
 
 def test_pipeline_runs_with_the_network_blocked(tmp_path: Path) -> None:
@@ -403,8 +489,9 @@ def test_pipeline_runs_with_the_network_blocked(tmp_path: Path) -> None:
 
     bunch = load_digits()
     keep = np.concatenate([np.flatnonzero(bunch.target == c)[:12] for c in range(10)])
-    np.savez(tmp_path / "d.npz", images=np.rint(bunch.images[keep] * 255 / 16).astype(np.uint8),
-             labels=bunch.target[keep])
+    np.savez(
+        tmp_path / "d.npz", images=np.rint(bunch.images[keep] * 255 / 16).astype(np.uint8), labels=bunch.target[keep]
+    )
     config = fault_config(tmp_path / "d.npz")
     config["reweight"] |= {"reference_kimg": 0.064, "proxy_kimg": 0.032}
     config["train"] |= {"budget_kimg": 0.064, "checkpoint_every_kimg": 0.032}
@@ -415,14 +502,29 @@ def test_pipeline_runs_with_the_network_blocked(tmp_path: Path) -> None:
     (site / "sitecustomize.py").write_text(SITECUSTOMIZE)
     log = tmp_path / "net.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "PREFECT_"))}
-    env |= {"PYTHONPATH": f"{site}{os.pathsep}{REPO}", "DEDT_NET_LOG": str(log), "OMP_NUM_THREADS": "1",
-            "DEDT_HOME": str(tmp_path / "store")}
-    probe = subprocess.run([sys.executable, "-c", "import socket; socket.create_connection(('example.com', 80), 1)"],
-                           capture_output=True, text=True, env=env, timeout=60)
+    env |= {
+        "PYTHONPATH": f"{site}{os.pathsep}{REPO}",
+        "DEDT_NET_LOG": str(log),
+        "OMP_NUM_THREADS": "1",
+        "DEDT_HOME": str(tmp_path / "store"),
+    }
+    probe = subprocess.run(
+        [sys.executable, "-c", "import socket; socket.create_connection(('example.com', 80), 1)"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
     assert probe.returncode != 0 and "network blocked" in probe.stderr  # the guard is in force
     log.unlink()
-    proc = subprocess.run([sys.executable, "-m", "dedt.runner", "net", "--pipelines", str(tmp_path / "pipelines.yaml")],
-                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "dedt.runner", "net", "--pipelines", str(tmp_path / "pipelines.yaml")],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert not log.exists(), log.read_text()
     from dedt.config import resolve
@@ -465,9 +567,14 @@ def test_pipeline_runs_with_the_network_blocked(tmp_path: Path) -> None:
         meta = ResultRecordMetadata(storage_key=key, serializer=PickleSerializer(picklelib="pickle"))
         (planted / key).write_bytes(ResultRecord(result=Payload(), metadata=meta).serialize())
     digests = store_digests(tmp_path / "store")
-    proc = subprocess.run([sys.executable, "-m", "flows.cli", "run", "net", "--pipelines", str(tmp_path / "pipelines.yaml")],
-                          capture_output=True, text=True, env=env | {"PREFECT_HOME": str(tmp_path / "prefect")},
-                          cwd=tmp_path, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "run", "net", "--pipelines", str(tmp_path / "pipelines.yaml")],
+        capture_output=True,
+        text=True,
+        env=env | {"PREFECT_HOME": str(tmp_path / "prefect")},
+        cwd=tmp_path,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert not pwned.exists()
     assert not log.exists(), log.read_text()
@@ -477,7 +584,9 @@ def test_pipeline_runs_with_the_network_blocked(tmp_path: Path) -> None:
     assert len(warned) == 1 and warned[0].startswith("dedt: warning: "), proc.stderr[-3000:]
 
 
-def test_server_state_is_trusted_only_when_private_and_loopback(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_server_state_is_trusted_only_when_private_and_loopback(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """server.json sends dedt's commands (and the API's auth string) to its URL: only a file of the
     user's own, in a folder of the user's own (made 0700), naming 127.0.0.1, is believed."""
     from flows import server
@@ -512,8 +621,11 @@ def test_local_prefect_server_binds_loopback() -> None:
     """`dedt server` starts Prefect on 127.0.0.1, and the embedded server's default host is loopback."""
     server = (REPO / "flows" / "server.py").read_text()
     assert '"--host", "127.0.0.1"' in server and "0.0.0.0" not in server
-    proc = subprocess.run([sys.executable, "-c", "import prefect.settings as s; "
-                           "print(s.get_current_settings().server.api.host)"],
-                          capture_output=True, text=True, timeout=120,
-                          env={k: v for k, v in os.environ.items() if not k.startswith("PREFECT_SERVER_API")})
+    proc = subprocess.run(
+        [sys.executable, "-c", "import prefect.settings as s; print(s.get_current_settings().server.api.host)"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={k: v for k, v in os.environ.items() if not k.startswith("PREFECT_SERVER_API")},
+    )
     assert proc.stdout.strip() == "127.0.0.1", proc.stderr[-2000:]

@@ -19,8 +19,9 @@ def _data():
 
 
 def _options(budget_kimg: float, **extra) -> TrainOptions:
-    return TrainOptions(budget_kimg=budget_kimg, batch_size=32, ema="power", warmup_kimg=0.1,
-                        checkpoint_every_kimg=0.128, **extra)
+    return TrainOptions(
+        budget_kimg=budget_kimg, batch_size=32, ema="power", warmup_kimg=0.1, checkpoint_every_kimg=0.128, **extra
+    )
 
 
 def test_snapshot_equals_the_end_of_a_shorter_run(tmp_path, one_thread):
@@ -58,8 +59,15 @@ def test_power_ema_rejects_half_life_options():
         TrainOptions(ema="power", ema_halflife_kimg=4.0)
 
 
-@pytest.mark.parametrize("options", [dict(ema="power"), dict(ema_decay=0.9999), dict(timestep_weighting="min-snr"),
-                                     dict(posthoc_ema=True, ema="power")])
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(ema="power"),
+        dict(ema_decay=0.9999),
+        dict(timestep_weighting="min-snr"),
+        dict(posthoc_ema=True, ema="power"),
+    ],
+)
 def test_options_validate_again_from_a_full_dump(options):
     """A GPU worker receives the resolved config as a full dump (every field given): it must validate."""
     resolved = TrainOptions(**options)

@@ -21,8 +21,9 @@ def test_parquet_round_trip_is_byte_deterministic(tmp_path):
     write_parquet(table, tmp_path / "x.parquet", {"k": 1})
     write_parquet(table, tmp_path / "y.parquet", {"k": 1})
     assert (tmp_path / "x.parquet").read_bytes() == (tmp_path / "y.parquet").read_bytes()
-    assert read_parquet(tmp_path / "x.parquet", ("a", "b")).equals(table.replace_schema_metadata(
-        read_parquet(tmp_path / "x.parquet").schema.metadata))
+    assert read_parquet(tmp_path / "x.parquet", ("a", "b")).equals(
+        table.replace_schema_metadata(read_parquet(tmp_path / "x.parquet").schema.metadata)
+    )
     assert not list(tmp_path.glob(".*tmp"))
 
 

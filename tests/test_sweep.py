@@ -33,24 +33,37 @@ def _write(tmp_path: Path, sweeps: dict) -> Path:
 
 
 def test_expand_is_the_grid_product_in_order(tmp_path):
-    path = _write(tmp_path, {"g": {"base": "tiny", "grid": {"select.keep_frac": [0.1, 0.3],
-                                                          "encode.encoder": ["pixels", "random-projection"]}}})
+    path = _write(
+        tmp_path,
+        {
+            "g": {
+                "base": "tiny",
+                "grid": {"select.keep_frac": [0.1, 0.3], "encode.encoder": ["pixels", "random-projection"]},
+            }
+        },
+    )
     points = expand("g", path)
     assert [p.label for p in points] == [
-        "select.keep_frac=0.1 encode.encoder=pixels", "select.keep_frac=0.1 encode.encoder=random-projection",
-        "select.keep_frac=0.3 encode.encoder=pixels", "select.keep_frac=0.3 encode.encoder=random-projection"]
+        "select.keep_frac=0.1 encode.encoder=pixels",
+        "select.keep_frac=0.1 encode.encoder=random-projection",
+        "select.keep_frac=0.3 encode.encoder=pixels",
+        "select.keep_frac=0.3 encode.encoder=random-projection",
+    ]
     assert points[3].cfg.select.keep_frac == 0.3 and points[3].cfg.encode.encoder == "random-projection"
     assert points[0].cfg.train == points[3].cfg.train  # only the grid keys change
     assert load_sweeps(path)["g"].max_concurrency == 2
 
 
-@pytest.mark.parametrize("sweep,needle", [
-    ({"base": "nope", "grid": {"seed": [0]}}, "base pipeline 'nope'"),
-    ({"base": "tiny", "grid": {}}, "empty grid"),
-    ({"base": "tiny", "grid": {"select.keep_frac": [0.1, 2.0]}}, "point select.keep_frac=2.0"),
-    ({"base": "tiny", "grid": {"score.methd": ["knn"]}}, "score.methd"),
-    ({"base": "tiny", "grid": {"seed": [0]}, "max_concurency": 2}, "max_concurency"),
-])
+@pytest.mark.parametrize(
+    "sweep,needle",
+    [
+        ({"base": "nope", "grid": {"seed": [0]}}, "base pipeline 'nope'"),
+        ({"base": "tiny", "grid": {}}, "empty grid"),
+        ({"base": "tiny", "grid": {"select.keep_frac": [0.1, 2.0]}}, "point select.keep_frac=2.0"),
+        ({"base": "tiny", "grid": {"score.methd": ["knn"]}}, "score.methd"),
+        ({"base": "tiny", "grid": {"seed": [0]}, "max_concurency": 2}, "max_concurency"),
+    ],
+)
 def test_bad_sweeps_fail_before_work_naming_the_field(tmp_path, sweep, needle):
     with pytest.raises(DedtError, match="sweep 'g'") as error:
         expand("g", _write(tmp_path, {"g": sweep}))
@@ -58,16 +71,26 @@ def test_bad_sweeps_fail_before_work_naming_the_field(tmp_path, sweep, needle):
 
 
 def test_shared_stages_listed_once_inputs_first(tmp_path):
-    path = _write(tmp_path, {"g": {"base": "tiny", "grid": {"select.keep_frac": [0.1, 0.3],
-                                                          "score.method": ["gaussian", "random"]}}})
+    path = _write(
+        tmp_path,
+        {"g": {"base": "tiny", "grid": {"select.keep_frac": [0.1, 0.3], "score.method": ["gaussian", "random"]}}},
+    )
     plans = [plan(p.cfg, Path("/store")) for p in expand("g", path)]
     nodes = unique_nodes(plans)
     stages = [n.id.split("/")[0] for n in nodes]
     # One data, encoder, classifier, cost calibration, full-data reference (+ its evaluation); a scorer
     # per method, a selection (and everything downstream of it) per point.
     assert {s: stages.count(s) for s in set(stages)} == {
-        "data": 1, "encode": 1, "classifier": 1, "calibrate": 1, "score": 2, "select": 4, "reweight": 4,
-        "train": 1 + 4 + 4, "evaluate": 1 + 4 + 4}
+        "data": 1,
+        "encode": 1,
+        "classifier": 1,
+        "calibrate": 1,
+        "score": 2,
+        "select": 4,
+        "reweight": 4,
+        "train": 1 + 4 + 4,
+        "evaluate": 1 + 4 + 4,
+    }
     position = {n.id: i for i, n in enumerate(nodes)}
     assert all(position[i] < position[n.id] for n in nodes for i in n.inputs)
     assert len({node_id(node) for planned in plans for node in planned.values()}) == len(nodes)
@@ -79,11 +102,19 @@ def _fake_results(keep_frac: float, fd: float, reweighted_fd: float) -> dict[str
 
     train = {"n_images": int(1000 * keep_frac), "nimg": 500}
     evaluate = lambda v: result(1.0, fd=v, fd_per_class={"0": v - 1, "1": v + 1})  # noqa: E731
-    return {"encode": result(1.0), "score": result(1.0), "select": result(0.0), "reweight": result(2.0, weights=[0.4, 0.6]),
-            "reference": result(40.0, n_images=1000, nimg=1000), "train:uniform": result(10.0, **train),
-            "train": result(10.0, **train), "evaluate:reference": evaluate(5.0),
-            "calibrate": result(3.0, train_s_per_img=0.01, proxy_s_per_img=0.02),
-            "evaluate:train:uniform": evaluate(fd), "evaluate:train": evaluate(reweighted_fd)}
+    return {
+        "encode": result(1.0),
+        "score": result(1.0),
+        "select": result(0.0),
+        "reweight": result(2.0, weights=[0.4, 0.6]),
+        "reference": result(40.0, n_images=1000, nimg=1000),
+        "train:uniform": result(10.0, **train),
+        "train": result(10.0, **train),
+        "evaluate:reference": evaluate(5.0),
+        "calibrate": result(3.0, train_s_per_img=0.01, proxy_s_per_img=0.02),
+        "evaluate:train:uniform": evaluate(fd),
+        "evaluate:train": evaluate(reweighted_fd),
+    }
 
 
 def test_comparison_rows_and_plots(tmp_path):
@@ -91,8 +122,13 @@ def test_comparison_rows_and_plots(tmp_path):
     points = expand("g", path)
     rows = comparison_rows(points, [_fake_results(0.2, 9.0, 8.0), _fake_results(0.4, 7.0, 6.5)])
     assert [(r["keep_frac"], r["model"], r["fd"]) for r in rows] == [
-        (0.2, "full data", 5.0), (0.2, "pruned", 9.0), (0.2, "pruned+reweighted", 8.0),
-        (0.4, "full data", 5.0), (0.4, "pruned", 7.0), (0.4, "pruned+reweighted", 6.5)]
+        (0.2, "full data", 5.0),
+        (0.2, "pruned", 9.0),
+        (0.2, "pruned+reweighted", 8.0),
+        (0.4, "full data", 5.0),
+        (0.4, "pruned", 7.0),
+        (0.4, "pruned+reweighted", 6.5),
+    ]
     # equal-quality speed-up: the full-data curve (here its end alone: 1 kimg, FD 5, 10 s per kimg) reaches
     # the pruned models' worse FDs before its first point, so only bounds: <= 10 s / (5 s training + 2 s
     # selection (+ the proxy at 20 s per kimg))
@@ -126,8 +162,9 @@ def test_sweep_flow_concurrent_then_fully_cached(prefect_harness, store, tmp_pat
     first = state.result()
     assert (first["stages"], first["computed"]) == (10, 10)
     with get_client(sync_client=True) as client:
-        task_runs = client.read_task_runs(flow_run_filter=FlowRunFilter(
-            id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+        task_runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
+        )
     spans = [(t.start_time, t.end_time) for t in task_runs if t.start_time and t.end_time]
     at_once = max(sum(s <= start < e for s, e in spans) for start, _ in spans)
     assert len(spans) == 10 and at_once == 2  # independent stages overlapped, never more than the limit
@@ -144,13 +181,24 @@ def test_sweep_flow_concurrent_then_fully_cached(prefect_harness, store, tmp_pat
 
 
 def test_grid_union_and_keep_all_points_share_one_run(tmp_path):
-    path = _write(tmp_path, {"g": {"base": "tiny", "grid": [
-        {"select.keep_frac": [1.0], "score.method": ["gaussian", "random"], "train.budget_kimg": [1.0]},
-        {"seed": [1], "select.keep_frac": [0.3]}]}})
+    path = _write(
+        tmp_path,
+        {
+            "g": {
+                "base": "tiny",
+                "grid": [
+                    {"select.keep_frac": [1.0], "score.method": ["gaussian", "random"], "train.budget_kimg": [1.0]},
+                    {"seed": [1], "select.keep_frac": [0.3]},
+                ],
+            }
+        },
+    )
     points = expand("g", path)
-    assert [p.label for p in points] == ["select.keep_frac=1.0 score.method=gaussian train.budget_kimg=1.0",
-                                         "select.keep_frac=1.0 score.method=random train.budget_kimg=1.0",
-                                         "seed=1 select.keep_frac=0.3"]
+    assert [p.label for p in points] == [
+        "select.keep_frac=1.0 score.method=gaussian train.budget_kimg=1.0",
+        "select.keep_frac=1.0 score.method=random train.budget_kimg=1.0",
+        "seed=1 select.keep_frac=0.3",
+    ]
     plans = [plan(p.cfg, Path("/store")) for p in points]
     # keep_frac 1 keeps everything: nothing to encode or score, and both scorers' points are one run
     assert "score" not in plans[0] and "encode" not in plans[0]

@@ -194,7 +194,8 @@ def test_resume_with_loss_aware_sampling_min_snr_and_posthoc_ema_is_byte_identic
     found = list_posthoc_snapshots(tmp_path / "straight")
     # 4 even points (64, 128, 192, 256 images) plus the curve's points (64, 128): no repeats.
     assert {sigma: [s.nimg for s in snaps] for sigma, snaps in found.items()} == {
-        0.05: [64, 128, 192, 256], 0.10: [64, 128, 192, 256]
+        0.05: [64, 128, 192, 256],
+        0.10: [64, 128, 192, 256],
     }
 
 

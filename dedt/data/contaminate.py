@@ -53,8 +53,10 @@ class Contaminated:
 
     def columns(self) -> dict[str, pa.Array]:
         """The manifest's ground-truth columns (row i = sample id i)."""
-        return {CONTAMINANT: pa.array(self.kinds.tolist(), pa.string()),
-                DUPLICATE_OF: pa.array(self.duplicate_of, pa.int64())}
+        return {
+            CONTAMINANT: pa.array(self.kinds.tolist(), pa.string()),
+            DUPLICATE_OF: pa.array(self.duplicate_of, pa.int64()),
+        }
 
     def counts(self) -> dict[str, int]:
         """Train rows of each kind (held-out rows are all clean)."""
@@ -128,8 +130,9 @@ def _count(frac: float, n: int) -> int:
     return int(math.floor(frac * n + 0.5))
 
 
-def _imbalance_keep(labels: np.ndarray, train: np.ndarray, ratio: float, k: int,
-                    rng: np.random.Generator) -> np.ndarray:
+def _imbalance_keep(
+    labels: np.ndarray, train: np.ndarray, ratio: float, k: int, rng: np.random.Generator
+) -> np.ndarray:
     """Train rows kept under an exponential class profile: class c keeps ceil(n_c * ratio^(-c/(k-1))), so the
     last class keeps 1/ratio of its images (the long-tailed CIFAR of Cao et al. 2019, LDAM)."""
     keep = np.zeros(len(labels), bool)
@@ -145,7 +148,7 @@ def _perturb(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     h, w = img.shape[:2]
     s = round(SHIFT_FRAC * min(h, w))  # none below 13 px: one pixel would move a tiny image too far
     dy, dx = rng.integers(-s, s + 1, 2) * (rng.random() < SHIFT_PROB)
-    x = np.pad(img.astype(np.float64), ((s, s), (s, s), (0, 0)), mode="edge")[s - dy: s - dy + h, s - dx: s - dx + w]
+    x = np.pad(img.astype(np.float64), ((s, s), (s, s), (0, 0)), mode="edge")[s - dy : s - dy + h, s - dx : s - dx + w]
     mean = x.mean()
     x = (x - mean) * rng.uniform(1 - CONTRAST, 1 + CONTRAST) + mean + 255 * rng.uniform(-BRIGHTNESS, BRIGHTNESS)
     x += rng.normal(0.0, 255 * NOISE_STD, x.shape)
@@ -164,14 +167,18 @@ def _off_domain(shapes: list[tuple[int, ...]], kind: str, rng: np.random.Generat
             photo = photos[rng.integers(len(photos))]
             side = int(rng.integers(PATCH_MIN, min(photo.shape[:2]) + 1))
             y, x = (int(rng.integers(0, photo.shape[i] - side + 1)) for i in (0, 1))
-            patch = np.asarray(Image.fromarray(photo[y: y + side, x: x + side]).resize((w, h), Image.BICUBIC))
+            patch = np.asarray(Image.fromarray(photo[y : y + side, x : x + side]).resize((w, h), Image.BICUBIC))
             img = patch if c == 3 else np.rint(patch.mean(axis=2, keepdims=True)).astype(np.uint8)
         else:
             yy, xx = np.mgrid[0:h, 0:w] / max(h, w)
             channels = []
             for _ in range(c):
-                wave = sum(np.sin(2 * np.pi * rng.uniform(1, 6) * (np.cos(a) * xx + np.sin(a) * yy)
-                                  + rng.uniform(0, 2 * np.pi)) for a in rng.uniform(0, np.pi, 3))
+                wave = sum(
+                    np.sin(
+                        2 * np.pi * rng.uniform(1, 6) * (np.cos(a) * xx + np.sin(a) * yy) + rng.uniform(0, 2 * np.pi)
+                    )
+                    for a in rng.uniform(0, np.pi, 3)
+                )
                 channels.append(np.clip(np.rint(127.5 + 42.5 * wave), 0, 255))  # 3 gratings: |wave| <= 3
             img = np.stack(channels, axis=2).astype(np.uint8)
         out.append(img)
@@ -193,8 +200,11 @@ def read_contaminants(manifest: Path) -> tuple[np.ndarray, np.ndarray, np.ndarra
     present = set(table.column_names)
     ids = table.column("sample_id").to_numpy()
     split = np.asarray(table.column("split").to_pylist(), dtype=str)
-    kinds = (np.asarray(table.column(CONTAMINANT).to_pylist(), dtype=str) if CONTAMINANT in present
-             else np.full(len(ids), "none"))
+    kinds = (
+        np.asarray(table.column(CONTAMINANT).to_pylist(), dtype=str)
+        if CONTAMINANT in present
+        else np.full(len(ids), "none")
+    )
     of = table.column(DUPLICATE_OF).to_numpy() if DUPLICATE_OF in present else np.full(len(ids), -1, np.int64)
     return ids, split, kinds, of
 

@@ -36,7 +36,9 @@ def prepare_images(raw: RawDataset, resolution: int | None, channels: int | None
             img = np.repeat(img, 3, axis=2) if c == 3 else np.rint(img.mean(axis=2, keepdims=True)).astype(np.uint8)
         if resolution is not None and img.shape[:2] != (resolution, resolution):
             pil = Image.fromarray(img[..., 0] if c == 1 else img)
-            img = np.asarray(pil.resize((resolution, resolution), Image.BICUBIC), np.uint8).reshape(resolution, resolution, c)
+            img = np.asarray(pil.resize((resolution, resolution), Image.BICUBIC), np.uint8).reshape(
+                resolution, resolution, c
+            )
         out.append(img)
     if len({img.shape[2] for img in out}) > 1:
         raise DedtError("images mix grayscale and colour; set dataset.channels to 1 or 3")
@@ -63,20 +65,28 @@ def encode_png(img: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def write_manifest(raw: RawDataset, images: np.ndarray, holdout: np.ndarray, path: Path, meta: dict,
-                   columns: Mapping[str, pa.Array] | None = None) -> None:
+def write_manifest(
+    raw: RawDataset,
+    images: np.ndarray,
+    holdout: np.ndarray,
+    path: Path,
+    meta: dict,
+    columns: Mapping[str, pa.Array] | None = None,
+) -> None:
     """The manifest; ``columns`` adds per-row columns after the image (a contaminated set's ground truth)."""
     empty = [raw.class_names[c] for c in range(len(raw.class_names)) if not np.any(raw.labels[~holdout] == c)]
     if empty:
         raise DedtError(f"classes {empty} have no training images; add images or lower dataset.holdout_frac")
-    table = pa.table({
-        "sample_id": pa.array(np.arange(len(images), dtype=np.int64)),
-        "label": pa.array(raw.labels.astype(np.int32)),
-        "class_name": pa.array([raw.class_names[c] for c in raw.labels]),
-        "split": pa.array(np.where(holdout, "holdout", "train")),
-        "image": pa.array([encode_png(img) for img in images], pa.binary()),
-        **(columns or {}),
-    })
+    table = pa.table(
+        {
+            "sample_id": pa.array(np.arange(len(images), dtype=np.int64)),
+            "label": pa.array(raw.labels.astype(np.int32)),
+            "class_name": pa.array([raw.class_names[c] for c in raw.labels]),
+            "split": pa.array(np.where(holdout, "holdout", "train")),
+            "image": pa.array([encode_png(img) for img in images], pa.binary()),
+            **(columns or {}),
+        }
+    )
     write_parquet(table, path, {**meta, "class_names": raw.class_names, "shape": list(images.shape[1:])})
 
 

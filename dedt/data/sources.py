@@ -38,10 +38,14 @@ class RawDataset:
         if len(self.images) == 0:
             raise DedtError("the dataset is empty; point dataset.path at a folder or file with images")
         if len(self.class_names) > MAX_CLASSES:
-            raise DedtError(f"{len(self.class_names)} classes; dedt handles at most {MAX_CLASSES}: merge classes or "
-                            "split the dataset")
+            raise DedtError(
+                f"{len(self.class_names)} classes; dedt handles at most {MAX_CLASSES}: merge classes or "
+                "split the dataset"
+            )
         if self.labels.min() < 0 or self.labels.max() >= len(self.class_names):
-            raise DedtError(f"labels must lie in [0, {len(self.class_names) - 1}]; found {self.labels.min()}..{self.labels.max()}")
+            raise DedtError(
+                f"labels must lie in [0, {len(self.class_names) - 1}]; found {self.labels.min()}..{self.labels.max()}"
+            )
 
 
 def _digits(path: str | None) -> RawDataset:
@@ -81,8 +85,10 @@ def _read_image(file: Path) -> np.ndarray:
             img = Image.open(file, formats=IMAGE_FORMATS)
         with img:
             if img.width * img.height > MAX_IMAGE_PIXELS:
-                raise DedtError(f"image {file} is {img.width}x{img.height}, over {MAX_IMAGE_PIXELS:,} pixels; "
-                                "downscale it before use")
+                raise DedtError(
+                    f"image {file} is {img.width}x{img.height}, over {MAX_IMAGE_PIXELS:,} pixels; "
+                    "downscale it before use"
+                )
             img.load()
             mode = "L" if img.mode in ("1", "L", "I", "I;16", "F") else "RGB"
             return np.asarray(img.convert(mode), dtype=np.uint8).reshape(img.height, img.width, -1)
@@ -115,8 +121,9 @@ def _imagefolder(path: str | None) -> RawDataset:
             labels.append(label)
             held += images[-1].nbytes
             if held > MAX_DATASET_BYTES:
-                raise DedtError(f"{root}: the images decode to more than {MAX_DATASET_BYTES >> 30} GiB; use fewer "
-                                "or smaller images")
+                raise DedtError(
+                    f"{root}: the images decode to more than {MAX_DATASET_BYTES >> 30} GiB; use fewer or smaller images"
+                )
     shapes = {img.shape for img in images}
     if len({s[2] for s in shapes}) > 1:
         raise DedtError(f"{root} mixes grayscale and colour images; set dataset.channels to 1 or 3")
@@ -165,14 +172,24 @@ def _call(func: Any, args: Any) -> Any:
     if not isinstance(func, _Name) or not isinstance(args, tuple):
         raise ValueError("a call of something other than a numpy array rebuilder")
     key = (func.module, func.name)
-    if key == ("_codecs", "encode") and len(args) == 2 and isinstance(args[0], str) and args[1] in ("latin1", "latin-1"):
+    if (
+        key == ("_codecs", "encode")
+        and len(args) == 2
+        and isinstance(args[0], str)
+        and args[1] in ("latin1", "latin-1")
+    ):
         return args[0].encode("latin-1")  # how Python 3 writes bytes at protocol 2
     if key == ("numpy", "dtype") and args and isinstance(args[0], (str, bytes)) and args[0] in _U8_NAMES:
         return _U8()
     if key in _RECONSTRUCT and len(args) == 3 and args[0] == _Name("numpy", "ndarray"):
         return _U8Array()
-    if key in _FROMBUFFER and len(args) == 4 and isinstance(args[0], bytes) and isinstance(args[1], _U8) \
-            and args[3] == "C":
+    if (
+        key in _FROMBUFFER
+        and len(args) == 4
+        and isinstance(args[0], bytes)
+        and isinstance(args[1], _U8)
+        and args[3] == "C"
+    ):
         return _U8Array(args[2], args[0])
     raise ValueError(f"a call of {func.module}.{func.name} that is not a uint8 array")
 
@@ -182,17 +199,46 @@ def _build(obj: Any, state: Any) -> None:
     flat = isinstance(state, tuple) and all(x is None or type(x) in (int, str, bytes) for x in state)  # cheap to hash
     if isinstance(obj, _U8) and flat and state in _U8_STATES:
         return
-    if isinstance(obj, _U8Array) and obj.raw is None and isinstance(state, tuple) and len(state) == 5 \
-            and isinstance(state[2], _U8) and state[3] is False and isinstance(state[4], bytes):
+    if (
+        isinstance(obj, _U8Array)
+        and obj.raw is None
+        and isinstance(state, tuple)
+        and len(state) == 5
+        and isinstance(state[2], _U8)
+        and state[3] is False
+        and isinstance(state[4], bytes)
+    ):
         obj.shape, obj.raw = state[1], state[4]
         return
     raise ValueError("object state other than a uint8 array's")
 
 
-_PUSH = {"NONE": lambda arg: None, "NEWTRUE": lambda arg: True, "NEWFALSE": lambda arg: False,
-         "EMPTY_DICT": lambda arg: {}, "EMPTY_LIST": lambda arg: [], "EMPTY_TUPLE": lambda arg: ()}
-_SCALARS = {"INT", "BININT", "BININT1", "BININT2", "LONG", "LONG1", "LONG4", "FLOAT", "BINFLOAT",
-            "BINBYTES", "SHORT_BINBYTES", "BINBYTES8", "UNICODE", "BINUNICODE", "SHORT_BINUNICODE", "BINUNICODE8"}
+_PUSH = {
+    "NONE": lambda arg: None,
+    "NEWTRUE": lambda arg: True,
+    "NEWFALSE": lambda arg: False,
+    "EMPTY_DICT": lambda arg: {},
+    "EMPTY_LIST": lambda arg: [],
+    "EMPTY_TUPLE": lambda arg: (),
+}
+_SCALARS = {
+    "INT",
+    "BININT",
+    "BININT1",
+    "BININT2",
+    "LONG",
+    "LONG1",
+    "LONG4",
+    "FLOAT",
+    "BINFLOAT",
+    "BINBYTES",
+    "SHORT_BINBYTES",
+    "BINBYTES8",
+    "UNICODE",
+    "BINUNICODE",
+    "SHORT_BINUNICODE",
+    "BINUNICODE8",
+}
 
 
 def _walk_pickle(data: bytes) -> Any:
@@ -302,22 +348,38 @@ def _cifar_batch(file: Path) -> tuple[np.ndarray, list[int]]:
     """(uint8 images (N, 32, 32, 3), labels) of one batch: only a (N, 3072) uint8 array and N labels 0..9."""
     batch = _read_cifar_pickle(file)
     data, labels = batch.get("data"), batch.get("labels")
-    if not isinstance(data, _U8Array) or data.raw is None or not isinstance(data.shape, tuple) \
-            or len(data.shape) != 2 or data.shape[1] != 3072 or type(data.shape[0]) is not int \
-            or data.shape[0] * 3072 != len(data.raw):
-        raise DedtError(f"{file}: 'data' is not a uint8 array of shape (N, 3072) holding its N x 3072 bytes; "
-                        "re-extract cifar-10-python.tar.gz")
-    if not isinstance(labels, list) or len(labels) != data.shape[0] \
-            or any(type(y) is not int or not 0 <= y < 10 for y in labels):
-        raise DedtError(f"{file}: 'labels' is not a list of {data.shape[0]} integers 0..9; re-extract cifar-10-python.tar.gz")
+    if (
+        not isinstance(data, _U8Array)
+        or data.raw is None
+        or not isinstance(data.shape, tuple)
+        or len(data.shape) != 2
+        or data.shape[1] != 3072
+        or type(data.shape[0]) is not int
+        or data.shape[0] * 3072 != len(data.raw)
+    ):
+        raise DedtError(
+            f"{file}: 'data' is not a uint8 array of shape (N, 3072) holding its N x 3072 bytes; "
+            "re-extract cifar-10-python.tar.gz"
+        )
+    if (
+        not isinstance(labels, list)
+        or len(labels) != data.shape[0]
+        or any(type(y) is not int or not 0 <= y < 10 for y in labels)
+    ):
+        raise DedtError(
+            f"{file}: 'labels' is not a list of {data.shape[0]} integers 0..9; re-extract cifar-10-python.tar.gz"
+        )
     images = np.frombuffer(data.raw, np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
     return images, labels
 
 
 def _cifar_names(meta: Path) -> list[str]:
     names = _read_cifar_pickle(meta).get("label_names")
-    if not isinstance(names, list) or len(names) != 10 \
-            or any(not isinstance(n, (bytes, str)) or not 0 < len(n) <= 64 for n in names):
+    if (
+        not isinstance(names, list)
+        or len(names) != 10
+        or any(not isinstance(n, (bytes, str)) or not 0 < len(n) <= 64 for n in names)
+    ):
         raise DedtError(f"{meta}: 'label_names' is not a list of 10 short names; re-extract cifar-10-python.tar.gz")
     try:
         return [n.decode() if isinstance(n, bytes) else n for n in names]
@@ -334,19 +396,26 @@ def _cifar10(path: str | None) -> RawDataset:
     batches = [_cifar_batch(file) for file in present]
     meta = root / "batches.meta"
     names = _cifar_names(meta) if meta.exists() else [f"class_{i}" for i in range(10)]
-    return RawDataset(np.concatenate([images for images, _ in batches]),
-                      np.asarray([y for _, labels in batches for y in labels], np.int64), names)
+    return RawDataset(
+        np.concatenate([images for images, _ in batches]),
+        np.asarray([y for _, labels in batches for y in labels], np.int64),
+        names,
+    )
 
 
 def _npz(path: str | None) -> RawDataset:
     file = _require_path(path, "npz")
     if not file.is_file() or not zipfile.is_zipfile(file):  # np.load would read a lone .npy, or offer to unpickle
-        raise DedtError(f"{file} is not an .npz archive; save the arrays with numpy.savez(path, images=..., labels=...)")
+        raise DedtError(
+            f"{file} is not an .npz archive; save the arrays with numpy.savez(path, images=..., labels=...)"
+        )
     try:
         _check_npz_sizes(file)
         with np.load(file, allow_pickle=False) as arrays:
             if "images" not in arrays or "labels" not in arrays:
-                raise DedtError(f"{file} must hold arrays 'images' (N,H,W[,C] uint8) and 'labels' (N,); found {list(arrays)}")
+                raise DedtError(
+                    f"{file} must hold arrays 'images' (N,H,W[,C] uint8) and 'labels' (N,); found {list(arrays)}"
+                )
             images, labels = arrays["images"], arrays["labels"]
     except (OSError, ValueError, zipfile.BadZipFile) as exc:
         if isinstance(exc, DedtError):
@@ -365,8 +434,10 @@ def _npz(path: str | None) -> RawDataset:
         raise DedtError(f"{file}: 'labels' must be a 1-D integer array; got {labels.dtype} {labels.shape}")
     top = int(labels.max()) if len(labels) else -1
     if top >= MAX_CLASSES:
-        raise DedtError(f"{file}: labels go up to {top}, but dedt handles at most {MAX_CLASSES} classes "
-                        f"(labels 0..{MAX_CLASSES - 1}); number the classes from 0")
+        raise DedtError(
+            f"{file}: labels go up to {top}, but dedt handles at most {MAX_CLASSES} classes "
+            f"(labels 0..{MAX_CLASSES - 1}); number the classes from 0"
+        )
     return RawDataset(images, labels.astype(np.int64), [str(c) for c in range(top + 1)])
 
 
@@ -384,11 +455,15 @@ def _check_npz_sizes(file: Path) -> None:
                     raise ValueError(f"'{name}' is in an .npy format version numpy.savez does not write")
                 shape, _, dtype = read(member)
             if math.prod(shape) * dtype.itemsize > MAX_DATASET_BYTES:
-                raise DedtError(f"{file}: '{name}' {shape} holds more than {MAX_DATASET_BYTES >> 30} GiB; use fewer or "
-                                "smaller images")
+                raise DedtError(
+                    f"{file}: '{name}' {shape} holds more than {MAX_DATASET_BYTES >> 30} GiB; use fewer or "
+                    "smaller images"
+                )
             if name == "images" and len(shape) >= 3 and shape[1] * shape[2] > MAX_IMAGE_PIXELS:
-                raise DedtError(f"{file}: images of {shape[1]}x{shape[2]} are over {MAX_IMAGE_PIXELS:,} pixels; "
-                                "downscale them before use")
+                raise DedtError(
+                    f"{file}: images of {shape[1]}x{shape[2]} are over {MAX_IMAGE_PIXELS:,} pixels; "
+                    "downscale them before use"
+                )
 
 
 SOURCES: dict[str, Callable[[str | None], RawDataset]] = {

@@ -39,7 +39,7 @@ class EMA:
     def update(self, beta: float) -> None:
         """One EMA step; lerp(ema, live, 1 - beta) is beta*ema + (1-beta)*live in one fused pass."""
         torch._foreach_lerp_(self._ema, self._live, 1.0 - beta)
-        for ema_buffer, live_buffer in zip(self._ema_buffers, self._live_buffers):
+        for ema_buffer, live_buffer in zip(self._ema_buffers, self._live_buffers, strict=False):
             ema_buffer.copy_(live_buffer)
 
 

@@ -99,7 +99,7 @@ def reconstruct_ema(
     coefficients = solve_posthoc_coefficients([s.nimg for s, _ in used], [g for _, g in used], nimg, sigma_rel)
     total: dict[str, torch.Tensor] = {}
     dtypes: dict[str, torch.dtype] = {}
-    for (snap, _), x in zip(used, coefficients):
+    for (snap, _), x in zip(used, coefficients, strict=False):
         for key, value in load_file(snap.weights).items():
             dtypes.setdefault(key, value.dtype)
             if value.is_floating_point():

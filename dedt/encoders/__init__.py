@@ -29,7 +29,13 @@ import numpy as np
 from dedt.errors import DedtError
 
 __all__ = [
-    "ENCODERS", "Encoder", "EncoderEntry", "get_encoder", "known_encoders", "split_name", "validate_encoder_name"
+    "ENCODERS",
+    "Encoder",
+    "EncoderEntry",
+    "get_encoder",
+    "known_encoders",
+    "split_name",
+    "validate_encoder_name",
 ]
 
 

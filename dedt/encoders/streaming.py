@@ -134,7 +134,9 @@ def _as_loader(images: np.ndarray | Loader, n: int) -> Loader:
             raise DedtError(f"images has {len(images)} rows but n = {n}")
         return lambda start, stop: images[start:stop]
     if not callable(images):
-        raise DedtError(f"images must be an array (N, C, H, W) or a loader fn(start, stop), not {type(images).__name__}")
+        raise DedtError(
+            f"images must be an array (N, C, H, W) or a loader fn(start, stop), not {type(images).__name__}"
+        )
     return images
 
 

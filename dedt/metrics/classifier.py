@@ -19,15 +19,28 @@ def build_classifier(in_channels: int, num_classes: int):  # noqa: ANN201 - torc
     import torch.nn as nn
 
     return nn.Sequential(
-        nn.Conv2d(in_channels, 32, 3, padding=1), nn.ReLU(),
-        nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(4), nn.Flatten(),
-        nn.Linear(64 * 16, FEATURE_DIM), nn.ReLU(),  # features end here
+        nn.Conv2d(in_channels, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(32, 64, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(4),
+        nn.Flatten(),
+        nn.Linear(64 * 16, FEATURE_DIM),
+        nn.ReLU(),  # features end here
         nn.Linear(FEATURE_DIM, num_classes),
     )
 
 
-def train_classifier(images: np.ndarray, labels: np.ndarray, num_classes: int, *, epochs: int, seed: int,
-                     batch_size: int = 64, lr: float = 2e-3):  # noqa: ANN201
+def train_classifier(
+    images: np.ndarray,
+    labels: np.ndarray,
+    num_classes: int,
+    *,
+    epochs: int,
+    seed: int,
+    batch_size: int = 64,
+    lr: float = 2e-3,
+):  # noqa: ANN201
     """Train on float32 (N, C, H, W) in [-1, 1] with Adam; deterministic given ``seed``."""
     import torch
 

@@ -63,7 +63,10 @@ def prdc(real: np.ndarray, fake: np.ndarray, k: int = DEFAULT_K) -> dict[str, fl
 
 
 def kid(
-    real: np.ndarray, fake: np.ndarray, subsets: int = KID_SUBSETS, subset_size: int = KID_SUBSET_SIZE,
+    real: np.ndarray,
+    fake: np.ndarray,
+    subsets: int = KID_SUBSETS,
+    subset_size: int = KID_SUBSET_SIZE,
     seed: int = 0,
 ) -> tuple[float, float]:
     """Kernel Inception Distance (Bińkowski et al., ICLR 2018): unbiased MMD^2, cubic polynomial kernel.
@@ -99,9 +102,7 @@ def kid(
     return float(values.mean()), float(values.std())
 
 
-def nn_distance_stats(
-    fake: np.ndarray, train: np.ndarray, heldout: np.ndarray, *, seed: int = 0
-) -> dict[str, float]:
+def nn_distance_stats(fake: np.ndarray, train: np.ndarray, heldout: np.ndarray, *, seed: int = 0) -> dict[str, float]:
     """Memorization check: nearest-neighbour distances from generated samples to training vs held-out reals.
 
     A model that generalises puts its samples no closer to its training images than to unseen real

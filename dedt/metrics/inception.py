@@ -112,7 +112,11 @@ def clean_resize(image: np.ndarray) -> np.ndarray:
 
     channels = [
         # Float ("F" mode) images: PIL's bicubic filter with antialiasing and no rounding to uint8.
-        np.asarray(Image.fromarray(image[:, :, c].astype(np.float32)).resize((INPUT_SIZE, INPUT_SIZE), Image.Resampling.BICUBIC))
+        np.asarray(
+            Image.fromarray(image[:, :, c].astype(np.float32)).resize(
+                (INPUT_SIZE, INPUT_SIZE), Image.Resampling.BICUBIC
+            )
+        )
         for c in range(3)
     ]
     return np.clip(np.stack(channels), 0.0, 255.0).astype(np.float32)
@@ -137,7 +141,8 @@ def inception_features(
 
 
 def folder_features(
-    directory: str | os.PathLike[str], model: Callable[[torch.Tensor], torch.Tensor],
+    directory: str | os.PathLike[str],
+    model: Callable[[torch.Tensor], torch.Tensor],
     batch_size: int = DEFAULT_BATCH_SIZE,
 ) -> np.ndarray:
     """Inception features of every image under ``directory`` (recursive, sorted paths, as clean-fid lists them).
@@ -150,8 +155,12 @@ def folder_features(
 
 
 def fid_folders(
-    dir1: str | os.PathLike[str], dir2: str | os.PathLike[str], weights: str | os.PathLike[str] | None = None,
-    *, device: str = "cpu", batch_size: int = DEFAULT_BATCH_SIZE,
+    dir1: str | os.PathLike[str],
+    dir2: str | os.PathLike[str],
+    weights: str | os.PathLike[str] | None = None,
+    *,
+    device: str = "cpu",
+    batch_size: int = DEFAULT_BATCH_SIZE,
 ) -> float:
     """FID between two image folders; equals ``cleanfid.fid.compute_fid(dir1, dir2, mode="clean")`` with these weights."""
     files1, files2 = image_files(dir1), image_files(dir2)  # fail on a bad folder before loading the model
@@ -167,7 +176,8 @@ def image_files(directory: str | os.PathLike[str]) -> list[str]:
     if not root.is_dir():
         raise DedtError(f"image folder {root} does not exist or is not a directory")
     files = sorted(
-        p for p in glob.glob(os.path.join(glob.escape(str(root)), "**", "*"), recursive=True)
+        p
+        for p in glob.glob(os.path.join(glob.escape(str(root)), "**", "*"), recursive=True)
         if os.path.splitext(p)[1].lower() in IMAGE_EXTENSIONS and os.path.isfile(p)
     )
     if not files:

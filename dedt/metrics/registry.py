@@ -118,14 +118,24 @@ def feature_space(name: str, *, classifier: Path | None = None, device: str = "a
     if family == "classifier":
         if classifier is None or not Path(classifier).is_file():
             raise DedtError(f"feature space classifier: {classifier} not found; run the classifier stage first")
-        return FeatureSpace(name, {"classifier_sha256": _sha256(Path(classifier)), **_numerics("cpu")},
-                            lambda: _classifier_extractor(Path(classifier)))
+        return FeatureSpace(
+            name,
+            {"classifier_sha256": _sha256(Path(classifier)), **_numerics("cpu")},
+            lambda: _classifier_extractor(Path(classifier)),
+        )
     if family == "inception":
         # load_inception refuses any file but the standard one, so its checksum is the identity.
-        return FeatureSpace(name, {"weights_sha1": WEIGHTS_SHA1, "preprocessing": "clean-fid clean, uint8",
-                                   **_numerics(device)}, lambda: _inception_extractor(weights, device))
-    identity = {"weights": str(weights), "bytes": weights.stat().st_size, "mtime": int(weights.stat().st_mtime),
-                **_numerics(device)}
+        return FeatureSpace(
+            name,
+            {"weights_sha1": WEIGHTS_SHA1, "preprocessing": "clean-fid clean, uint8", **_numerics(device)},
+            lambda: _inception_extractor(weights, device),
+        )
+    identity = {
+        "weights": str(weights),
+        "bytes": weights.stat().st_size,
+        "mtime": int(weights.stat().st_mtime),
+        **_numerics(device),
+    }
     if family == "clip":
         model, pretrained = _clip_parts(arg)
         encoder_name = f"open_clip:{model}:{pretrained}"
@@ -162,8 +172,10 @@ def _clip_weights(model: str, pretrained: str) -> Path:
 
         path, _ = resolve_open_clip_weights(model, pretrained)
     except DedtError as exc:
-        raise DedtError(f"feature space clip:{model}:{pretrained}: {exc} (as a feature space: "
-                        f"clip:{model}:/path/to/weights.safetensors)") from None
+        raise DedtError(
+            f"feature space clip:{model}:{pretrained}: {exc} (as a feature space: "
+            f"clip:{model}:/path/to/weights.safetensors)"
+        ) from None
     return path
 
 
@@ -175,13 +187,17 @@ def _dinov2_weights(size: str, file: str) -> Path:
     if file:
         path = Path(file).expanduser()
         if not path.is_file():
-            raise DedtError(f"feature space dinov2:{size}: weights file {path} does not exist; put Meta's "
-                            f"dinov2_vit{size[0]}14_pretrain.pth (or timm's model.safetensors) there")
+            raise DedtError(
+                f"feature space dinov2:{size}: weights file {path} does not exist; put Meta's "
+                f"dinov2_vit{size[0]}14_pretrain.pth (or timm's model.safetensors) there"
+            )
         return path
     from dedt.encoders.torch_models import dinov2_candidates, first_existing
 
-    fix = (f"put Meta's dinov2_vit{size[0]}14_pretrain.pth in the first place named, or name a local file: "
-           f"dinov2:{size}:/path/to/weights.pth")
+    fix = (
+        f"put Meta's dinov2_vit{size[0]}14_pretrain.pth in the first place named, or name a local file: "
+        f"dinov2:{size}:/path/to/weights.pth"
+    )
     return first_existing(f"dinov2:{size}", dinov2_candidates(size), fix)
 
 
@@ -235,4 +251,3 @@ def _encoder_extractor(name: str, weights: str | None, device: str) -> Extractor
 
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
-
