@@ -1,11 +1,11 @@
 """The store on S3: a cached re-run against the bucket vs a local store, and upload vs compute per stage.
-beside its compute time.
 
-    python bench/remote_store.py [--bucket NAME]
+    python bench/remote_store.py [--pipeline digits-demo] [--bucket NAME]
 
 By default a moto S3 server is started on 127.0.0.1 (the dev extra); with ``--bucket`` the bucket of
 the standard AWS variables (``AWS_ENDPOINT_URL``, credentials) is used, under a fresh prefix.
-The pipeline is the tests' tiny one (``tests.helpers.TINY``), computed once against the bucket
+The pipeline (``--pipeline``: a name in pipelines.yaml, default the demo, or ``tiny`` for the tests'
+``tests.helpers.TINY``, a few seconds) is computed once against the bucket
 (cache A): per stage, its compute seconds (``run_node``'s) and its upload seconds. Then, fully
 cached: the same cache A copied as a plain local store (the baseline), cache A against the bucket
 (only the markers are compared), and an empty cache B (every stage downloaded and checked).
@@ -53,11 +53,14 @@ def _timed_run(cfg: object, root: str | Path) -> tuple[float, dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--pipeline", default="digits-demo", help="a pipeline of pipelines.yaml, or 'tiny' (default: %(default)s)"
+    )
     parser.add_argument("--bucket", help="an existing bucket (AWS_* variables); default: a moto server here")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-    from dedt.config import PipelineConfig
+    from dedt.config import PipelineConfig, resolve
     from dedt.remote_store import LINK, remote_for
     from dedt.store_root import store_root
     from tests.helpers import TINY
@@ -71,7 +74,10 @@ def main() -> None:
         bucket = "dedt-bench"
         boto3.client("s3").create_bucket(Bucket=bucket)
     url = f"s3://{bucket}/bench-{os.getpid()}-{int(time.time())}"
-    cfg = PipelineConfig.model_validate({"name": "tiny", **TINY})
+    if args.pipeline == "tiny":
+        cfg = PipelineConfig.model_validate({"name": "tiny", **TINY})
+    else:
+        cfg = resolve(args.pipeline, REPO / "pipelines.yaml")
     work = Path(tempfile.mkdtemp(prefix="dedt-bench-remote-"))
     try:
         # Cold: compute every stage, each uploaded when it completes.
@@ -96,7 +102,7 @@ def main() -> None:
         if server is not None:
             server.stop()
 
-    print(f"\n{url}: the tiny pipeline, {len(cold)} stages, computed in {cold_s:.1f} s (uploads included)\n")
+    print(f"\n{url}: pipeline {args.pipeline}, {len(cold)} stages, computed in {cold_s:.1f} s (uploads included)\n")
     print("| fully cached re-run | seconds | vs local | artifact bytes moved |")
     print("|---|---:|---:|---:|")
     print(f"| local store | {local_s:.2f} | 1.00 | 0 |")
