@@ -30,6 +30,13 @@ def _reference(seed=1):
     return build_model("digits-tiny", in_channels=1, resolution=8, num_classes=3)
 
 
+def _trainer(images, labels, options=OPTIONS, **kwargs):
+    """A proxy on the tiny reference with the defaults these tests share; ``kwargs`` vary one knob."""
+    return ProxyTrainer(
+        images, labels, labels, _reference(), options, num_classes=3, eta=1.0, smoothing=1e-3, seed=0, **kwargs
+    )
+
+
 def test_member_slots_by_hand():
     np.testing.assert_array_equal(member_slots(np.array([2, 0, 2, 1, 0, 2])), [0, 0, 1, 0, 1, 2])
 
@@ -41,9 +48,7 @@ def test_stratified_timesteps_one_per_stratum():
 
 def test_ith_member_of_every_group_gets_the_same_t_and_noise():
     images, labels = _data(n=60)
-    trainer = ProxyTrainer(
-        images, labels, labels, _reference(), OPTIONS, num_classes=3, eta=1.0, smoothing=1e-3, seed=0
-    )
+    trainer = _trainer(images, labels)
     batch = stratified_batch(labels, 14, np.random.default_rng(0))  # 5, 5 and 4 members
     g = torch.from_numpy(labels[batch])
     t, noise = trainer.draw(g)
@@ -65,9 +70,7 @@ def test_step_feeds_the_pool_to_proxy_and_reference(monkeypatch):
     import dedt.diffusion.train as train_module
 
     images, labels = _data()
-    trainer = ProxyTrainer(
-        images, labels, labels, _reference(), OPTIONS, num_classes=3, eta=1.0, smoothing=1e-3, seed=0
-    )
+    trainer = _trainer(images, labels)
     seen = []
     real = train_module.per_sample_loss
     monkeypatch.setattr(
@@ -86,18 +89,7 @@ def test_step_feeds_the_pool_to_proxy_and_reference(monkeypatch):
 
 def test_normalized_excess_by_hand():
     images, labels = _data()
-    trainer = ProxyTrainer(
-        images,
-        labels,
-        labels,
-        _reference(),
-        OPTIONS,
-        num_classes=3,
-        eta=1.0,
-        smoothing=1e-3,
-        seed=0,
-        excess="normalized",
-    )
+    trainer = _trainer(images, labels, excess="normalized")
     band = 1000 // TIMESTEP_BANDS
     t = torch.tensor([0, 1, band])  # two samples in band 0, one in band 1
     loss, ref = torch.tensor([0.6, 0.3, 0.02]), torch.tensor([0.5, 0.3, 0.01])
@@ -110,18 +102,7 @@ def test_normalized_excess_by_hand():
 
 def test_log_ratio_excess_by_hand():
     images, labels = _data()
-    trainer = ProxyTrainer(
-        images,
-        labels,
-        labels,
-        _reference(),
-        OPTIONS,
-        num_classes=3,
-        eta=1.0,
-        smoothing=1e-3,
-        seed=0,
-        excess="log-ratio",
-    )
+    trainer = _trainer(images, labels, excess="log-ratio")
     got = trainer.sample_excess(torch.tensor([0.2, 0.01]), torch.tensor([0.1, 0.02]), torch.tensor([0, 900]))
     np.testing.assert_allclose(got.numpy(), np.log([2.0, 0.5]), rtol=1e-6)
 
@@ -145,9 +126,7 @@ def test_identical_proxy_and_reference_give_zero_excess_with_dropout():
 def test_proxy_gets_the_trainers_warmup():
     images, labels = _data()
     options = OPTIONS.model_copy(update={"warmup_kimg": 0.024})  # 24 images: two steps of 12
-    trainer = ProxyTrainer(
-        images, labels, labels, _reference(), options, num_classes=3, eta=1.0, smoothing=1e-3, seed=0
-    )
+    trainer = _trainer(images, labels, options)
     trainer.step(np.arange(12))
     assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(0.5e-3)
     trainer.step(np.arange(12, 24))
