@@ -21,7 +21,10 @@ EPILOG = """examples:
   dedt list                                  list the pipelines in pipelines.yaml
   dedt sweep digits-sweep                    run a grid of pipelines; shared stages run once
   dedt sweep frontier-mnist5k --report docs/RESULTS.md
-                                             the frontier benchmark and its report (~1 hour)
+                                             the time-to-quality benchmark and its report (~46 min)
+  dedt sweep levers-data --report docs/RESULTS-levers-data.md
+                                             the selection levers on the same benchmark (~40 min after it)
+  dedt run recipe-strata                     the best measured selection recipe (k-means strata, density band)
   dedt export digits-demo --to models/digits  the trained model as a diffusers pipeline folder + model card
   dedt export --sweep digits-sweep --point 'select.keep_frac=0.1 score.method=knn' --to models/p
                                              a sweep point's model (the label as sweep --dry-run lists it)
