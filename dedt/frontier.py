@@ -45,24 +45,33 @@ class Arm:
     reweighting: str  # uniform | dro
     cleaning: str = ""  # near-duplicate removal / trimming before selection (sweep.cleaning_label)
     clean_data: bool = False  # in a dirty-data sweep, an arm on the uncontaminated data
+    training: str = ""  # training levers on (sweep.training_label), for every model of the arm's points
     rows: list[dict[str, Any]] = field(default_factory=list)
     curves: list[Curve] = field(default_factory=list)
     finals: list[dict[str, Any]] = field(default_factory=list)  # the curve's final row per seed
 
     @property
+    def sees_all(self) -> bool:
+        """Trained on the whole train split: no selection, so no one-off cost."""
+        return self.keep_frac == 1.0 and self.reweighting == "uniform" and not self.cleaning
+
+    @property
     def is_full(self) -> bool:
-        return self.keep_frac == 1.0 and self.reweighting == "uniform" and not self.cleaning and not self.clean_data
+        """The yardstick: all the data, trained the plain way."""
+        return self.sees_all and not self.clean_data and not self.training
 
     @property
     def label(self) -> str:
         if self.is_full:
             return "full data"
-        if self.clean_data and self.scorer == "-":
-            return "full data, uncontaminated"
+        training = f", {self.training}" if self.training else ""
+        if self.sees_all:
+            return "full data" + (", uncontaminated" if self.clean_data else "") + training
         return (
             f"{self.scorer} {self.keep_frac:g}, {self.reweighting}"
             + (f", {self.cleaning}" if self.cleaning else "")
             + (", uncontaminated" if self.clean_data else "")
+            + training
         )
 
     def mean(self, column: str) -> float:
@@ -74,7 +83,7 @@ class Arm:
 
     def overhead_s(self, setting: str, s_per_img: float, proxy_s_per_img: float) -> float:
         """One-off seconds: selection (measured), the proxy and, from scratch, the reference (calibrated)."""
-        if self.is_full:
+        if self.sees_all:
             return 0.0
         cost = self.mean("selection_s") + 1000.0 * self.mean("proxy_kimg") * proxy_s_per_img
         if setting == "scratch":
@@ -84,7 +93,7 @@ class Arm:
 
 def arms(rows: Sequence[dict[str, Any]]) -> list[Arm]:
     """Group the comparison rows by method, each (method, seed) once, and read their curves."""
-    found: dict[tuple[float, str, str, str, bool], dict[int, dict[str, Any]]] = {}
+    found: dict[tuple[float, str, str, str, bool, str], dict[int, dict[str, Any]]] = {}
     for row in rows:
         if not row.get("curve"):
             continue
@@ -92,11 +101,13 @@ def arms(rows: Sequence[dict[str, Any]]) -> list[Arm]:
         reweighting = "dro" if row["model"] == "pruned+reweighted" else "uniform"
         cleaning = "" if row["model"] == "full data" else row.get("cleaning") or ""
         clean_data = row.get("contaminated") is False  # only dirty-data sweeps have the column
+        training = row.get("training") or ""  # only sweeps with training levers have the column
         scorer = "-" if keep == 1.0 and reweighting == "uniform" and not cleaning else row["scorer"]
-        found.setdefault((keep, scorer, reweighting, cleaning, clean_data), {}).setdefault(int(row["seed"]), row)
+        key = (keep, scorer, reweighting, cleaning, clean_data, training)
+        found.setdefault(key, {}).setdefault(int(row["seed"]), row)
     out = []
-    for (keep, scorer, rw, cleaning, clean_data), by_seed in sorted(found.items()):
-        arm = Arm(keep, scorer, rw, cleaning=cleaning, clean_data=clean_data)
+    for (keep, scorer, rw, cleaning, clean_data, training), by_seed in sorted(found.items()):
+        arm = Arm(keep, scorer, rw, cleaning=cleaning, clean_data=clean_data, training=training)
         for seed in sorted(by_seed):
             table = read_parquet(Path(by_seed[seed]["curve"])).to_pylist()
             arm.rows.append(by_seed[seed])

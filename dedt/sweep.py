@@ -178,6 +178,7 @@ def comparison_rows(points: list[GridPoint], results: list[dict[str, NodeResult]
     rows = []
     # Columns of dirty-data sweeps only, so that other sweeps' rows stay as they were.
     cleaning = any(cleaning_label(p.cfg) for p in points)
+    training = any(training_label(p.cfg) for p in points)
     dirty = any(p.cfg.dataset.contaminate.active for p in points)
     for point, point_results in zip(points, results, strict=False):
         cfg = point.cfg
@@ -190,6 +191,7 @@ def comparison_rows(points: list[GridPoint], results: list[dict[str, NodeResult]
             "seed": cfg.seed,
         }
         knobs |= {"cleaning": cleaning_label(cfg)} if cleaning else {}
+        knobs |= {"training": training_label(cfg)} if training else {}
         knobs |= {"contaminated": cfg.dataset.contaminate.active} if dirty else {}
         details = {
             row["model"]: row | (_dirty_details(cfg, point_results, row["model"]) if dirty else {})
@@ -255,6 +257,15 @@ def cleaning_label(cfg: PipelineConfig) -> str:
         band = f" {sel.band_low:g}-{sel.band_high:g}" if sel.within == "band" else ""
         parts.append(f"{sel.strata} {sel.strata_k} {sel.within}{band}")
     parts += ["DRO counts"] if sel.keep_by == "weights" else []
+    return " + ".join(parts)
+
+
+def training_label(cfg: PipelineConfig) -> str:
+    """The training levers on, e.g. "min-snr 5 + loss-aware"; "" when all are off (so each lever's points
+    form their own arm in a report). They apply to every model a point trains, the full-data one too."""
+    train = cfg.train
+    parts = [f"min-snr {train.snr_gamma:g}"] if train.timestep_weighting == "min-snr" else []
+    parts += ["loss-aware"] if train.timestep_sampling == "loss-aware" else []
     return " + ".join(parts)
 
 

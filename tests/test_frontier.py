@@ -91,6 +91,22 @@ def test_arms_group_by_method_and_count_each_seed_once(tmp_path):
     assert len(found["full data"].curves) == 2 and found["full data"].is_full
 
 
+def test_training_levers_form_their_own_arms_and_full_data_with_a_lever_is_not_the_yardstick(tmp_path):
+    rows = _rows(tmp_path)
+    for seed in (0, 1):
+        # A point with min-snr on: its full-data model (selection_s of the point) and its pruned model.
+        lever = {"training": "min-snr 5", "selection_s": 1.0}
+        rows.append(_row(tmp_path, seed, "full data", 40.0, scorer="lever") | lever)
+        rows.append(_row(tmp_path, seed, "pruned", 20.0, keep=0.2, scorer="lever") | lever)
+    found = {a.label: a for a in arms(rows)}
+    assert {"full data, min-snr 5", "lever 0.2, uniform, min-snr 5"} < set(found)
+    full, snr = found["full data"], found["full data, min-snr 5"]
+    assert full.is_full and not snr.is_full and len(full.curves) == len(snr.curves) == 2
+    ys = yardstick(full)
+    # Half the FD everywhere: reaches F(B) = 80/sqrt(8) at 2 kimg = 2 s, and as full data pays no selection.
+    assert speedups(snr, full, ys, (0.001, 0.002))["F(B)", "pre-trained"].value == pytest.approx(4.0)
+
+
 def test_targets_and_speedups_known_answers(tmp_path):
     found = {a.label: a for a in arms(_rows(tmp_path))}
     full = found["full data"]
