@@ -242,13 +242,13 @@ def verdict(all_arms: Sequence[Arm], table: dict[str, dict[tuple[str, str], Inte
         reached = [(iv, a) for iv, a in scored if iv.value is not None]
         if not reached:
             lines.append(
-                f"- **{name}** (FD {ys.targets[name]:.2f}): no pruned arm reaches it within its run; full data is best."
+                f"- **{name}** (FD {ys.targets[name]:.2f}): no other arm reaches it within its run; full data is best."
             )
             continue
         iv, best = max(reached, key=lambda p: p[0].value)
         beats = iv.value > 1 and iv.low > 1
         lines.append(
-            f"- **{name}** (FD {ys.targets[name]:.2f}): best pruned arm {best.label} at {iv}; "
+            f"- **{name}** (FD {ys.targets[name]:.2f}): best arm {best.label} at {iv}; "
             + (
                 "it beats the full-data curve (interval above 1)."
                 if beats

@@ -151,7 +151,7 @@ def test_report_written_from_curves(tmp_path):
     assert "2.67x [2.67, 2.67]" in text and "not reached" in text
     assert "falls 29% per doubling" in text
     assert "FD moves by 2.0% (median)" in text  # the second bank is 2% off in every fixture
-    assert "best pruned arm gaussian 0.2, uniform" in text
+    assert "best arm gaussian 0.2, uniform" in text
     for png in (
         "fd_vs_seconds.png",
         "fd_vs_kimg.png",
