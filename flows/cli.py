@@ -25,6 +25,7 @@ EPILOG = """examples:
   dedt sweep levers-data --report docs/RESULTS-levers-data.md
                                              the selection levers on the same benchmark (~40 min after it)
   dedt run recipe-strata                     the best measured selection recipe (k-means strata, density band)
+  dedt run recipe-fast                       the best measured combination (strata + min-snr + loss-aware)
   dedt export digits-demo --to models/digits  the trained model as a diffusers pipeline folder + model card
   dedt export --sweep digits-sweep --point 'select.keep_frac=0.1 score.method=knn' --to models/p
                                              a sweep point's model (the label as sweep --dry-run lists it)
