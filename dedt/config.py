@@ -233,6 +233,24 @@ class EvaluateConfig(Section):
         description="with train.snapshots > 0, the models whose snapshots are evaluated (curve.parquet): "
         "every trained model, or only the full-data one (the yardstick of the equal-quality speed-up)",
     )
+    posthoc_sigma_rels: list[float] = Field(
+        default_factory=list,
+        description="post-hoc EMA lengths to choose from (needs train.posthoc_ema): each evaluated model and curve "
+        "point uses the one whose EMA, rebuilt from the run's snapshots, has the lowest FD on a separate selection "
+        "bank of half the samples (dedt.diffusion.posthoc.choose_sigma_rel); empty = the run's own EMA",
+    )
+
+    @field_validator("posthoc_sigma_rels")
+    @classmethod
+    def _valid_sigma_rels(cls, values: list[float]) -> list[float]:
+        from dedt.diffusion.ema import MAX_SIGMA_REL
+
+        bad = [v for v in values if not 0 < v < MAX_SIGMA_REL]
+        if bad:
+            raise ValueError(f"each sigma_rel must be in (0, {MAX_SIGMA_REL:.4f}) (EDM2's power EMA); got {bad}")
+        if len(set(values)) != len(values):
+            raise ValueError(f"sigma_rel listed twice in {values}")
+        return sorted(values)  # one order, one fingerprint
 
     @field_validator("feature_spaces")
     @classmethod
@@ -295,6 +313,11 @@ class PipelineConfig(Section):
             raise ValueError(f"reweight.t_min_frac {rw.t_min_frac} must be below reweight.t_max_frac {rw.t_max_frac}")
         if rw.groups == "kmeans" and self.train.conditional:
             raise ValueError("reweight.groups=kmeans reweights clusters, not classes: set train.conditional=false")
+        if self.evaluate.posthoc_sigma_rels and not self.train.posthoc_ema:
+            raise ValueError(
+                "evaluate.posthoc_sigma_rels rebuilds EMAs from the snapshots that only train.posthoc_ema: true saves; "
+                "set it (the models retrain) or drop evaluate.posthoc_sigma_rels"
+            )
         if self.select.keep_by == "weights" and (rw.method, rw.groups, rw.proxy_data) != ("doremi", "class", "full"):
             raise ValueError(
                 "select.keep_by: weights reads class weights learned before selection: set "

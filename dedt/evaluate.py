@@ -269,17 +269,7 @@ def fidelity_rows(
     check_dimensions(space, reals, fake)
     n_real, n_fake = len(reals.features), len(fake)
     check_sample_counts(n_fake, {f"real images in the {reference} reference": n_real}, prdc_k)
-    rows = [
-        Row(
-            "fd",
-            space,
-            reference,
-            "all",
-            frechet_distance(*gaussian_stats(fake), reals.mu, reals.sigma),
-            n_real,
-            n_fake,
-        )
-    ]
+    rows = [Row("fd", space, reference, "all", frechet_to(reals, fake), n_real, n_fake)]
     for c, name in enumerate(class_names):
         r, f = reals.features[reals.labels == c], fake[fake_labels == c]
         # Too few samples of a class for a covariance: NaN, not a made-up value.
@@ -300,6 +290,34 @@ def fidelity_rows(
         for metric, value in prdc(reals.features, fake, k=prdc_k).items()
     ]
     return rows
+
+
+def frechet_to(reals: Reals, fake: np.ndarray) -> float:
+    """FD of sample features ``fake`` to the reals' Gaussian."""
+    return frechet_distance(*gaussian_stats(fake), reals.mu, reals.sigma)
+
+
+def selection_fd(fake: np.ndarray, space: FeatureSpace, source: RealSource) -> float:
+    """FD in ``space`` of samples (images) to the full real train split: what a post-hoc EMA candidate is
+    chosen by (``dedt.diffusion.posthoc.choose_sigma_rel``). The reals are the reported FD's own, its
+    target; only the samples (another noise bank) differ, so the choice is not fitted to its noise."""
+    features = space.extract(fake)
+    full = reference_reals(source, "train", space)
+    check_dimensions(space.name, full, features)
+    if min(len(features), len(full.features)) < MIN_SAMPLES:
+        raise DedtError(
+            f"evaluate.posthoc_sigma_rels: {len(features)} selection samples and {len(full.features)} real train "
+            f"images; the FD's covariances need at least {MIN_SAMPLES} of each: raise sample.per_class"
+        )
+    return frechet_to(full, features)
+
+
+def posthoc_rows(space: str, sigma_rel: float, fds: dict[float, float], n_real: int, n_select: int) -> list[Row]:
+    """The post-hoc EMA choice as metric rows: ``posthoc_sigma_rel`` (the chosen one) and, per candidate,
+    ``posthoc_select_fd`` with class ``sigma_rel=<candidate>`` (n_fake = the selection bank's size)."""
+    return [Row("posthoc_sigma_rel", space, "full", "all", sigma_rel, n_real, n_select)] + [
+        Row("posthoc_select_fd", space, "full", f"sigma_rel={s:g}", fd, n_real, n_select) for s, fd in fds.items()
+    ]
 
 
 def kept_data_rows(space: str, full: Reals, subset: Reals, prdc_k: int) -> list[Row]:
@@ -623,6 +641,21 @@ def report_markdown(rows: Sequence[Row], *, title: str, seed: int, images: dict[
             "FD of held-out reals to the train split: what a perfect model scores with that many samples.",
             "",
             _table(["feature space", "FD floor"], [[s, _fmt(lookup(rows, "fd_real_floor", s))] for s in spaces]),
+        ]
+    chosen = next((r for r in rows if r.metric == "posthoc_sigma_rel"), None)
+    if chosen is not None:
+        lines += [
+            "",
+            "## Post-hoc EMA",
+            "",
+            f"These samples come from the EMA of sigma_rel {chosen.value:g}, rebuilt from the run's post-hoc "
+            f"snapshots: of the candidates, the one with the lowest FD ({chosen.feature_space}, against the full "
+            f"split) on a selection bank of {chosen.n_fake} samples from other start noises than these.",
+            "",
+            _table(
+                ["sigma_rel", "selection FD"],
+                [[r.cls.removeprefix("sigma_rel="), _fmt(r.value)] for r in rows if r.metric == "posthoc_select_fd"],
+            ),
         ]
     for caption, file in images.items():
         lines += ["", f"![{caption}]({file})"]

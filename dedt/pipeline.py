@@ -220,7 +220,7 @@ def nodes(cfg: PipelineConfig) -> list[Node]:
     if cfg.evaluate.baselines and not cfg.reweight.reference_path:
         models = {"reference": reference, **models}
     graph += [m for k, m in models.items() if k != "reference"]
-    metrics = cfg.evaluate.model_dump(include={"feature_spaces", "prdc_k", "kid"})
+    metrics = cfg.evaluate.model_dump(include={"feature_spaces", "prdc_k", "kid"}) | _posthoc_config(cfg)
     for key, model in models.items():
         # A model trained on the kept subset is measured against it too: what pruning cost.
         subset = {"select": "select"} if "select" in model.inputs else {}
@@ -244,6 +244,13 @@ def nodes(cfg: PipelineConfig) -> list[Node]:
             replace(n, inputs=n.inputs | {"latents": "latents"}) if n.reads_latents else n for n in graph[1:]
         ]
     return graph
+
+
+def _posthoc_config(cfg: PipelineConfig) -> dict[str, Any]:
+    """evaluate.posthoc_sigma_rels, in the evaluate and curve stages' configs only when set (other pipelines
+    keep their fingerprints)."""
+    sigma_rels = cfg.evaluate.posthoc_sigma_rels
+    return {"posthoc_sigma_rels": sigma_rels} if sigma_rels else {}
 
 
 def _curve_nodes(cfg: PipelineConfig, models: dict[str, Node], present: set[str]) -> list[Node]:
@@ -283,7 +290,7 @@ def _curve_nodes(cfg: PipelineConfig, models: dict[str, Node], present: set[str]
                 "curve",
                 {
                     "sample": cfg.sample.model_dump(exclude={"batch_size"}),
-                    "evaluate": cfg.evaluate.model_dump(include={"feature_spaces", "prdc_k"}),
+                    "evaluate": cfg.evaluate.model_dump(include={"feature_spaces", "prdc_k"}) | _posthoc_config(cfg),
                     "seed": cfg.seed,
                 },
                 {"data": "data", "classifier": "classifier", "model": model.key, "evaluate": f"evaluate:{key}"}

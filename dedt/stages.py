@@ -403,18 +403,24 @@ def run_evaluate(cfg: PipelineConfig, inputs: dict[str, StageDir], out: StageDir
     classifier_file = inputs["classifier"].file(CLASSIFIER)
     spaces = [feature_space(name, classifier=classifier_file) for name in ev.feature_spaces]
     model_config = inputs["model"].read_json(CONFIG)
-    fake, fake_labels = generate(
-        cfg,
-        load_model(inputs["model"].path, ema=True),
-        model_config["train"]["preset"],
-        fake_labels,
-        classifier_file,
-        s.bank_seed,
-    )
+    preset = model_config["train"]["preset"]
+    model = load_model(inputs["model"].path, ema=True)
     source = evaluate.stage_source(out.root, inputs["data"], kept_ids, contaminated=cfg.dataset.contaminate.active)
+    posthoc, extra_rows = {}, []
+    if ev.posthoc_sigma_rels:  # the EMA length chosen on the selection bank, then reported like any EMA
+        nimg = int(read_summary(inputs["model"])["nimg"])
+        choice, n_select = _posthoc_choice(
+            cfg, model, preset, inputs["model"].path, nimg, len(names), classifier_file, spaces[0], source
+        )
+        model.load_state_dict(choice.state)
+        posthoc = {"posthoc_ema": _choice_summary(choice, n_select)}
+        n_real = counts["n_train"]
+        extra_rows = evaluate.posthoc_rows(spaces[0].name, choice.sigma_rel, choice.fds, n_real, n_select)
+    fake, fake_labels = generate(cfg, model, preset, fake_labels, classifier_file, s.bank_seed)
     rows = evaluate.evaluate_samples(
         fake, fake_labels, spaces, source, names, prdc_k=ev.prdc_k, with_kid=ev.kid, seed=cfg.seed, pixels=True
     )
+    rows += extra_rows
     evaluate.write_metrics(rows, cfg.seed, METRICS.path(out))
     SAMPLES.write(out, evaluate.samples_table(fake, fake_labels))
     model_key = model_config.get("key", inputs["model"].fingerprint)
@@ -429,7 +435,45 @@ def run_evaluate(cfg: PipelineConfig, inputs: dict[str, StageDir], out: StageDir
         seed=cfg.seed,
         title=f"{cfg.name}, {MODEL_LABELS.get(model_key, model_key)} model",
     )
-    return {**evaluate.summary(rows, ev.feature_spaces), "n_fake": len(fake)}
+    return {**evaluate.summary(rows, ev.feature_spaces), "n_fake": len(fake), **posthoc}
+
+
+def _posthoc_choice(
+    cfg: PipelineConfig,
+    model: Any,
+    preset: str,
+    run_dir: Any,
+    nimg: int,
+    num_classes: int,
+    classifier_file: Any,
+    space: Any,
+    source: Any,
+) -> tuple[Any, int]:
+    """``evaluate.posthoc_sigma_rels``: the candidate whose EMA after ``nimg`` images, rebuilt from the run's
+    post-hoc snapshots, has the lowest FD in ``space`` on the selection bank (``dedt.diffusion.posthoc``),
+    with that bank's size. Leaves ``model`` holding the last candidate's weights."""
+    from dedt import evaluate
+    from dedt.diffusion.posthoc import choose_sigma_rel, list_posthoc_snapshots, selection_bank
+
+    per_class, bank_seed = selection_bank(cfg.sample.per_class, cfg.sample.bank_seed)
+    labels = np.repeat(np.arange(num_classes, dtype=np.int64), per_class)
+
+    def fd_of(state: dict[str, Any]) -> float:
+        model.load_state_dict(state)
+        fake, _ = generate(cfg, model, preset, labels, classifier_file, bank_seed)
+        return evaluate.selection_fd(fake, space, source)
+
+    snapshots = list_posthoc_snapshots(run_dir)
+    return choose_sigma_rel(snapshots, cfg.evaluate.posthoc_sigma_rels, nimg, fd_of), len(labels)
+
+
+def _choice_summary(choice: Any, n_select: int) -> dict[str, Any]:
+    """The post-hoc EMA choice as the stage summary states it."""
+    return {
+        "sigma_rel": choice.sigma_rel,
+        "select_fd": {f"{s:g}": float(f"{fd:.6g}") for s, fd in choice.fds.items()},
+        "n_select": n_select,
+    }
 
 
 def generate(
@@ -494,6 +538,10 @@ def run_curve(cfg: PipelineConfig, inputs: dict[str, StageDir], out: StageDir) -
     as the evaluate stage, whose metrics give the final point; the final model is also sampled from a
     second bank, to measure the FD's own sampling noise. Writes curve.parquet.
 
+    With ``evaluate.posthoc_sigma_rels`` each snapshot point that has post-hoc EMA snapshots uses the
+    candidate chosen there (as the evaluate stage does at the end, whose choice the final point and the
+    second bank use), and curve.parquet gains a ``sigma_rel`` column (null where the run's own EMA was used).
+
     Points already computed (``points/<nimg>.json``) are kept, so a killed stage resumes."""
     from dedt import evaluate
     from dedt.diffusion.snapshots import list_snapshots
@@ -515,11 +563,19 @@ def run_curve(cfg: PipelineConfig, inputs: dict[str, StageDir], out: StageDir) -
 
     from safetensors.torch import load_file
 
+    from dedt.diffusion.posthoc import list_posthoc_snapshots, reconstruct_ema
+
     model = load_model(model_dir, ema=True)  # one UNet; each point loads its weights into it
     final_weights = {k: v.clone() for k, v in model.state_dict().items()}
+    posthoc = list_posthoc_snapshots(model_dir) if ev.posthoc_sigma_rels else {}
+    final_sigma_rel = None
+    if ev.posthoc_sigma_rels:  # the final point is the evaluate stage's, with the EMA it chose
+        final_sigma_rel = read_summary(inputs["evaluate"])["posthoc_ema"]["sigma_rel"]
+        final_weights = reconstruct_ema(posthoc, final_sigma_rel, nimg=final["nimg"])
+    posthoc_at = {s.nimg for snaps in posthoc.values() for s in snaps}
 
     def measure(weights: Any, bank_seed: int) -> dict[str, Any]:
-        model.load_state_dict(final_weights if weights is None else load_file(weights))
+        model.load_state_dict(weights)
         fake, fake_labels = generate(cfg, model, preset, labels, classifier_file, bank_seed)
         rows = evaluate.evaluate_samples(
             fake, fake_labels, [space], source, names, prdc_k=ev.prdc_k, with_kid=False, seed=cfg.seed
@@ -534,13 +590,25 @@ def run_curve(cfg: PipelineConfig, inputs: dict[str, StageDir], out: StageDir) -
         atomic_write_text(path, json.dumps(value, sort_keys=True))
         return value
 
+    def measure_snapshot(snap: Any) -> dict[str, Any]:
+        if snap.nimg not in posthoc_at:
+            return measure(load_file(snap.weights), cfg.sample.bank_seed)
+        choice, n_select = _posthoc_choice(
+            cfg, model, preset, model_dir, snap.nimg, len(names), classifier_file, space, source
+        )
+        return measure(choice.state, cfg.sample.bank_seed) | {"posthoc_ema": _choice_summary(choice, n_select)}
+
     records = []
     for snap in list_snapshots(model_dir):
-        point = cached(f"{snap.nimg:012d}", lambda snap=snap: measure(snap.weights, cfg.sample.bank_seed))
-        records.append({"nimg": snap.nimg, "seconds": snap.seconds, **point, "fd_bank2": None, "final": False})
+        point = cached(f"{snap.nimg:012d}", lambda snap=snap: measure_snapshot(snap))
+        sigma_rel = point.pop("posthoc_ema", {}).get("sigma_rel")
+        records.append(
+            {"nimg": snap.nimg, "seconds": snap.seconds, **point, "fd_bank2": None, "final": False}
+            | {"sigma_rel": sigma_rel}
+        )
     end = _curve_point(evaluate.read_metrics(METRICS.path(inputs["evaluate"])), ev.feature_spaces[0])
-    second = cached("final-bank2", lambda: measure(None, cfg.sample.bank_seed + 1))
-    records.append({**final, **end, "fd_bank2": second["fd"], "final": True})
+    second = cached("final-bank2", lambda: measure(final_weights, cfg.sample.bank_seed + 1))
+    records.append({**final, **end, "fd_bank2": second["fd"], "final": True, "sigma_rel": final_sigma_rel})
 
     def stage_seconds(*roles: str) -> float:
         return sum(read_summary(inputs[r])["seconds"] for r in roles if r in inputs)
@@ -561,6 +629,8 @@ def run_curve(cfg: PipelineConfig, inputs: dict[str, StageDir], out: StageDir) -
             "final": [r["final"] for r in records],
         }
     )
+    if ev.posthoc_sigma_rels:  # only then: other curves keep their columns
+        table = table.append_column("sigma_rel", pa.array([r["sigma_rel"] for r in records], pa.float64()))
     CURVE.write(
         out, table, {"feature_space": ev.feature_spaces[0], "n_fake": len(labels), "bank_seed": cfg.sample.bank_seed}
     )
@@ -571,7 +641,7 @@ def run_curve(cfg: PipelineConfig, inputs: dict[str, StageDir], out: StageDir) -
         "fd_bank2": second["fd"],
         "overhead_seconds": overhead,
         "reference_seconds": reference,
-    }
+    } | ({"sigma_rel": [r["sigma_rel"] for r in records]} if ev.posthoc_sigma_rels else {})
 
 
 def _curve_point(rows: list[Any], space: str) -> dict[str, Any]:

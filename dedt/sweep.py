@@ -179,6 +179,7 @@ def comparison_rows(points: list[GridPoint], results: list[dict[str, NodeResult]
     # Columns of dirty-data sweeps only, so that other sweeps' rows stay as they were.
     cleaning = any(cleaning_label(p.cfg) for p in points)
     training = any(training_label(p.cfg) for p in points)
+    posthoc = any(p.cfg.evaluate.posthoc_sigma_rels for p in points)
     dirty = any(p.cfg.dataset.contaminate.active for p in points)
     for point, point_results in zip(points, results, strict=False):
         cfg = point.cfg
@@ -195,7 +196,7 @@ def comparison_rows(points: list[GridPoint], results: list[dict[str, NodeResult]
         knobs |= {"contaminated": cfg.dataset.contaminate.active} if dirty else {}
         details = {
             row["model"]: row | (_dirty_details(cfg, point_results, row["model"]) if dirty else {})
-            for row in _model_details(cfg, point_results)
+            for row in _model_details(cfg, point_results, posthoc=posthoc)
         }
         rows += [
             knobs
@@ -206,8 +207,11 @@ def comparison_rows(points: list[GridPoint], results: list[dict[str, NodeResult]
     return rows
 
 
-def _model_details(cfg: PipelineConfig, results: dict[str, NodeResult]) -> list[dict[str, Any]]:
-    """Per trained model: budget policy, seconds by stage, metrics beyond FD, per-class FD, weights."""
+def _model_details(
+    cfg: PipelineConfig, results: dict[str, NodeResult], *, posthoc: bool = False
+) -> list[dict[str, Any]]:
+    """Per trained model: budget policy, seconds by stage, metrics beyond FD, per-class FD, weights; with
+    ``posthoc`` (a sweep choosing post-hoc EMAs), the sigma_rel its evaluation chose (None: its own EMA)."""
     seconds = {
         k: round(results[k].seconds, 2) if k in results else 0.0
         for k in ("encode", "score", "select", "reweight", "reference")
@@ -242,6 +246,11 @@ def _model_details(cfg: PipelineConfig, results: dict[str, NodeResult]) -> list[
                 "reference_kimg": cfg.reweight.reference_kimg if pays_for_dro(results, key) else 0.0,
                 "floor_fd": results["classifier"].summary.get("real_floor_fd") if "classifier" in results else None,
             }
+            | (
+                {"sigma_rel": results[f"evaluate:{key}"].summary.get("posthoc_ema", {}).get("sigma_rel")}
+                if posthoc
+                else {}
+            )
         )
     return out
 
@@ -266,6 +275,7 @@ def training_label(cfg: PipelineConfig) -> str:
     train = cfg.train
     parts = [f"min-snr {train.snr_gamma:g}"] if train.timestep_weighting == "min-snr" else []
     parts += ["loss-aware"] if train.timestep_sampling == "loss-aware" else []
+    parts += ["post-hoc EMA"] if cfg.evaluate.posthoc_sigma_rels else []  # the evaluated EMA, chosen per model
     return " + ".join(parts)
 
 

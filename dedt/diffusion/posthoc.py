@@ -10,12 +10,18 @@ The power EMA after t steps is sum_i w_i theta_i with w_i = (i^(g+1) - (i-1)^(g+
 (``dedt.diffusion.ema.power_ema_beta`` multiplied out), the integral over step i of the continuous
 profile p(tau) = (g+1) tau^g / t^(g+1) on [0, t]; so least squares between continuous profiles is
 least squares between the per-step weights (for weights that are constant within a step).
+
+``choose_sigma_rel`` picks the EMA length after training (``evaluate.posthoc_sigma_rels``): the
+candidate whose rebuilt EMA scores the lowest FD on a *selection* bank of samples, drawn from other
+start noises than the reporting bank (``selection_bank``), so the choice is not fitted to the
+sampling noise of the FD it then reports.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +34,11 @@ from dedt.errors import DedtError
 
 # The tracked profiles by snapshot name: EDM2 trains with sigma_rel 0.05 and 0.10.
 PROFILES: dict[str, float] = {"ema005": 0.05, "ema010": 0.10}
+# The selection bank: this fraction of the reporting bank's samples per class (rounded up), so that
+# choosing among n candidates costs n / 2 reporting banks of sampling; its start noises are those of
+# seed sample.bank_seed + SELECT_BANK_OFFSET (the reporting bank is bank_seed, the curve's second bank + 1).
+SELECT_FRACTION = 0.5
+SELECT_BANK_OFFSET = 2
 
 
 def posthoc_points(budget_nimg: int, batch_size: int, count: int) -> list[int]:
@@ -107,3 +118,50 @@ def reconstruct_ema(
             else:  # integer buffers (counters) are not averaged: the latest snapshot's
                 total[key] = value
     return {key: value.to(dtypes[key]) for key, value in total.items()}
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The chosen post-hoc EMA: its sigma_rel, every candidate's selection FD, its weights."""
+
+    sigma_rel: float
+    fds: dict[float, float]  # candidate sigma_rel -> FD of its selection bank
+    state: dict[str, torch.Tensor]
+
+
+def selection_bank(per_class: int, bank_seed: int) -> tuple[int, int]:
+    """(samples per class, noise seed) of the selection bank beside a reporting bank of ``per_class``
+    samples per class drawn from ``bank_seed``."""
+    return max(1, math.ceil(per_class * SELECT_FRACTION)), bank_seed + SELECT_BANK_OFFSET
+
+
+def choose_sigma_rel(
+    snapshots: Mapping[float, Sequence[Snapshot]],
+    sigma_rels: Sequence[float],
+    nimg: int,
+    fd_of: Callable[[dict[str, torch.Tensor]], float],
+) -> Choice:
+    """The candidate of ``sigma_rels`` whose EMA after ``nimg`` images has the lowest ``fd_of`` (its
+    selection-bank FD); ties go to the first candidate, a NaN FD never wins.
+
+    A snapshot at ``nimg`` itself is required: reconstructed from earlier points only, the EMA would be
+    an extrapolation, not the model at ``nimg``.
+    """
+    if not sigma_rels:
+        raise DedtError("no sigma_rel to choose from; list some in evaluate.posthoc_sigma_rels")
+    at = sorted({s.nimg for snaps in snapshots.values() for s in snaps})
+    if nimg not in at:
+        raise DedtError(
+            f"no post-hoc EMA snapshot at {nimg} images (the run saved them at {at or 'no point'}); "
+            "train with train.posthoc_ema: true, which saves one at the run's end and at every curve snapshot"
+        )
+    fds: dict[float, float] = {}
+    best: tuple[float, dict[str, torch.Tensor]] | None = None
+    for sigma_rel in sigma_rels:
+        state = reconstruct_ema(snapshots, sigma_rel, nimg=nimg)
+        fds[sigma_rel] = float(fd_of(state))
+        if not math.isnan(fds[sigma_rel]) and (best is None or fds[sigma_rel] < fds[best[0]]):
+            best = (sigma_rel, state)
+    if best is None:
+        raise DedtError(f"every post-hoc EMA candidate's selection FD is NaN at {nimg} images: {fds}")
+    return Choice(best[0], fds, best[1])
