@@ -18,7 +18,7 @@ from dedt.diffusion.options import SampleOptions, TrainOptions
 from dedt.errors import DedtError
 from dedt.reweight import DEFAULT_ETA
 from dedt.safe_yaml import load_yaml, read_yaml_text
-from dedt.scoring import SCORERS
+from dedt.scoring import METHODS
 
 
 class Section(BaseModel):
@@ -102,20 +102,32 @@ class EncodeConfig(Section):
 
 
 class ScoreConfig(Section):
-    method: str = Field("gaussian", description=" | ".join(SCORERS))
+    method: str = Field(
+        "gaussian",
+        description=" | ".join(METHODS) + " (difficulty: the full-data reference model's normalised denoising loss)",
+    )
     per_class: bool = Field(True, description="fit each class separately (the paper's default)")
     k: int = Field(5, ge=1, description="neighbour rank for the knn scorer")
     index: Literal["auto", "exact", "ivf", "hnsw"] = Field(
         "auto", description="knn scorer's index: auto = exact below 200k rows per group, else IVF"
     )
     nprobe: int = Field(8, ge=1, description="IVF lists visited per query (knn scorer, index ivf/auto)")
+    draws: int = Field(
+        16, ge=1, le=4096, description="difficulty scorer: (t, noise) draws shared by all images, each a forward pass"
+    )
 
     @field_validator("method")
     @classmethod
     def _known_method(cls, name: str) -> str:
-        if name not in SCORERS:
-            raise ValueError(f"unknown scorer {name!r}; choose one of {', '.join(SCORERS)}")
+        if name not in METHODS:
+            raise ValueError(f"unknown scorer {name!r}; choose one of {', '.join(METHODS)}")
         return name
+
+    @model_validator(mode="after")
+    def _draws_for_difficulty(self) -> ScoreConfig:
+        if self.method != "difficulty" and self.draws != type(self).model_fields["draws"].default:
+            raise ValueError("score.draws acts with score.method: difficulty; set it or drop score.draws")
+        return self
 
 
 class SelectConfig(Section):
@@ -144,10 +156,15 @@ class SelectConfig(Section):
     within: Literal["random", "score", "centroid", "band"] = Field(
         "random",
         description="pick inside a cluster: random (seeded), score (the scorer's best), centroid (nearest "
-        "the cluster's centroid), band (random within the score band [band_low, band_high])",
+        "the cluster's centroid), band (random within the score band [band_low, band_high]); band also acts "
+        "without strata, in each class (or of all)",
     )
-    band_low: float = Field(0.1, ge=0.0, lt=1.0, description="within=band: lowest score quantile kept in a cluster")
-    band_high: float = Field(0.9, gt=0.0, le=1.0, description="within=band: highest score quantile kept in a cluster")
+    band_low: float = Field(
+        0.1, ge=0.0, lt=1.0, description="within=band: lowest score quantile kept in a cluster (or class)"
+    )
+    band_high: float = Field(
+        0.9, gt=0.0, le=1.0, description="within=band: highest score quantile kept in a cluster (or class)"
+    )
     keep_by: Literal["uniform", "weights"] = Field(
         "uniform",
         description="uniform: every class keeps keep_frac of itself; weights: the same total, split by the "
@@ -164,6 +181,11 @@ class SelectConfig(Section):
         """Whether cluster-stratified selection is on (it needs the embeddings; dedt.stratify)."""
         return self.strata != "none"
 
+    @property
+    def bands(self) -> bool:
+        """Whether a score band picks, in each cluster with strata, else in each class (or of all)."""
+        return self.within == "band"
+
     def _changed(self, *names: str) -> bool:
         return any(getattr(self, n) != type(self).model_fields[n].default for n in names)
 
@@ -171,8 +193,11 @@ class SelectConfig(Section):
     def _lever_options(self) -> SelectConfig:
         # Options of an unused lever are errors, not silently ignored; "set" = differs from the default, so
         # a full dump (as GPU workers get it) validates again.
-        if not self.stratifies and self._changed("strata_k", "within"):
-            raise ValueError("select.strata_k and select.within act with select.strata: kmeans; set it or drop them")
+        if not self.stratifies and (self._changed("strata_k") or self.within not in ("random", "band")):
+            raise ValueError(
+                "select.strata_k and select.within (other than band) act with select.strata: kmeans; set it or drop "
+                "them (select.within: band alone takes the score band in each class, or of all)"
+            )
         if self.within != "band" and self._changed("band_low", "band_high"):
             raise ValueError("select.band_low and select.band_high act with select.within: band; set it or drop them")
         if self.band_low >= self.band_high:

@@ -95,9 +95,16 @@ def _select_config(cfg: PipelineConfig) -> dict[str, Any]:
     (other pipelines keep their fingerprints)."""
     sel = cfg.select
     off = set() if sel.cleans else {"dedup_threshold", "trim_outliers_frac"}
-    off |= set() if sel.stratifies else {"strata", "strata_k", "within", "band_low", "band_high"}
+    off |= set() if sel.stratifies else {"strata", "strata_k"}
+    off |= set() if sel.stratifies or sel.bands else {"within", "band_low", "band_high"}
     off |= set() if sel.keep_by == "weights" else {"keep_by"}
     return sel.model_dump(exclude=off)
+
+
+def _scores_by_model(cfg: PipelineConfig) -> bool:
+    """score.method: difficulty (dedt.difficulty): the score stage reads the images and the reference model, not
+    the embeddings, so the reference comes before it."""
+    return cfg.score.method == "difficulty" and not _keeps_all(cfg)
 
 
 def _select_reads_weights(cfg: PipelineConfig) -> bool:
@@ -129,12 +136,15 @@ def nodes(cfg: PipelineConfig) -> list[Node]:
         {"data": "data"},
         stages.run_encode,
     )
+    by_model = _scores_by_model(cfg)
     score = Node(
         "score",
         "score",
-        {"score": cfg.score.model_dump(), "seed": cfg.seed},
-        {"data": "data", "encode": "encode"},
+        # score.draws enters only for the difficulty scorer (other pipelines keep their fingerprints)
+        {"score": cfg.score.model_dump(exclude=set() if by_model else {"draws"}), "seed": cfg.seed},
+        {"data": "data", "reference": "reference"} if by_model else {"data": "data", "encode": "encode"},
         stages.run_score,
+        reads_latents=by_model,
     )
     if _keeps_all(cfg):  # every scorer keeps everything: one select for all of them, no encode or score
         select = Node("select", "select", {"select": {"keep_frac": 1.0}}, {"data": "data"}, stages.run_select)
@@ -179,8 +189,10 @@ def nodes(cfg: PipelineConfig) -> list[Node]:
         {"data": "data"},
         stages.run_classifier,
     )
-    needs_encode = not _keeps_all(cfg) or cfg.reweight.groups == "kmeans"
-    graph = [data, *([encode] if needs_encode else []), *([] if _keeps_all(cfg) else [score]), select, classifier]
+    reads_encode = "encode" in score.inputs or "encode" in select.inputs
+    needs_encode = (not _keeps_all(cfg) and reads_encode) or cfg.reweight.groups == "kmeans"
+    scoring = [] if _keeps_all(cfg) else [reference, score] if by_model else [score]
+    graph = [data, *([encode] if needs_encode else []), *scoring, select, classifier]
     # Uniform on everything with the reference's budget *is* the reference: don't train it twice.
     same_as_reference = (
         _keeps_all(cfg)
@@ -210,12 +222,12 @@ def nodes(cfg: PipelineConfig) -> list[Node]:
             stages.run_train,
             reads_latents=True,
         )
-        graph += [reference, reweight]
+        graph += [reweight] if by_model else [reference, reweight]
         if _select_reads_weights(cfg):  # select follows the weights it reads
             graph.remove(select)
             graph.append(select)
         models = {"train": weighted, **(models if cfg.evaluate.baselines else {})}
-    elif cfg.evaluate.baselines:
+    elif cfg.evaluate.baselines and not by_model:
         graph.append(reference)
     if cfg.evaluate.baselines and not cfg.reweight.reference_path:
         models = {"reference": reference, **models}
@@ -280,10 +292,11 @@ def _curve_nodes(cfg: PipelineConfig, models: dict[str, Node], present: set[str]
         if cfg.evaluate.curves == "full" and key != "reference":
             continue
         # The one-off costs a model carries: what selected its data and, reweighted (or its data selected by the
-        # DRO weights), the proxy and its reference.
+        # DRO weights), the proxy and its reference; scored by the reference's difficulty, that reference.
         costs = [r for r in ("encode", "score", "select") if r in present and "select" in model.inputs]
         dro = "reweight" in model.inputs or ("select" in model.inputs and _select_reads_weights(cfg))
-        costs += ["reweight", "reference"] if dro else []
+        pays_reference = dro or ("score" in costs and _scores_by_model(cfg))
+        costs += (["reweight"] if dro else []) + (["reference"] if pays_reference else [])
         out.append(
             Node(
                 f"curve:{key}",

@@ -191,9 +191,9 @@ def summary_rows(results: dict[str, Any], *, proxy_kimg: float = 0.0) -> list[di
     calibrate stage): below 1, plain shorter training on all the data would have been better. The
     cost counts selection (encode, score, select: measured seconds) and, reweighted or with class counts
     set by the weights (``pays_for_dro``), the DRO proxy
-    (``proxy_kimg`` at the calibrated proxy cost); "from scratch" adds the reference DM's training,
-    which the paper's setting takes as pre-trained. ≥ / ≤ mark bounds, where the full-data curve
-    does not bracket the FD (better than its end / worse than its first point).
+    (``proxy_kimg`` at the calibrated proxy cost); "from scratch" adds the reference DM's training
+    (``pays_for_reference``), which the paper's setting takes as pre-trained. ≥ / ≤ mark bounds, where the
+    full-data curve does not bracket the FD (better than its end / worse than its first point).
     """
     from dedt.quality import equal_quality_speedup
 
@@ -229,7 +229,7 @@ def summary_rows(results: dict[str, Any], *, proxy_kimg: float = 0.0) -> list[di
                 rows.append(row | _extremes(per_class))
                 continue
             row["speedup"] = str(equal_quality_speedup(full, s_per_kimg, ev["fd"], cost))
-            scratch = cost + (full.kimg[-1] * s_per_kimg if pays_for_dro(results, key) else 0.0)
+            scratch = cost + (full.kimg[-1] * s_per_kimg if pays_for_reference(results, key) else 0.0)
             row["speedup_scratch"] = str(equal_quality_speedup(full, s_per_kimg, ev["fd"], scratch))
         rows.append(row | _extremes(per_class))
     return rows
@@ -240,6 +240,14 @@ def pays_for_dro(results: dict[str, Any], key: str) -> bool:
     any model whose subset's class counts the DRO weights set (``select.keep_by: weights``)."""
     select = results.get("select")
     return key == "train" or (key != "reference" and select is not None and "class_weights" in select.summary)
+
+
+def pays_for_reference(results: dict[str, Any], key: str) -> bool:
+    """Whether a model carries the reference DM's training from scratch: the DRO ones (``pays_for_dro``) and
+    any model whose subset the reference's difficulty scores chose (``score.method: difficulty``)."""
+    score = results.get("score")
+    by_model = score is not None and score.summary.get("method") == "difficulty"
+    return pays_for_dro(results, key) or (key != "reference" and by_model)
 
 
 def _extremes(per_class: dict[str, float]) -> dict[str, str]:

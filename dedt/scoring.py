@@ -11,7 +11,10 @@ scores 1 and a global top-r selection takes about the same fraction r of every g
 Numerics: gaussian and ppca accumulate in float64 over row chunks of ~64 MB, so their memory is
 O(chunk + d^2) beyond the input, never a float64 copy of all N rows.
 scipy and faiss are imported inside the scorers that use them, so ``dedt.config`` can validate
-``score.method`` against ``SCORERS`` without loading either.
+``score.method`` against ``METHODS`` without loading either.
+
+``MODEL_SCORERS`` score images with the trained full-data diffusion model instead of embeddings
+(``dedt.difficulty``): the pipeline's score stage calls them, ``score`` does not.
 """
 
 from __future__ import annotations
@@ -318,6 +321,11 @@ def _group_name(label: int | None) -> str:
 
 def _lookup(method: str) -> Scorer:
     """The registered scorer, or an error listing the known names."""
+    if method in MODEL_SCORERS:
+        raise DedtError(
+            f"scorer {method!r} scores images with the reference diffusion model, not embeddings: call "
+            "dedt.difficulty.difficulty_scores (the pipeline's score stage does)"
+        )
     if method not in SCORERS:
         raise DedtError(f"unknown scorer {method!r}; choose one of {', '.join(SCORERS)}")
     return SCORERS[method]
@@ -413,3 +421,7 @@ SCORERS: dict[str, Scorer] = {
     "kcenter": _per_group(kcenter),
     "ccs": _per_group(ccs),
 }
+
+# Scorers of images by the full-data diffusion model (dedt.difficulty); higher = keep first as well.
+MODEL_SCORERS = ("difficulty",)
+METHODS = (*SCORERS, *MODEL_SCORERS)  # every score.method

@@ -93,16 +93,53 @@ def run_score(cfg: PipelineConfig, inputs: dict[str, StageDir], out: StageDir) -
     from dedt.encoders.streaming import read_embeddings
     from dedt.scoring import score
 
-    ids, embeddings, _ = read_embeddings(EMBEDDINGS.path(inputs["encode"]))
-    manifest_ids, _, labels = _train_labels(inputs["data"])
-    if not np.array_equal(ids, manifest_ids):
-        raise DedtError(f"{EMBEDDINGS.path(inputs['encode'])} covers other samples than the manifest; re-run encode")
-    sc = cfg.score
-    params = {"k": sc.k, "index": sc.index, "nprobe": sc.nprobe} if sc.method == "knn" else {}
-    scores = score(cfg.score.method, embeddings, labels, per_class=cfg.score.per_class, seed=cfg.seed, **params)
+    by_model = "reference" in inputs  # score.method: difficulty, by the reference model (no embeddings)
+    if by_model:
+        ids, labels, scores = _difficulty_scores(cfg, inputs)
+    else:
+        ids, embeddings, _ = read_embeddings(EMBEDDINGS.path(inputs["encode"]))
+        manifest_ids, _, labels = _train_labels(inputs["data"])
+        if not np.array_equal(ids, manifest_ids):
+            raise DedtError(
+                f"{EMBEDDINGS.path(inputs['encode'])} covers other samples than the manifest; re-run encode"
+            )
+        sc = cfg.score
+        params = {"k": sc.k, "index": sc.index, "nprobe": sc.nprobe} if sc.method == "knn" else {}
+        scores = score(cfg.score.method, embeddings, labels, per_class=cfg.score.per_class, seed=cfg.seed, **params)
     table = pa.table({"sample_id": ids, "label": labels.astype(np.int32), "score": scores.astype(np.float64)})
-    SCORES.write(out, table, {"method": cfg.score.method, "params": cfg.score.model_dump()})
-    return {"n": len(ids), "method": cfg.score.method}
+    params = cfg.score.model_dump(exclude=set() if by_model else {"draws"})
+    SCORES.write(out, table, {"method": cfg.score.method, "params": params})
+    return {"n": len(ids), "method": cfg.score.method} | ({"draws": cfg.score.draws} if by_model else {})
+
+
+def _difficulty_scores(cfg: PipelineConfig, inputs: dict[str, StageDir]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Ids, labels and difficulty scores (``dedt.difficulty``: minus the mean normalised denoising loss under
+    the reference, on one bank of score.draws (t, noise) pairs seeded by the pipeline's seed) of the train
+    split; with a latents input the reference denoises the VAE latents, as it was trained to."""
+    from dedt.difficulty import difficulty_scores
+    from dedt.diffusion.presets import build_scheduler
+    from dedt.diffusion.train import load_model, resolve_device
+    from dedt.reweight import load_reference
+
+    ids, images, labels, _ = _subset_arrays({r: d for r, d in inputs.items() if r in ("data", "latents")})
+    device = resolve_device(cfg.train.device)
+    if cfg.reweight.reference_path:
+        model = load_reference(cfg.reweight.reference_path, in_channels=images.shape[1], resolution=images.shape[2])
+    else:
+        model = load_model(inputs["reference"].path, ema=True, device=device)
+    scores = difficulty_scores(
+        model,
+        build_scheduler(cfg.train.preset, latent=cfg.train.latent),
+        images,
+        labels,
+        draws=cfg.score.draws,
+        seed=cfg.seed,
+        per_class=cfg.score.per_class,
+        batch_size=cfg.sample.batch_size,
+        device=device,
+        on_progress=progress.current(),
+    )
+    return ids, labels, scores
 
 
 def run_select(cfg: PipelineConfig, inputs: dict[str, StageDir], out: StageDir) -> dict[str, Any]:
@@ -119,7 +156,7 @@ def run_select(cfg: PipelineConfig, inputs: dict[str, StageDir], out: StageDir) 
     if cfg.select.cleans:  # near-duplicate removal and outlier trimming before the keep rule (dedt.dedup)
         pool, cleaning = _clean(cfg, inputs["encode"], ids, labels, scores, out)
     levers = {}
-    if "score" in inputs and (cfg.select.stratifies or "reweight" in inputs):  # dedt.stratify
+    if "score" in inputs and (cfg.select.stratifies or cfg.select.bands or "reweight" in inputs):  # dedt.stratify
         kept, levers = _stratified(cfg, inputs, ids, labels, scores, pool)
     else:
         kept = pool[select(scores[pool], labels[pool], cfg.select.keep_frac, per_class=cfg.select.per_class)]
@@ -142,8 +179,8 @@ def _stratified(
     scores: np.ndarray,
     pool: np.ndarray,
 ) -> tuple[np.ndarray, dict[str, Any]]:
-    """Kept rows under k-means strata (the embeddings) and/or counts from the DRO class weights (the reweight
-    stage, learned on the full data), and what set them."""
+    """Kept rows under k-means strata (the embeddings), a score band and/or counts from the DRO class weights
+    (the reweight stage, learned on the full data), and what set them."""
     from dedt.encoders.streaming import read_embeddings
     from dedt.stratify import select_stratified
 
@@ -156,6 +193,8 @@ def _stratified(
             )
         embeddings = embeddings[pool]
         levers["strata"] = {"k": sel.strata_k, "within": sel.within}
+    elif sel.bands:  # the band in each class (or of all)
+        levers["band"] = [sel.band_low, sel.band_high]
     if "reweight" in inputs:
         weights = read_weights(inputs["reweight"])
         levers["class_weights"] = [round(float(w), 6) for w in weights]
@@ -166,7 +205,7 @@ def _stratified(
         per_class=sel.per_class,
         embeddings=embeddings,
         strata_k=sel.strata_k if sel.stratifies else None,
-        within=sel.within if sel.stratifies else "score",
+        within=sel.within if sel.stratifies or sel.bands else "score",
         band=(sel.band_low, sel.band_high),
         class_weights=weights,
         seed=cfg.seed,

@@ -25,7 +25,7 @@ from dedt.artifacts import CURVE
 from dedt.config import PipelineConfig, build_config, load_pipelines
 from dedt.errors import DedtError
 from dedt.pipeline import Node, NodeResult
-from dedt.report import MODEL_LABELS, pays_for_dro, save_figure, summary_rows
+from dedt.report import MODEL_LABELS, pays_for_dro, pays_for_reference, save_figure, summary_rows
 from dedt.safe_yaml import load_yaml, read_yaml_text
 from dedt.store import StageDir, fingerprint, read_parquet, write_parquet
 
@@ -243,7 +243,7 @@ def _model_details(
                 "train_s_per_img": costs.get("train_s_per_img"),
                 "proxy_s_per_img": costs.get("proxy_s_per_img"),
                 "proxy_kimg": cfg.reweight.proxy_kimg * cfg.reweight.rounds if pays_for_dro(results, key) else 0.0,
-                "reference_kimg": cfg.reweight.reference_kimg if pays_for_dro(results, key) else 0.0,
+                "reference_kimg": cfg.reweight.reference_kimg if pays_for_reference(results, key) else 0.0,
                 "floor_fd": results["classifier"].summary.get("real_floor_fd") if "classifier" in results else None,
             }
             | (
