@@ -9,6 +9,7 @@ import math
 
 import numpy as np
 import pytest
+from safetensors.torch import load_file
 
 from dedt.artifacts import CLASSIFIER, CURVE, MANIFEST, METRICS
 from dedt.config import build_config
@@ -123,3 +124,17 @@ def test_the_comparison_row_and_the_frontier_report_carry_the_choice(run: dict) 
     section = "\n".join(posthoc_section([plain_arm, arm]))
     assert "| full data, post-hoc EMA | 0.1, 0.15 | 0.125 |" in section and "| full data |" not in section
     assert posthoc_section([plain_arm]) == []
+
+
+def test_off_the_same_models_keep_their_own_ema_and_curve_columns(run: dict) -> None:
+    """Without candidates the trained model is shared (same store) and evaluated with its own EMA."""
+    from dedt.store import read_parquet
+
+    cfg = build_config({**ON, "evaluate": TINY["evaluate"]}, "plain")
+    planned = plan(cfg, run["planned"]["reference"].out.root)
+    results = {key: run_node(cfg, planned, key) for key in planned if key != "calibrate"}
+    assert results["reference"].cached and "posthoc_ema" not in results["evaluate:reference"].summary
+    table = read_parquet(CURVE.path(planned["curve:reference"].out))
+    assert "sigma_rel" not in table.column_names and "sigma_rel" not in results["curve:reference"].summary
+    own = _samples_fd(cfg, planned, dict(load_file(planned["reference"].out.path / "ema.safetensors")), 8, 0)
+    assert table.column("fd").to_pylist()[-1] == pytest.approx(own, rel=1e-9)
