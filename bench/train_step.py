@@ -76,13 +76,15 @@ def _bare(trainer: Trainer, args: argparse.Namespace, *, fused: bool | None) -> 
 
 
 def _lever_steps(images: np.ndarray, labels: np.ndarray, options: TrainOptions) -> dict[str, Callable[[], None]]:
-    """dedt's step with each training lever on, one Trainer each (issue 15), and a second plain one
+    """dedt's step with each training lever on, one Trainer each (issues 15 and 14), and a second plain one
     whose ratio to the first shows how far two identical loops differ in one run."""
     levers = {
         "dedt step again (no lever: the noise control)": {},
         "dedt step, min-snr weighting": {"timestep_weighting": "min-snr"},
         "dedt step, loss-aware sampling (warm)": {"timestep_sampling": "loss-aware"},
         "dedt step, post-hoc EMA (2 more EMAs)": {"posthoc_ema": True},
+        # a budget far beyond the bench's steps: every epoch it times is a pruned one
+        "dedt step, InfoBatch (pruned epochs)": {"dynamic_pruning": "infobatch", "budget_kimg": 1e6},
     }
     steps = {}
     for name, update in levers.items():

@@ -338,6 +338,11 @@ class PipelineConfig(Section):
             raise ValueError(f"reweight.t_min_frac {rw.t_min_frac} must be below reweight.t_max_frac {rw.t_max_frac}")
         if rw.groups == "kmeans" and self.train.conditional:
             raise ValueError("reweight.groups=kmeans reweights clusters, not classes: set train.conditional=false")
+        if self.train.dynamic_pruning == "infobatch" and rw.method == "doremi" and self.train.weighting == "sampling":
+            raise ValueError(
+                "train.dynamic_pruning=infobatch prunes uniform epochs, but the reweighted model draws its batches "
+                "from the DRO class mixture (train.weighting=sampling); set train.weighting=loss"
+            )
         if self.evaluate.posthoc_sigma_rels and not self.train.posthoc_ema:
             raise ValueError(
                 "evaluate.posthoc_sigma_rels rebuilds EMAs from the snapshots that only train.posthoc_ema: true saves; "

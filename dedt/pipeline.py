@@ -69,11 +69,14 @@ class NodeResult:
     summary: dict[str, Any]
 
 
-def _train_config(cfg: PipelineConfig, budget_kimg: float | None) -> dict[str, Any]:
+def _train_config(cfg: PipelineConfig, budget_kimg: float | None, *, anneals: bool = True) -> dict[str, Any]:
     """The train options that change the weights (not where they run), with the budget the model
     really gets (None: a proxy, whose budget is reweight.proxy_kimg). The VAE enters through the
-    latents stage's fingerprint (its files), not its path: pixel pipelines keep their fingerprints."""
-    options = cfg.train.identity(exclude={"device", "vae_path", "budget_policy", "budget_kimg"})
+    latents stage's fingerprint (its files), not its path: pixel pipelines keep their fingerprints.
+    ``anneals=False``: a model that ignores train.anneal_frac (the full-data reference, the DRO proxy),
+    so it is shared with pipelines that differ only there."""
+    off = set() if anneals else {"anneal_frac"}
+    options = cfg.train.identity(exclude={"device", "vae_path", "budget_policy", "budget_kimg"} | off)
     if budget_kimg is not None:
         options["budget_kimg"] = budget_kimg
     return {"train": options, "seed": cfg.seed}
@@ -168,7 +171,7 @@ def nodes(cfg: PipelineConfig) -> list[Node]:
         reference = Node(
             "reference",
             "train",
-            _train_config(cfg, cfg.reweight.reference_kimg) | {"subset": "full"},
+            _train_config(cfg, cfg.reweight.reference_kimg, anneals=False) | {"subset": "full"},
             {"data": "data"},
             stages.run_train,
             reads_latents=True,
@@ -209,7 +212,7 @@ def nodes(cfg: PipelineConfig) -> list[Node]:
         reweight = Node(
             "reweight",
             "reweight",
-            {"reweight": cfg.reweight.model_dump(exclude={"reference_path"})} | _train_config(cfg, None),
+            {"reweight": cfg.reweight.model_dump(exclude={"reference_path"})} | _train_config(cfg, None, anneals=False),
             rw_inputs,
             stages.run_reweight,
             reads_latents=True,

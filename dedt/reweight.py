@@ -439,6 +439,7 @@ def train_reference(
 
     with fork_rng(options.device, World()):
         trainer = Trainer(images, labels, options, num_classes=num_classes, seed=seed)
+        trainer.infobatch = None  # the group mixture below is not uniform epochs: no dynamic pruning
         trainer.sampler = BatchSampler(
             groups,
             batch_size=options.batch_size,

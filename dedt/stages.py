@@ -282,6 +282,12 @@ def run_train(cfg: PipelineConfig, inputs: dict[str, StageDir], out: StageDir) -
     weights = read_weights(inputs["reweight"]) if "reweight" in inputs else None
     groups = _groups_of(inputs, labels, ids)
     num_groups = num_classes if groups is labels else len(weights)
+    anneal = None
+    if "select" in inputs and options.anneal_frac > 0:  # prune then anneal: the full split ends the run
+        _, full_images, full_labels, _ = _subset_arrays({r: d for r, d in inputs.items() if r != "select"})
+        # k-means groups go with an unconditional model, and the anneal phase draws no class weights: its
+        # labels are never read, so all-zero labels stand in for the groups of images outside the subset
+        anneal = (full_images, full_labels if groups is labels else np.zeros_like(full_labels))
     result = launch_train(
         images,
         groups,
@@ -292,6 +298,7 @@ def run_train(cfg: PipelineConfig, inputs: dict[str, StageDir], out: StageDir) -
         seed=cfg.seed,
         progress=False,
         on_progress=progress.current(),
+        anneal_data=anneal,
     )  # on train.processes
     return {"n_images": len(images), **result}
 

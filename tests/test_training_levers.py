@@ -204,6 +204,7 @@ def test_levers_at_their_defaults_keep_the_identity() -> None:
     assert plain.identity(exclude=set()) == {
         k: v for k, v in plain.model_dump().items()
         if k not in {"timestep_weighting", "snr_gamma", "timestep_sampling", "posthoc_ema", "posthoc_snapshots",
+                     "dynamic_pruning", "prune_ratio", "prune_until", "anneal_frac",
                      "processes"}  # processes: a runtime field, never in an identity
     }  # fmt: skip
     lever = TrainOptions(timestep_weighting="min-snr").identity(exclude=set())

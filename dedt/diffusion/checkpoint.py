@@ -1,8 +1,8 @@
 """A training run's files: resumable checkpoints, the run log, the final weights and ``load_model``.
 
     checkpoints/ckpt-<kimg>/    model + EMA(s) (safetensors), training_state.pt (optimiser, scaler, RNG,
-                                timestep sampler), state.json (written last: step, images seen, identity,
-                                each file's SHA-256)
+                                timestep sampler, InfoBatch), state.json (written last: step, images
+                                seen, identity, each file's SHA-256)
     log.jsonl                   one line per log interval, never past the newest checkpoint
     model.safetensors, ema.safetensors, model_config.json   the trained model, at the budget
 
@@ -43,9 +43,11 @@ def run_identity(
     class_weights: np.ndarray | None,
     seed: int,
     world_size: int,
+    anneal_data: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> dict[str, Any]:
-    """What a checkpoint must match to be resumed: options (but the budget, intervals and device), data,
-    seed. The device is left out, as in the stage fingerprint: a run cut on one device resumes on another."""
+    """What a checkpoint must match to be resumed: options (but the budget, intervals and device), data
+    (and the full split a subset anneals to), seed. The device is left out, as in the stage fingerprint:
+    a run cut on one device resumes on another."""
     digest = hashlib.sha256()
     for array in (images, np.asarray(labels, dtype=np.int64)):
         digest.update(str(array.shape).encode())
@@ -53,7 +55,7 @@ def run_identity(
     if class_weights is not None:
         digest.update(np.asarray(class_weights, dtype=np.float64).tobytes())
     fixed = options.identity(exclude=set(RESUMABLE_CHANGES | {"device"}))
-    return {
+    identity = {
         "format": CHECKPOINT_FORMAT,
         "options": fixed,
         "data_sha256": digest.hexdigest(),
@@ -61,6 +63,13 @@ def run_identity(
         "seed": seed,
         "world_size": world_size,
     }
+    if anneal_data is not None:
+        anneal = hashlib.sha256()
+        for array in (anneal_data[0], np.asarray(anneal_data[1], dtype=np.int64)):
+            anneal.update(str(array.shape).encode())
+            anneal.update(np.ascontiguousarray(array).data)
+        identity["anneal_data_sha256"] = anneal.hexdigest()
+    return identity
 
 
 def state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -58,6 +58,7 @@ def launch_train(
     seed: int = 0,
     progress: bool = True,
     on_progress: ProgressFn | None = None,
+    anneal_data: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> dict[str, Any]:
     """``train`` on ``options.processes`` processes: in this process for 1, under torchrun otherwise.
 
@@ -78,6 +79,7 @@ def launch_train(
             seed=seed,
             progress=progress,
             on_progress=on_progress,
+            anneal_data=anneal_data,
         )
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise DedtError(
@@ -95,6 +97,9 @@ def launch_train(
         np.save(job / "labels.npy", np.asarray(labels), allow_pickle=False)
         if class_weights is not None:
             np.save(job / "class_weights.npy", np.asarray(class_weights), allow_pickle=False)
+        if anneal_data is not None:
+            np.save(job / "anneal_images.npy", anneal_data[0], allow_pickle=False)
+            np.save(job / "anneal_labels.npy", np.asarray(anneal_data[1]), allow_pickle=False)
         spec = {
             "options": options.model_dump(mode="json"),
             "run_dir": str(Path(run_dir).resolve()),
@@ -175,6 +180,9 @@ def _worker(job: Path) -> None:
     spec = json.loads((job / "job.json").read_text())
     rank = int(os.environ.get("RANK", "0"))
     weights = job / "class_weights.npy"
+    anneal = None
+    if (job / "anneal_images.npy").exists():  # prune then anneal: the full train split
+        anneal = (np.load(job / "anneal_images.npy"), np.load(job / "anneal_labels.npy"))
     reports = job / "progress.jsonl"
 
     def report(nimg: int, total: int, info: dict[str, Any]) -> None:
@@ -192,6 +200,7 @@ def _worker(job: Path) -> None:
             seed=spec["seed"],
             progress=False,
             on_progress=report,  # called on rank 0 only
+            anneal_data=anneal,
         )
     except DedtError as exc:
         atomic_write_text(job / f"error-{rank}.txt", str(exc))

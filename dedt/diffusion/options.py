@@ -13,7 +13,20 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from dedt.diffusion.presets import PRESETS
 
 # Fields added after stores held fingerprints (the training levers of issue 15).
-LATER_FIELDS = frozenset({"timestep_weighting", "snr_gamma", "timestep_sampling", "posthoc_ema", "posthoc_snapshots"})
+LATER_FIELDS = frozenset(
+    {
+        "timestep_weighting",
+        "snr_gamma",
+        "timestep_sampling",
+        "posthoc_ema",
+        "posthoc_snapshots",
+        # The data schedules of issue 14.
+        "dynamic_pruning",
+        "prune_ratio",
+        "prune_until",
+        "anneal_frac",
+    }
+)
 # Fields that say how a run is spread over processes, not what it computes: never in an identity (a
 # checkpoint records its world size itself).
 RUNTIME_FIELDS = frozenset({"processes"})
@@ -83,6 +96,28 @@ class TrainOptions(BaseModel):
     )
     posthoc_snapshots: int = Field(
         16, ge=1, le=1024, description="evenly spaced snapshot points of the post-hoc EMAs over the budget"
+    )
+    dynamic_pruning: Literal["none", "infobatch"] = Field(
+        "none",
+        description="'infobatch' (Qin et al. 2024): each epoch skips a random prune_ratio of the well-learned "
+        "samples (last loss / its timestep band's running mean loss below the mean) and scales the kept ones' "
+        "losses by 1 / (1 - prune_ratio), so the expected gradient is unchanged; needs uniform epochs (no class "
+        "mixture sampling). The budget stays in images: a pruned epoch is shorter",
+    )
+    prune_ratio: float = Field(0.5, gt=0, lt=1, description="InfoBatch: share of the well-learned samples skipped")
+    prune_until: float = Field(
+        0.875,
+        ge=0,
+        le=1,
+        description="InfoBatch: epochs that start after this fraction of the budget use every sample, unscaled "
+        "(the paper's delta)",
+    )
+    anneal_frac: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="prune then anneal: a model trained on a kept subset spends the last anneal_frac of its budget "
+        "on the full train split (uniform epochs, no class weights); full-data models and the DRO proxy ignore it",
     )
     checkpoint_every_kimg: float = Field(16.0, gt=0, description="write a resumable checkpoint every this many kimg")
     keep_checkpoints: int = Field(2, ge=1, description="how many of the newest checkpoints to keep")
@@ -165,6 +200,8 @@ class TrainOptions(BaseModel):
             raise ValueError("snr_gamma is for timestep_weighting 'min-snr'")
         if not self.posthoc_ema and self._changed("posthoc_snapshots"):
             raise ValueError("posthoc_snapshots needs posthoc_ema: true")
+        if self.dynamic_pruning != "infobatch" and (self._changed("prune_ratio") or self._changed("prune_until")):
+            raise ValueError("prune_ratio and prune_until are for dynamic_pruning 'infobatch'")
         return self
 
     def identity(self, *, exclude: set[str]) -> dict[str, Any]:

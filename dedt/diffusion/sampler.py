@@ -12,6 +12,8 @@ A batch is global (all data-parallel ranks together); each rank takes its own sl
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from dedt.errors import DedtError
@@ -96,3 +98,9 @@ class BatchSampler:
         classes = rng.choice(len(self.weights), size=self.batch_size, p=self.weights)
         within = rng.integers(0, self._counts[classes])
         return self._order[self._starts[classes] + within]
+
+
+def anneal_step(budget_nimg: int, batch_size: int, anneal_frac: float) -> int:
+    """Prune then anneal: the first step whose batch starts at or after (1 - anneal_frac) of the budget,
+    where a model trained on a subset moves to the full train split."""
+    return math.ceil(round((1.0 - anneal_frac) * budget_nimg, 6) / batch_size)

@@ -3,7 +3,7 @@
 The run folder (EDM2's layout, Karras et al. 2024):
     training_options.json       resolved options and the run's identity (data, seed, world size)
     log.jsonl                   one line per log interval: step, kimg, loss, lr, images_per_s, ...
-    checkpoints/ckpt-<kimg>/    model + EMA(s) (safetensors), optimiser/scaler/RNG/timestep-sampler state, state.json
+    checkpoints/ckpt-<kimg>/    model + EMA(s) (safetensors), optimiser/scaler/RNG/sampler state, state.json
     model.safetensors, ema.safetensors, model_config.json   written when the budget is reached
 Running the same command again continues from the newest checkpoint; every random draw is a
 function of state the checkpoint holds, so an interrupted-then-resumed run ends with the same bytes
@@ -56,11 +56,12 @@ from dedt.diffusion.device import (
     resolve_device,
 )
 from dedt.diffusion.ema import EMA, ema_beta, power_ema_beta
+from dedt.diffusion.infobatch import InfoBatch
 from dedt.diffusion.optim import make_optimizer
 from dedt.diffusion.options import TrainOptions
 from dedt.diffusion.posthoc import PROFILES, posthoc_points
 from dedt.diffusion.presets import build_model, build_scheduler, count_parameters
-from dedt.diffusion.sampler import BatchSampler, check_class_weights
+from dedt.diffusion.sampler import BatchSampler, anneal_step, check_class_weights
 from dedt.diffusion.snapshots import snapshot_points, write_snapshot
 from dedt.diffusion.timestep_sampler import LossAwareTimesteps
 from dedt.diffusion.weighting import timestep_weight_table
@@ -108,9 +109,12 @@ class Trainer:
         class_weights: np.ndarray | None = None,
         seed: int = 0,
         world: World | None = None,
+        anneal_data: tuple[np.ndarray, np.ndarray] | None = None,
     ) -> None:
         world = world or World()  # one process, without torchrun
         check_inputs(images, labels, options, num_classes=num_classes, class_weights=class_weights, world=world)
+        if anneal_data is not None:
+            check_inputs(*anneal_data, options, num_classes=num_classes, class_weights=None, world=world)
         self.options = options
         self.world = world
         self.device = resolve_device(options.device, world.local_rank)
@@ -170,6 +174,32 @@ class Trainer:
             # k * w_y: uniform weights give 1 for every sample, so the loss scale matches plain training.
             weights = check_class_weights(class_weights, labels, num_classes)
             self.loss_weight = torch.tensor(num_classes * weights, dtype=torch.float32, device=self.device)
+        # Data schedules (dedt.diffusion.infobatch; prune then anneal): the first draws the subset's epochs,
+        # the second moves to the full train split for the last anneal_frac of the budget.
+        budget_nimg = math.ceil(options.budget_kimg * 1000)
+        self.infobatch = (
+            InfoBatch(
+                len(labels),
+                batch_size=options.batch_size,
+                num_timesteps=self.scheduler.config.num_train_timesteps,
+                prune_ratio=options.prune_ratio,
+                prune_until_nimg=options.prune_until * budget_nimg,
+                seed=derive_seed(seed, "sampler"),
+                device=self.device,
+            )
+            if options.dynamic_pruning == "infobatch"
+            else None
+        )
+        self.anneal_step: int | None = None
+        if anneal_data is not None and options.anneal_frac > 0:
+            self.anneal_step = anneal_step(budget_nimg, options.batch_size, options.anneal_frac)
+            self.anneal_images = torch.from_numpy(np.ascontiguousarray(anneal_data[0], dtype=np.float32)).to(
+                self.device
+            )
+            self.anneal_labels = torch.from_numpy(np.asarray(anneal_data[1], dtype=np.int64)).to(self.device)
+            self.anneal_sampler = BatchSampler(
+                anneal_data[1], batch_size=options.batch_size, num_classes=num_classes, seed=derive_seed(seed, "anneal")
+            )
 
         self.local_batch = options.batch_size // world.size
         self.step_count = 0
@@ -190,9 +220,10 @@ class Trainer:
         """One optimiser step on the global batch number ``step_count`` (this rank's slice of it)."""
         options, device = self.options, self.device
         rows = slice(self.world.rank * self.local_batch, (self.world.rank + 1) * self.local_batch)
-        index = torch.from_numpy(self.sampler.batch(self.step_count)[rows]).to(device, non_blocking=True)
-        x0 = self.images.index_select(0, index)
-        labels = self.labels.index_select(0, index)
+        images, all_labels, batch, batch_weight = self._draw()
+        index = torch.from_numpy(batch[rows]).to(device, non_blocking=True)
+        x0 = images.index_select(0, index)
+        labels = all_labels.index_select(0, index)
         full = (options.batch_size, *x0.shape[1:])
         steps = self.scheduler.config.num_train_timesteps
         if self.loss_aware is None:
@@ -213,12 +244,16 @@ class Trainer:
             losses = per_sample_loss(
                 self.forward_model, self.scheduler, x0, labels if options.conditional else None, t, noise
             )
+        if batch_weight is not None and self.infobatch is not None:  # scores from the plain losses, then rescaling
+            self.infobatch.update(batch, t_all, gather_batch(losses.detach(), self.world))
+            losses = losses * batch_weight[rows]
         if self.timestep_weight is not None:  # Min-SNR-gamma (dedt.diffusion.weighting)
             losses = losses * self.timestep_weight[t]
         if self.loss_aware is not None and t_scale is not None:  # the weighted losses feed the history
             self.loss_aware.update(t_all, gather_batch(losses.detach(), self.world))
             losses = losses * t_scale[rows]  # 1 / (T p(t)): the uniform objective in expectation
-        loss = (losses * self.loss_weight[labels]).mean() if self.loss_weight is not None else losses.mean()
+        class_weighted = self.loss_weight is not None and not self.annealing
+        loss = (losses * self.loss_weight[labels]).mean() if class_weighted else losses.mean()
 
         self.last_lr = self.learning_rate()
         for group in self.optimizer.param_groups:
@@ -241,6 +276,27 @@ class Trainer:
         self._loss_steps += 1
         self.step_count += 1
         self.nimg += options.batch_size
+
+    @property
+    def annealing(self) -> bool:
+        """True from the step where prune then anneal trains on the full train split."""
+        return self.anneal_step is not None and self.step_count >= self.anneal_step
+
+    def _draw(self) -> tuple[torch.Tensor, torch.Tensor, np.ndarray, torch.Tensor | None]:
+        """The global batch: the images and labels it indexes, its indices (B,), and InfoBatch's loss
+        weights (B,) on the device (None: all 1)."""
+        if self.annealing:  # uniform epochs over the full split, from the switch on
+            assert self.anneal_step is not None
+            return (
+                self.anneal_images,
+                self.anneal_labels,
+                self.anneal_sampler.batch(self.step_count - self.anneal_step),
+                None,
+            )
+        if self.infobatch is not None:
+            index, weight = self.infobatch.next_batch(self.nimg)
+            return self.images, self.labels, index, torch.from_numpy(weight).to(self.device, non_blocking=True)
+        return self.images, self.labels, self.sampler.batch(self.step_count), None
 
     def pop_mean_loss(self) -> float:
         """Mean training loss since the last call, over all ranks (the one sync of a log interval)."""
@@ -265,6 +321,8 @@ class Trainer:
             state["cuda_rng"] = gather(torch.cuda.get_rng_state(self.device), self.world)
         if self.loss_aware is not None:
             state["timestep_sampler"] = self.loss_aware.state_dict()
+        if self.infobatch is not None:
+            state["infobatch"] = self.infobatch.state_dict()
         return state
 
     def load_training_state(self, state: dict[str, Any]) -> None:
@@ -277,6 +335,8 @@ class Trainer:
             torch.cuda.set_rng_state(state["cuda_rng"][self.world.rank], self.device)
         if self.loss_aware is not None:
             self.loss_aware.load_state_dict(state["timestep_sampler"])
+        if self.infobatch is not None:
+            self.infobatch.load_state_dict(state["infobatch"])
 
     def weights(self) -> dict[str, torch.nn.Module]:
         """The modules a checkpoint saves, by file stem: the model, its EMA and the post-hoc EMAs."""
@@ -339,6 +399,11 @@ def check_inputs(
         raise DedtError(f"labels must lie in [0, num_classes={num_classes}), got [{labels.min()}, {labels.max()}]")
     if class_weights is not None:
         check_class_weights(class_weights, labels, num_classes)
+    if options.dynamic_pruning == "infobatch" and class_weights is not None and options.weighting == "sampling":
+        raise DedtError(
+            "train.dynamic_pruning 'infobatch' prunes uniform epochs, but class weights with train.weighting "
+            "'sampling' draw a class mixture; use train.weighting 'loss' or dynamic_pruning 'none'"
+        )
     if options.batch_size % world.size:
         raise DedtError(
             f"train.batch_size {options.batch_size} is not divisible by the world size {world.size} "
@@ -358,6 +423,7 @@ def train(
     progress: bool = True,
     on_step: Callable[[int, int], None] | None = None,
     on_progress: ProgressFn | None = None,
+    anneal_data: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> dict[str, Any]:
     """Train a diffusion model until ``options.budget_kimg`` thousand images have been seen.
 
@@ -374,8 +440,12 @@ def train(
             raising from it stops the run (tests use it to simulate a kill).
         on_progress: ``(nimg, budget_nimg, info)`` with images/s, ETA and the last logged loss, a few
             times a minute on rank 0 (``dedt.progress``).
-    Returns: {"steps", "nimg", "seconds", "images_per_s", "final_loss", "parameters"}; seconds and
-    images_per_s cover the whole run, resumed parts included.
+        anneal_data: (images, labels) of the full train split, for ``options.anneal_frac`` > 0 (prune
+            then anneal): the last anneal_frac of the budget trains on it, in uniform epochs without
+            class weights. None (or anneal_frac 0): the run never leaves ``images``.
+    Returns: {"steps", "nimg", "seconds", "images_per_s", "final_loss", "parameters"}, with "infobatch"
+    (epochs, pruned epochs, skipped fraction) and "anneal" (switch step and kimg) when those are on;
+    seconds and images_per_s cover the whole run, resumed parts included.
     Under torchrun every process calls this; rank 0 writes the files.
     """
     run_dir = Path(run_dir)
@@ -394,6 +464,7 @@ def train(
                 progress,
                 on_step,
                 on_progress,
+                anneal_data,
             )
     finally:
         if created_group:
@@ -412,16 +483,26 @@ def _run(
     progress: bool,
     on_step: Callable[[int, int], None] | None,
     on_progress: ProgressFn | None = None,
+    anneal_data: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> dict[str, Any]:
     """The loop of ``train``, inside its RNG and precision guards (EDM2's ``training_loop``)."""
     # Setup: model, EMA, optimiser and data on the device (validates the inputs first).
     is_main = world.rank == 0
+    if anneal_data is None or options.anneal_frac == 0:  # nothing to anneal to: a plain run, a plain identity
+        options, anneal_data = options.model_copy(update={"anneal_frac": 0.0}), None
     trainer = Trainer(
-        images, labels, options, num_classes=num_classes, class_weights=class_weights, seed=seed, world=world
+        images,
+        labels,
+        options,
+        num_classes=num_classes,
+        class_weights=class_weights,
+        seed=seed,
+        world=world,
+        anneal_data=anneal_data,
     )
 
     # Resume from the newest intact checkpoint of this run, if any.
-    identity = run_identity(images, labels, options, num_classes, class_weights, seed, world.size)
+    identity = run_identity(images, labels, options, num_classes, class_weights, seed, world.size, anneal_data)
     checkpoints = run_dir / "checkpoints"
     latest = latest_checkpoint(checkpoints)
     seconds, last_loss = 0.0, float("nan")
@@ -534,6 +615,11 @@ def _run(
         )
     if world.size > 1:
         dist.barrier()
+    schedules: dict[str, Any] = {}
+    if trainer.infobatch is not None:
+        schedules["infobatch"] = trainer.infobatch.summary()
+    if trainer.anneal_step is not None:
+        schedules["anneal"] = {"switch_step": trainer.anneal_step, "switch_kimg": trainer.anneal_step * batch / 1000}
     return {
         "steps": trainer.step_count,
         "nimg": trainer.nimg,
@@ -541,6 +627,7 @@ def _run(
         "images_per_s": trainer.nimg / seconds if seconds > 0 else float("nan"),
         "final_loss": last_loss,
         "parameters": count_parameters(trainer.model),
+        **schedules,
     }
 
 
