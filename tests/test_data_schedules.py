@@ -276,3 +276,31 @@ def test_fingerprints_move_only_where_a_schedule_acts(pipelines_file: Path, tmp_
     assert pruned["reference"] != fingerprints("train.weighting=loss")["reference"]  # the reference prunes too
     with pytest.raises(ValueError, match="infobatch prunes uniform epochs"):
         fingerprints("train.dynamic_pruning=infobatch")  # the reweighted model draws a class mixture
+
+
+def test_the_train_stage_anneals_a_subset_model_to_the_full_split(tmp_path: Path) -> None:
+    import json
+
+    from dedt.config import build_config
+    from dedt.pipeline import plan, run_node
+
+    cfg = build_config(
+        {
+            "dataset": {"source": "digits"},
+            "encode": {"encoder": "pixels"},
+            "score": {"method": "random"},
+            "select": {"keep_frac": 0.3},
+            "reweight": {"method": "none"},
+            "train": {"preset": "digits-tiny", "budget_kimg": 0.256, "batch_size": 64, "device": "cpu",
+                      "anneal_frac": 0.5},
+        },
+        "anneal",
+    )  # fmt: skip
+    planned = plan(cfg, tmp_path)
+    for key in ("data", "encode", "score", "select"):
+        run_node(cfg, planned, key)
+    summary = run_node(cfg, planned, "train:uniform").summary
+    kept = run_node(cfg, planned, "select").summary["kept"]
+    assert summary["n_images"] == kept and summary["anneal"] == {"switch_step": 2, "switch_kimg": 0.128}
+    identity = json.loads((planned["train:uniform"].out.path / "training_options.json").read_text())["identity"]
+    assert identity["options"]["anneal_frac"] == 0.5 and "anneal_data_sha256" in identity
