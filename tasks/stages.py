@@ -5,7 +5,8 @@ serializer it names (pickle among them), so anyone able to write to the shared s
 code. The store is the cache instead: ``run_node`` returns a stage whose ``_COMPLETE`` marker
 checks out without computing it, so a second run of an unchanged pipeline recomputes nothing.
 
-When a pipeline names ``deployment.gpu_pool``, its heavy stages (``GPU_STAGES``) are *dispatched*:
+When a pipeline names ``deployment.gpu_pool``, its heavy stages (``GPU_STAGES``, and the score stage of
+``score.method: difficulty``, which runs the reference model) are *dispatched*:
 the task starts a ``dedt-stage`` flow run on that pool's worker (``run_deployment``) and, once it
 completes, reads the result from the store both sides share (the same path on both machines).
 
@@ -82,9 +83,12 @@ def _stage_task(stage: str, fn: Any) -> Task[..., dict[str, Any]]:
 
 STAGE_TASKS = {stage: _stage_task(stage, _run) for stage in VERSIONS}
 DISPATCH_TASKS = {stage: _stage_task(stage, _dispatch) for stage in GPU_STAGES}
+SCORE_BY_MODEL = _stage_task("score", _dispatch)  # score.method: difficulty runs the reference model
 
 
 def stage_task(node: Node, cfg: PipelineConfig) -> Task[..., dict[str, Any]]:
     """The task that computes ``node``: dispatched to the GPU pool for a heavy stage when one is named."""
+    if cfg.deployment.gpu_pool is not None and node.stage == "score" and "reference" in node.inputs:
+        return SCORE_BY_MODEL
     dispatch = cfg.deployment.gpu_pool is not None and node.stage in GPU_STAGES
     return DISPATCH_TASKS[node.stage] if dispatch else STAGE_TASKS[node.stage]

@@ -250,3 +250,13 @@ def test_a_difficulty_subset_pays_for_the_reference_from_scratch() -> None:
     arm = Arm(0.2, "difficulty", "uniform", cleaning="band 0.1-0.9", rows=[row])
     assert arm.overhead_s("pre-trained", 0.01, 0.02) == pytest.approx(row["selection_s"])
     assert arm.overhead_s("scratch", 0.01, 0.02) == pytest.approx(row["selection_s"] + 640.0)
+
+
+def test_with_a_gpu_pool_the_difficulty_score_is_dispatched() -> None:
+    from tasks.stages import SCORE_BY_MODEL, STAGE_TASKS, stage_task
+
+    def score_task(method: str) -> object:
+        cfg = build_config({"score": {"method": method}, "deployment": {"gpu_pool": "gpu"}}, "x")
+        return stage_task(plan(cfg, Path("/store"))["score"], cfg)
+
+    assert score_task("difficulty") is SCORE_BY_MODEL and score_task("gaussian") is STAGE_TASKS["score"]
