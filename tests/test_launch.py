@@ -106,3 +106,19 @@ def test_processes_stay_out_of_fingerprints_and_a_bad_value_names_the_key(pipeli
     for bad in ("0", "x"):
         with pytest.raises(DedtError, match=r"pipeline 'tiny': train.processes: .*whole number of processes"):
             resolve("tiny", pipelines_file, [f"train.processes={bad}"])
+
+
+def test_two_gloo_processes_prune_and_anneal_as_one_process_does(tmp_path: Path) -> None:
+    """InfoBatch scores from the gathered global batch and the anneal data sent to the children: the
+    same plans, switch and losses as one process."""
+    full, full_labels = tiny_data(96)
+    options = dict(TINY, dynamic_pruning="infobatch", anneal_frac=0.25)
+    run = dict(num_classes=4, seed=5, anneal_data=(full, full_labels))
+    ddp = launch_train(full[:48], full_labels[:48], TrainOptions(**options, processes=2), tmp_path / "ddp", **run)
+    single = train(full[:48], full_labels[:48], TrainOptions(**options), tmp_path / "single", progress=False, **run)
+    assert ddp["infobatch"] == single["infobatch"] and ddp["anneal"] == single["anneal"] == {
+        "switch_step": 6, "switch_kimg": 0.096
+    }  # fmt: skip
+    assert [loss for _, loss in losses(tmp_path / "ddp")] == pytest.approx(
+        [loss for _, loss in losses(tmp_path / "single")], rel=1e-4
+    )
