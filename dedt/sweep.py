@@ -192,7 +192,6 @@ def comparison_rows(points: list[GridPoint], results: list[dict[str, NodeResult]
             "seed": cfg.seed,
         }
         knobs |= {"cleaning": cleaning_label(cfg)} if cleaning else {}
-        knobs |= {"training": training_label(cfg)} if training else {}
         knobs |= {"contaminated": cfg.dataset.contaminate.active} if dirty else {}
         details = {
             row["model"]: row | (_dirty_details(cfg, point_results, row["model"]) if dirty else {})
@@ -200,6 +199,7 @@ def comparison_rows(points: list[GridPoint], results: list[dict[str, NodeResult]
         }
         rows += [
             knobs
+            | ({"training": training_label(cfg, subset=row["model"] != "full data")} if training else {})
             | {k: row[k] for k in ("model", "images", "kimg", "cost_s", "fd", "speedup", "speedup_scratch")}
             | details[row["model"]]
             for row in summary_rows(point_results, proxy_kimg=cfg.reweight.proxy_kimg * cfg.reweight.rounds)
@@ -262,19 +262,25 @@ def cleaning_label(cfg: PipelineConfig) -> str:
     parts = ([f"dedup {sel.dedup_threshold:g}"] if sel.dedup_threshold is not None else []) + (
         [f"trim {sel.trim_outliers_frac:g}"] if sel.trim_outliers_frac > 0 else []
     )
+    band = f" {sel.band_low:g}-{sel.band_high:g}" if sel.within == "band" else ""
     if sel.stratifies:
-        band = f" {sel.band_low:g}-{sel.band_high:g}" if sel.within == "band" else ""
         parts.append(f"{sel.strata} {sel.strata_k} {sel.within}{band}")
+    elif sel.within == "band":
+        parts.append(f"band{band}")
     parts += ["DRO counts"] if sel.keep_by == "weights" else []
     return " + ".join(parts)
 
 
-def training_label(cfg: PipelineConfig) -> str:
+def training_label(cfg: PipelineConfig, *, subset: bool = True) -> str:
     """The training levers on, e.g. "min-snr 5 + loss-aware"; "" when all are off (so each lever's points
-    form their own arm in a report). They apply to every model a point trains, the full-data one too."""
+    form their own arm in a report). They apply to every model a point trains, the full-data one too, except
+    annealing to the full data, which only a model trained on a subset (``subset``) does."""
     train = cfg.train
     parts = [f"min-snr {train.snr_gamma:g}"] if train.timestep_weighting == "min-snr" else []
     parts += ["loss-aware"] if train.timestep_sampling == "loss-aware" else []
+    if train.dynamic_pruning == "infobatch":
+        parts.append(f"infobatch {train.prune_ratio:g} until {train.prune_until:g}")
+    parts += [f"anneal {train.anneal_frac:g}"] if subset and train.anneal_frac > 0 else []
     parts += ["post-hoc EMA"] if cfg.evaluate.posthoc_sigma_rels else []  # the evaluated EMA, chosen per model
     return " + ".join(parts)
 

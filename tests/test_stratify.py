@@ -271,7 +271,7 @@ def test_each_lever_is_its_own_arm_in_a_sweep() -> None:
     from dedt.sweep import cleaning_label, expand
 
     labels = {cleaning_label(p.cfg) for p in expand("levers-data", ROOT / "pipelines.yaml")}
-    assert labels == {"", "kmeans 10 random", "kmeans 10 band 0.1-0.9", "DRO counts"}
+    assert labels == {"", "kmeans 10 random", "kmeans 10 band 0.1-0.9", "DRO counts", "band 0.1-0.9"}
     both = build_config(
         {
             "select": {"dedup_threshold": 0.01, "strata": "kmeans", "strata_k": 4, "keep_by": "weights"},

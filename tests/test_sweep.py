@@ -217,3 +217,24 @@ def test_budget_policy_epochs_scales_subset_budgets_only(tmp_path):
     for key in ("reference", "reweight", "select", "evaluate:reference"):
         assert images[key].out.fingerprint == epochs[key].out.fingerprint, key
     assert images["train:uniform"].out.fingerprint != epochs["train:uniform"].out.fingerprint
+
+
+def test_lever_labels_name_each_arm_and_anneal_only_on_subset_models():
+    from dedt.config import build_config
+    from dedt.sweep import cleaning_label, training_label
+
+    both = build_config(
+        {
+            "reweight": {"method": "none"},
+            "train": {"timestep_sampling": "loss-aware", "dynamic_pruning": "infobatch", "anneal_frac": 0.25},
+        },
+        "x",
+    )
+    assert training_label(both) == "loss-aware + infobatch 0.5 until 0.875 + anneal 0.25"
+    # The full-data model of the same point does not anneal: it is the plain reference, labelled without it.
+    assert training_label(both, subset=False) == "loss-aware + infobatch 0.5 until 0.875"
+    assert training_label(build_config({"train": {"anneal_frac": 0.25}}, "x"), subset=False) == ""
+    band = build_config({"score": {"method": "difficulty"}, "select": {"within": "band", "band_high": 0.8}}, "x")
+    assert cleaning_label(band) == "band 0.1-0.8" and cleaning_label(build_config({}, "x")) == ""
+    expanded = {training_label(p.cfg) for p in expand("levers-data", Path(__file__).parents[1] / "pipelines.yaml")}
+    assert {"", "infobatch 0.5 until 0.875", "anneal 0.25"} <= expanded
