@@ -83,7 +83,7 @@ def _lever_steps(images: np.ndarray, labels: np.ndarray, options: TrainOptions) 
         "dedt step, min-snr weighting": {"timestep_weighting": "min-snr"},
         "dedt step, loss-aware sampling (warm)": {"timestep_sampling": "loss-aware"},
         "dedt step, post-hoc EMA (2 more EMAs)": {"posthoc_ema": True},
-        # a budget far beyond the bench's steps: every epoch it times is a pruned one
+        # a budget far beyond the bench's steps: prune_until is never reached
         "dedt step, InfoBatch (pruned epochs)": {"dynamic_pruning": "infobatch", "budget_kimg": 1e6},
     }
     steps = {}
@@ -92,6 +92,8 @@ def _lever_steps(images: np.ndarray, labels: np.ndarray, options: TrainOptions) 
         if trainer.loss_aware is not None:  # fill every history first: the bench times the loss-aware phase,
             T = trainer.loss_aware.num_timesteps  # not the uniform warm-up (~180 steps of batch 128 at T = 1000)
             trainer.loss_aware.update(torch.arange(T).repeat(HISTORY), torch.rand(T * HISTORY))
+        if trainer.infobatch is not None:  # every sample scored: the first epoch timed is a pruned one too
+            trainer.infobatch.score.copy_(torch.rand(len(images)))
         steps[name] = trainer.step
     return steps
 
