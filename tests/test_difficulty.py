@@ -260,3 +260,23 @@ def test_with_a_gpu_pool_the_difficulty_score_is_dispatched() -> None:
         return stage_task(plan(cfg, Path("/store"))["score"], cfg)
 
     assert score_task("difficulty") is SCORE_BY_MODEL and score_task("gaussian") is STAGE_TASKS["score"]
+
+
+def test_a_reference_checkpoint_scores_in_place_of_a_trained_one(tmp_path: Path) -> None:
+    """reweight.reference_path: the score stage loads that UNet (its files name the score's input), nothing
+    is trained."""
+    torch.manual_seed(0)
+    build_model("digits-tiny", in_channels=1, resolution=8, num_classes=None).save_pretrained(tmp_path / "unet")
+    cfg = build_config(
+        {
+            "dataset": {"source": "digits"},
+            "score": {"method": "difficulty", "draws": 2},
+            "reweight": {"method": "none", "reference_path": str(tmp_path / "unet")},
+            "train": {"preset": "digits-tiny", "device": "cpu"},
+        },
+        "checkpoint",
+    )
+    planned = plan(cfg, tmp_path / "store")
+    assert planned["reference"].stage == "reference" and planned["score"].inputs["reference"] == "reference"
+    data, _, score = (run_node(cfg, planned, key) for key in ("data", "reference", "score"))
+    assert score.summary == {"n": data.summary["n_train"], "method": "difficulty", "draws": 2, "seconds": score.seconds}
