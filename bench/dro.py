@@ -7,7 +7,7 @@ from other processes hits both alike; medians over rounds, per wall-clock and pe
 
     python bench/dro.py                      # digits-tiny, batch 128, 1 thread
     python bench/dro.py --preset mnist-small --threads 2
-Target (issue 4): proxy step <= 1.5x the plain step.
+Target: proxy step <= 1.5x the plain step.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Stability of the DRO class weights: dedt before issue 22 against the diffusion-aware DRO, in one run.
+"""Stability of the DRO class weights: plain DoReMi DRO (independent timesteps, raw excess) against the diffusion-aware DRO, in one run.
 
 One reference is trained on the full train split and one subset is kept (gaussian scores of the
 pixels, per class), as the pipeline does; then every arm runs the proxy with 3 seeds on that same

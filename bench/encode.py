@@ -7,7 +7,7 @@ Prints one Markdown table. Each (encoder, N, mode) runs in a fresh Python proces
 a loader fn(start, stop): in "streaming" mode (`encode_to_parquet`, the encode stage's path) the
 dataset never sits in memory, so what could grow with N is the encoder's own footprint. The
 baseline mode "in-memory" materialises all N images, encodes them in one call and writes the
-table in one go: the plain approach streaming replaces. Target (issue 3): streaming peak RSS at
+table in one go: the plain approach streaming replaces. Target: streaming peak RSS at
 the largest N within 10% of the smallest. images/s counts image generation and the Parquet write.
 
 On a shared 2-core machine, threaded OpenBLAS is slow on the 256-row GEMMs of random-projection

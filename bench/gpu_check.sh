@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
-# GPU check (issue 20), under 8 minutes on one H100/H200: training images/s and MFU of cifar10-ddpm
+# GPU check, under 8 minutes on one H100/H200-class GPU: training images/s and MFU of cifar10-ddpm
 # (fp32, TF32, bf16; eager and compiled), resume equality on the GPU, GPU vs CPU sampling from fixed
 # noise, Inception features IEEE vs TF32, exact kNN 50k x 512 vs the CPU, one DRO proxy step.
 # Prints one Markdown table (bench/gpu_check.py says what each row measures); the log goes to
 # $OUT/gpu_check.log (or /tmp). Without a CUDA GPU it says so and exits 0.
 #
-#   bash bench/gpu_check.sh download   # where a registry is reachable, once: the wheels a bare GPU machine
-#                                      # lacks (diffusers and what it imports, pydantic, faiss-cpu) into .gpu-wheels/
-#   bash bench/gpu_check.sh            # on the GPU machine (carry .gpu-wheels/ there; gitignored, ~29 MB)
+#   bash bench/gpu_check.sh            # on a GPU worker with dedt installed (pip install -e '.[gpu]')
+#   bash bench/gpu_check.sh download   # for a GPU machine with only torch and no package index: once, where
+#                                      # the index is reachable, the other wheels (diffusers and what it imports,
+#                                      # pydantic, faiss-cpu) into .gpu-wheels/ (gitignored, ~29 MB); copy it there
 #   bash bench/gpu_check.sh --dry      # every section on the CPU at toy sizes: a test of this script
 # Environment: PYTHON (default .venv/bin/python if present, else python3), PYVER (wheels' Python, 3.12),
 # BUDGET_S (the check's time, default 450 s: compiled rows start only with 100 s left).

@@ -12,8 +12,8 @@ Per stage, "wall" is what the orchestrator spent on it: for Prefect modes the ti
 of the previous task run (or the flow run's start) to the end of this one, from the API; for the
 baseline the time around ``run_node``. "compute" is the stage's own time measured inside
 ``run_node`` in that run, so overhead = wall - compute is independent of how busy the machine was
-during the compute. Start-up is process start (or the trigger) to the first stage. Targets
-(issue 7): Prefect adds <= 1 s per stage after start-up; a fully cached re-run takes <= 5 s
+during the compute. Start-up is process start (or the trigger) to the first stage. Targets:
+Prefect adds <= 1 s per stage after start-up; a fully cached re-run takes <= 5 s
 beyond start-up.
 """
 

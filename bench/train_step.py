@@ -6,13 +6,13 @@ the same architecture (the preset's) on the same batch size; rounds alternate be
 that load from other processes hits both alike, and the table reports medians over rounds, per
 wall-clock second and per CPU second of this process (the steadier of the two on shared cores).
 A last row times the whole ``train()`` loop (logging, checkpoints) per image. The training levers
-(issue 15: Min-SNR-gamma weighting, loss-aware timestep sampling, post-hoc EMA's two extra EMAs)
+(Min-SNR-gamma weighting, loss-aware timestep sampling, post-hoc EMA's two extra EMAs)
 each get a row, and a last column gives their cost against dedt's plain step in the same rounds.
 
     python bench/train_step.py                        # digits-tiny, batch 128, CPU
     python bench/train_step.py --preset cifar10-ddpm --device cuda --precision bf16
-Targets: dedt >= 0.97x the bare loop's images/s (issue 5); weighting and sampling cost <= 1.05x the
-plain step (issue 15).
+Targets: dedt >= 0.97x the bare loop's images/s; weighting and sampling cost <= 1.05x the
+plain step.
 """
 
 from __future__ import annotations

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 Excess = Literal["raw", "normalized", "log-ratio"]
 Pairing = Literal["common", "independent"]
 # Bands of the normalized excess: 20 of DDPM's T = 1000 steps, 50 each (our choice). The reference
-# loss falls ~200x from t < 50 to t >= 700 (digits, issue 22), so it must be nearly flat within a band.
+# loss falls ~200x from t < 50 to t >= 700 (measured on digits), so it must be nearly flat within a band.
 TIMESTEP_BANDS = 20
 # eta by excess. raw: DoReMi's released 1.0. The others are scaled so that the cumulative log-weights
 # spread across classes as far over a default run (250 steps) as raw excess with eta 1 (std 0.33 on
@@ -145,8 +145,8 @@ class ProxyTrainer:
     ``timesteps="common"`` draws one stratified pool of (t, eps) per step and gives the i-th member
     of every group the pool's i-th draw: every group's mean excess is then taken over the same noise
     levels and noises, the diffusion form of DoReMi's per-domain averaging (which averages over
-    thousands of tokens per domain; here t alone explains most of a sample's excess, issue 22).
-    ``"independent"`` draws (t, eps) per sample (dedt before issue 22).
+    thousands of tokens per domain; here t alone explains most of a sample's excess).
+    ``"independent"`` draws (t, eps) per sample (plain DoReMi).
 
     ``excess``: ``"raw"`` is DoReMi's l_proxy - l_ref; ``"normalized"`` divides it by the reference's
     running mean loss in the sample's timestep band (``TIMESTEP_BANDS``), so that every noise level

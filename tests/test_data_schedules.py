@@ -1,4 +1,4 @@
-"""Data schedules (issue 14): InfoBatch dynamic pruning and prune then anneal.
+"""Data schedules: InfoBatch dynamic pruning and prune then anneal.
 
 The rescaling's unbiasedness by exact enumeration over the drop sets the sampler can draw, exact drop
 counts, determinism, plain epochs after prune_until, the loss weights reaching the step, the anneal

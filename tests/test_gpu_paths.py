@@ -1,4 +1,4 @@
-"""The CUDA paths' device-independent behaviour, checked on the CPU (issue 20): RNG-free MFU probe,
+"""The CUDA paths' device-independent behaviour, checked on the CPU: RNG-free MFU probe,
 checkpoint loading onto this rank's device, resume across devices, TF32 flags that every getter
 reads, IEEE metric features and their cache key, the kNN GPU paths' memory and resources, DDPM
 noise on the sampling device, the VAE decode's out-of-memory fallback."""

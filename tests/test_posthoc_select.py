@@ -1,4 +1,4 @@
-"""Post-hoc EMA chosen per model at evaluation (issue 15, ``evaluate.posthoc_sigma_rels``): off by default
+"""Post-hoc EMA chosen per model at evaluation (``evaluate.posthoc_sigma_rels``): off by default
 without touching a fingerprint, validated, and the choice rule (``choose_sigma_rel``) on hand-made snapshots.
 The choice on a real run: tests/test_posthoc_select_run.py."""
 

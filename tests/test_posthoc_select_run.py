@@ -1,4 +1,4 @@
-"""Post-hoc EMA chosen per model at evaluation, on a tiny real run (issue 15, ``evaluate.posthoc_sigma_rels``):
+"""Post-hoc EMA chosen per model at evaluation, on a tiny real run (``evaluate.posthoc_sigma_rels``):
 the evaluate stage picks the candidate whose selection-bank FD, recomputed here from the rebuilt weights, is the
 lowest, and reports exactly the FD of those weights on the reporting bank; the curve and the sweep carry the choice.
 """

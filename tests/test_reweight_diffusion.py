@@ -1,4 +1,4 @@
-"""Group DRO for diffusion (issue 22): common (t, eps) across groups, the normalized excess, dropout
+"""Group DRO for diffusion: common (t, eps) across groups, the normalized excess, dropout
 symmetry, iterated rounds on the full data, absent classes, and the proxy's learning-rate warm-up."""
 
 import numpy as np

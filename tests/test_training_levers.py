@@ -1,4 +1,4 @@
-"""Training levers (issue 15): Min-SNR-gamma weighting, loss-aware timestep sampling, post-hoc EMA.
+"""Training levers: Min-SNR-gamma weighting, loss-aware timestep sampling, post-hoc EMA.
 
 Hand-computed values for the pure functions, the unbiasedness of importance sampling computed
 exactly from p(t), byte-identical resume with the sampler's state, and a post-hoc reconstruction

@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from dedt.diffusion.presets import PRESETS
 
-# Fields added after stores held fingerprints (the training levers of issue 15).
+# Fields added after stores held fingerprints (the training levers).
 LATER_FIELDS = frozenset(
     {
         "timestep_weighting",
@@ -20,7 +20,7 @@ LATER_FIELDS = frozenset(
         "timestep_sampling",
         "posthoc_ema",
         "posthoc_snapshots",
-        # The data schedules of issue 14.
+        # The data schedules.
         "dynamic_pruning",
         "prune_ratio",
         "prune_until",
