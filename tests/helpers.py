@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 # Minimal budgets: every stage real, the whole pipeline in well under a minute on 2 cores.
 TINY = {
     "seed": 0,
@@ -16,6 +18,17 @@ TINY = {
     "sample": {"steps": 2, "per_class": 8},
     "evaluate": {"classifier_epochs": 1},
 }
+
+# Trainer options of a run of 16 steps of batch 16, a checkpoint every 4 steps (tests that call train()).
+TINY_RUN = dict(
+    budget_kimg=0.256, batch_size=16, checkpoint_every_kimg=0.064, log_every_kimg=0.032, warmup_kimg=0.1, device="cpu"
+)
+
+
+def tiny_data(n: int = 48, num_classes: int = 3) -> tuple[np.ndarray, np.ndarray]:
+    """n seeded random 1x8x8 images in [-1, 1], labels cycling over ``num_classes``."""
+    rng = np.random.default_rng(0)
+    return rng.uniform(-1, 1, size=(n, 1, 8, 8)).astype(np.float32), np.arange(n) % num_classes
 
 
 class Kill(Exception):

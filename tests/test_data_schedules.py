@@ -23,19 +23,11 @@ from dedt.diffusion.options import TrainOptions
 from dedt.diffusion.sampler import anneal_step
 from dedt.diffusion.train import Trainer, train
 from dedt.errors import DedtError
+from tests.helpers import TINY_RUN, tiny_data
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 NUM_CLASSES = 3
-# 16 steps of batch 16; a checkpoint every 4 steps.
-TINY = dict(
-    budget_kimg=0.256, batch_size=16, checkpoint_every_kimg=0.064, log_every_kimg=0.032, warmup_kimg=0.1, device="cpu"
-)
-
-
-def tiny_data(n: int = 48) -> tuple[np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(0)
-    return rng.uniform(-1, 1, size=(n, 1, 8, 8)).astype(np.float32), np.arange(n) % NUM_CLASSES
 
 
 def dropped(order: np.ndarray, n: int) -> frozenset[int]:
@@ -155,7 +147,7 @@ def test_the_step_multiplies_each_loss_by_its_infobatch_weight(monkeypatch: pyte
 
     monkeypatch.setattr(train_module, "per_sample_loss", recording)
     images, labels = tiny_data()
-    trainer = Trainer(images, labels, TrainOptions(dynamic_pruning="infobatch", **TINY), num_classes=NUM_CLASSES)
+    trainer = Trainer(images, labels, TrainOptions(dynamic_pruning="infobatch", **TINY_RUN), num_classes=NUM_CLASSES)
     weights: list[np.ndarray] = []
     draw = trainer.infobatch.next_batch  # type: ignore[union-attr]
     monkeypatch.setattr(trainer.infobatch, "next_batch", lambda nimg: (lambda b: weights.append(b[1]) or b)(draw(nimg)))
@@ -170,10 +162,10 @@ def test_the_step_multiplies_each_loss_by_its_infobatch_weight(monkeypatch: pyte
 
 def test_infobatch_refuses_a_class_mixture() -> None:
     images, labels = tiny_data()
-    options = TrainOptions(dynamic_pruning="infobatch", **TINY)
+    options = TrainOptions(dynamic_pruning="infobatch", **TINY_RUN)
     with pytest.raises(DedtError, match="uniform epochs"):
         Trainer(images, labels, options, num_classes=NUM_CLASSES, class_weights=np.array([0.2, 0.3, 0.5]))
-    loss = TrainOptions(dynamic_pruning="infobatch", weighting="loss", **TINY)  # loss weights: uniform epochs
+    loss = TrainOptions(dynamic_pruning="infobatch", weighting="loss", **TINY_RUN)  # loss weights: uniform epochs
     assert Trainer(images, labels, loss, num_classes=NUM_CLASSES, class_weights=np.array([0.2, 0.3, 0.5])).infobatch
 
 
@@ -192,7 +184,7 @@ def test_anneal_switches_at_its_step_and_only_then_draws_outside_the_subset(monk
     monkeypatch.setattr(train_module, "per_sample_loss", recording)
     full, full_labels = tiny_data(96)
     subset = np.arange(0, 96, 2)  # the kept half
-    options = TrainOptions(anneal_frac=0.25, **TINY)
+    options = TrainOptions(anneal_frac=0.25, **TINY_RUN)
     trainer = Trainer(full[subset], full_labels[subset], options, num_classes=NUM_CLASSES,
                       anneal_data=(full, full_labels))  # fmt: skip
     assert trainer.anneal_step == 12
@@ -209,8 +201,8 @@ def test_anneal_switches_at_its_step_and_only_then_draws_outside_the_subset(monk
 
 def test_anneal_without_full_data_is_a_plain_run(tmp_path: Path) -> None:
     images, labels = tiny_data()
-    plain = train(images, labels, TrainOptions(**TINY), tmp_path / "plain", num_classes=NUM_CLASSES, progress=False)
-    annealed = train(images, labels, TrainOptions(anneal_frac=0.5, **TINY), tmp_path / "anneal",
+    plain = train(images, labels, TrainOptions(**TINY_RUN), tmp_path / "plain", num_classes=NUM_CLASSES, progress=False)
+    annealed = train(images, labels, TrainOptions(anneal_frac=0.5, **TINY_RUN), tmp_path / "anneal",
                      num_classes=NUM_CLASSES, progress=False)  # fmt: skip
     assert "anneal" not in annealed and plain["final_loss"] == annealed["final_loss"]
     for name in ("model.safetensors", "ema.safetensors"):
@@ -220,7 +212,7 @@ def test_anneal_without_full_data_is_a_plain_run(tmp_path: Path) -> None:
 def test_resume_with_infobatch_and_anneal_is_byte_identical(tmp_path: Path) -> None:
     full, full_labels = tiny_data(96)
     subset = np.arange(48)
-    options = TrainOptions(dynamic_pruning="infobatch", prune_until=0.75, anneal_frac=0.25, **TINY)
+    options = TrainOptions(dynamic_pruning="infobatch", prune_until=0.75, anneal_frac=0.25, **TINY_RUN)
     run = dict(num_classes=NUM_CLASSES, seed=3, progress=False, anneal_data=(full, full_labels))
 
     def kill(step: int, nimg: int) -> None:

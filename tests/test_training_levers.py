@@ -22,19 +22,11 @@ from dedt.diffusion.timestep_sampler import HISTORY, UNIFORM_FLOOR, LossAwareTim
 from dedt.diffusion.train import Trainer, train
 from dedt.diffusion.weighting import min_snr_weights, timestep_weight_table
 from dedt.reweight import ProxyTrainer
+from tests.helpers import TINY_RUN, tiny_data
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 NUM_CLASSES = 3
-# 16 steps of batch 16; a checkpoint every 4 steps.
-TINY = dict(
-    budget_kimg=0.256, batch_size=16, checkpoint_every_kimg=0.064, log_every_kimg=0.032, warmup_kimg=0.1, device="cpu"
-)
-
-
-def tiny_data(n: int = 48) -> tuple[np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(0)
-    return rng.uniform(-1, 1, size=(n, 1, 8, 8)).astype(np.float32), np.arange(n) % NUM_CLASSES
 
 
 @pytest.fixture
@@ -85,7 +77,7 @@ def test_min_snr_composes_with_class_loss_weights(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setattr(train_module, "per_sample_loss", recording)
     images, labels = tiny_data()
     class_weights = np.array([0.2, 0.3, 0.5])
-    options = TrainOptions(timestep_weighting="min-snr", snr_gamma=2.0, weighting="loss", **TINY)
+    options = TrainOptions(timestep_weighting="min-snr", snr_gamma=2.0, weighting="loss", **TINY_RUN)
     trainer = Trainer(images, labels, options, num_classes=NUM_CLASSES, class_weights=class_weights)
     trainer.step()
     losses, y, t = seen[0]
@@ -96,15 +88,15 @@ def test_min_snr_composes_with_class_loss_weights(monkeypatch: pytest.MonkeyPatc
 
 def test_dro_proxy_weights_both_losses_like_final_training() -> None:
     images, labels = tiny_data()
-    options = TrainOptions(timestep_weighting="min-snr", **TINY)
-    reference = Trainer(images, labels, TrainOptions(**TINY), num_classes=NUM_CLASSES).ema.module
+    options = TrainOptions(timestep_weighting="min-snr", **TINY_RUN)
+    reference = Trainer(images, labels, TrainOptions(**TINY_RUN), num_classes=NUM_CLASSES).ema.module
     proxy = ProxyTrainer(images, labels, labels, reference, options, num_classes=NUM_CLASSES, eta=1.0,
                          smoothing=1e-3, seed=0)  # fmt: skip
     expected = min_snr_weights(proxy.scheduler.alphas_cumprod, torch.arange(1000), 5.0)
     torch.testing.assert_close(proxy.timestep_weight, expected)
     proxy.step(np.arange(16))
     assert np.isfinite(proxy.alpha).all() and proxy.alpha.sum() == pytest.approx(1.0)
-    plain = ProxyTrainer(images, labels, labels, reference, TrainOptions(**TINY), num_classes=NUM_CLASSES, eta=1.0,
+    plain = ProxyTrainer(images, labels, labels, reference, TrainOptions(**TINY_RUN), num_classes=NUM_CLASSES, eta=1.0,
                          smoothing=1e-3, seed=0)  # fmt: skip
     assert plain.timestep_weight is None
 
@@ -168,7 +160,7 @@ def test_resume_with_loss_aware_sampling_min_snr_and_posthoc_ema_is_byte_identic
 ) -> None:
     images, labels = tiny_data()
     options = TrainOptions(preset=short_schedule, timestep_sampling="loss-aware", timestep_weighting="min-snr",
-                           posthoc_ema=True, posthoc_snapshots=4, ema="power", snapshots=2, **TINY)  # fmt: skip
+                           posthoc_ema=True, posthoc_snapshots=4, ema="power", snapshots=2, **TINY_RUN)  # fmt: skip
     run = dict(num_classes=NUM_CLASSES, seed=3, progress=False)
 
     def kill(step: int, nimg: int) -> None:
