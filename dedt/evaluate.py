@@ -16,6 +16,11 @@ For one model's samples, in every feature space (``dedt.metrics.registry``):
 - the real-data floor (``fd_real_floor``): FD of held-out reals to the train split, the value a
   perfect model would reach with that many samples.
 
+On contaminated data (``dataset.contaminate``) the FULL reference is the uncontaminated source's train
+split (``RealSource.target``), so every arm of a dirty-data benchmark, and the clean data's own model,
+is measured against one real set: the images the user wanted. The kept subset and the memorization
+check stay on the images the model trained on.
+
 Reference statistics (features, mean, covariance of a split in a feature space) are the expensive
 part (Inception: ~0.12 s per image on two CPU cores) and identical for every model evaluated on
 the same data, so they are cached in ``<store>/refstats/<fingerprint>/``, keyed by the data
@@ -88,6 +93,8 @@ class RealSource:
     subset_ids: np.ndarray | None  # the kept subset a pruned model trained on; None = the full train split
     n_holdout: int  # held-out reals in the manifest
     duplicated_ids: np.ndarray | None = None  # train images in a duplicate group (contaminated data)
+    # The reals samples should look like when they are not the train split (contaminated data: its clean source)
+    target: RealSource | None = None
 
 
 @dataclass(frozen=True)
@@ -104,10 +111,16 @@ class Row:
 
 
 def stage_source(
-    root: Path, data: StageDir, subset_ids: np.ndarray | None, *, contaminated: bool = False
+    root: Path,
+    data: StageDir,
+    subset_ids: np.ndarray | None,
+    *,
+    contaminated: bool = False,
+    target: StageDir | None = None,
 ) -> RealSource:
     """The reals of a finished data stage of the store ``root``: its manifest's splits, and on contaminated
-    data (``dataset.contaminate``) its duplicated train images."""
+    data (``dataset.contaminate``) its duplicated train images; ``target``, the data stage the FULL reference
+    comes from when it is not ``data`` (contaminated data: the uncontaminated source's)."""
     from dedt.data.contaminate import duplicated_ids
     from dedt.data.manifest import load_split
 
@@ -119,6 +132,7 @@ def stage_source(
         subset_ids,
         read_summary(data)["n_holdout"],
         duplicated_ids(manifest) if contaminated else None,
+        None if target is None else stage_source(root, target, None),
     )
 
 
@@ -218,10 +232,11 @@ def evaluate_samples(
     rows: list[Row] = []
     for space in spaces:
         fake_features = space.extract(fake)
-        full = reference_reals(source, "train", space)
+        trained = reference_reals(source, "train", space)
+        full = reference_reals(source.target, "train", space) if source.target else trained
         references = {"full": full}
         if source.subset_ids is not None:
-            references["subset"] = full.take(source.subset_ids, "the kept subset")
+            trained = references["subset"] = trained.take(source.subset_ids, "the kept subset")
             rows += kept_data_rows(space.name, full, references["subset"], prdc_k)
         for reference, reals in references.items():
             rows += fidelity_rows(
@@ -238,12 +253,11 @@ def evaluate_samples(
         if source.n_holdout >= MIN_SAMPLES:
             heldout = reference_reals(source, "holdout", space)
             rows.append(floor_row(space.name, full, heldout))
-            seen = "subset" if "subset" in references else "full"
             rows += memorization_rows(
                 space.name,
-                seen,
+                "subset" if "subset" in references else "full",
                 fake_features,
-                references[seen],
+                trained,
                 heldout,
                 seed=seed,
                 duplicated_ids=source.duplicated_ids,
@@ -298,11 +312,11 @@ def frechet_to(reals: Reals, fake: np.ndarray) -> float:
 
 
 def selection_fd(fake: np.ndarray, space: FeatureSpace, source: RealSource) -> float:
-    """FD in ``space`` of samples (images) to the full real train split: what a post-hoc EMA candidate is
+    """FD in ``space`` of samples (images) to the FULL reference: what a post-hoc EMA candidate is
     chosen by (``dedt.diffusion.posthoc.choose_sigma_rel``). The reals are the reported FD's own, its
     target; only the samples (another noise bank) differ, so the choice is not fitted to its noise."""
     features = space.extract(fake)
-    full = reference_reals(source, "train", space)
+    full = reference_reals(source.target or source, "train", space)
     check_dimensions(space.name, full, features)
     if min(len(features), len(full.features)) < MIN_SAMPLES:
         raise DedtError(
@@ -524,8 +538,11 @@ def _round(value: float | None) -> float | None:
     return None if value is None else float(f"{value:.6g}")
 
 
-def report_markdown(rows: Sequence[Row], *, title: str, seed: int, images: dict[str, str]) -> str:
-    """report.md: overall table, what pruning cost, per-class FD, memorization, floor, images."""
+def report_markdown(
+    rows: Sequence[Row], *, title: str, seed: int, images: dict[str, str], clean_target: bool = False
+) -> str:
+    """report.md: overall table, what pruning cost, per-class FD, memorization, floor, images;
+    ``clean_target``: the full reference is the uncontaminated source's train split (``RealSource.target``)."""
     spaces = list(dict.fromkeys(r.feature_space for r in rows if r.metric == "fd"))
     references = list(dict.fromkeys(r.reference for r in rows if r.metric == "fd"))
     n_fake = next(r.n_fake for r in rows if r.metric == "fd")
@@ -533,7 +550,10 @@ def report_markdown(rows: Sequence[Row], *, title: str, seed: int, images: dict[
         ref: next(r.n_real for r in rows if r.metric == "fd" and r.reference == ref and r.cls == "all")
         for ref in references
     }
-    described = {"full": "the full real train split", "subset": "the kept subset the model trained on"}
+    described = {
+        "full": "the uncontaminated data's full train split" if clean_target else "the full real train split",
+        "subset": "the kept subset the model trained on",
+    }
     lines = [
         f"# Evaluation: {title}",
         "",

@@ -742,6 +742,12 @@ def describe_setup(points: Sequence[Any], sweep: Any) -> list[str]:
         f"from one noise bank (seed {cfg.sample.bank_seed}) for every model and point; FD, "
         f"per-class FD and precision/recall (k = {cfg.evaluate.prdc_k}) in the {cfg.evaluate.feature_spaces[0]} "
         f"feature space against the full train split"
+        + (
+            " (of the uncontaminated data on contaminated data, in a classifier trained on it: every arm on one "
+            "real set)"
+            if any(p.cfg.dataset.contaminate.active for p in points)
+            else ""
+        )
         + "".join(f"; {space} too at {n} of {len(points)} points" for space, n in _extra_spaces(points).items())
         + ".",
         "Grid: "

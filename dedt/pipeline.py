@@ -132,6 +132,17 @@ def _checkpoint_identity(path: str) -> dict[str, Any]:
 def nodes(cfg: PipelineConfig) -> list[Node]:
     """The pipeline's stages in dependency order (before fingerprints are attached)."""
     data = Node("data", "data", {"dataset": _dataset_config(cfg), "seed": cfg.seed}, {}, stages.run_data)
+    # On contaminated data the models are measured against the uncontaminated source (its train split, and a
+    # classifier trained on it): every arm, and the clean data's own model, on one yardstick.
+    contaminated = cfg.dataset.contaminate.active
+    clean = Node(
+        "data:clean",
+        "data",
+        {"dataset": cfg.dataset.model_dump(exclude={"contaminate"}), "seed": cfg.seed},
+        {},
+        stages.run_clean_data,
+    )
+    reals = {"reals": clean.key} if contaminated else {}
     encode = Node(
         "encode",
         "encode",
@@ -189,13 +200,20 @@ def nodes(cfg: PipelineConfig) -> list[Node]:
         "classifier",
         "classifier",
         {"evaluate": {"classifier_epochs": cfg.evaluate.classifier_epochs}, "seed": cfg.seed},
-        {"data": "data"},
+        {"data": clean.key if contaminated else "data"},
         stages.run_classifier,
     )
     reads_encode = "encode" in score.inputs or "encode" in select.inputs
     needs_encode = (not _keeps_all(cfg) and reads_encode) or cfg.reweight.groups == "kmeans"
     scoring = [] if _keeps_all(cfg) else [reference, score] if by_model else [score]
-    graph = [data, *([encode] if needs_encode else []), *scoring, select, classifier]
+    graph = [
+        data,
+        *([clean] if contaminated else []),
+        *([encode] if needs_encode else []),
+        *scoring,
+        select,
+        classifier,
+    ]
     # Uniform on everything with the reference's budget *is* the reference: don't train it twice.
     same_as_reference = (
         _keeps_all(cfg)
@@ -244,11 +262,11 @@ def nodes(cfg: PipelineConfig) -> list[Node]:
                 f"evaluate:{key}",
                 "evaluate",
                 {"sample": cfg.sample.model_dump(exclude={"batch_size"}), "evaluate": metrics, "seed": cfg.seed},
-                {"data": "data", "classifier": "classifier", "model": model.key} | subset,
+                {"data": "data", "classifier": "classifier", "model": model.key} | subset | reals,
                 stages.run_evaluate,
             )
         )
-    graph += _curve_nodes(cfg, models, {n.key for n in graph})
+    graph += _curve_nodes(cfg, models, {n.key for n in graph}, reals)
     if cfg.train.vae_path:  # latent diffusion: every model (reference, proxy, final) trains on the VAE latents
         from dedt.diffusion.latents import vae_identity
 
@@ -268,9 +286,10 @@ def _posthoc_config(cfg: PipelineConfig) -> dict[str, Any]:
     return {"posthoc_sigma_rels": sigma_rels} if sigma_rels else {}
 
 
-def _curve_nodes(cfg: PipelineConfig, models: dict[str, Node], present: set[str]) -> list[Node]:
+def _curve_nodes(cfg: PipelineConfig, models: dict[str, Node], present: set[str], reals: dict[str, str]) -> list[Node]:
     """Time to quality: the calibration of per-image costs (whenever a full-data model is measured, the
-    yardstick of every equal-quality speed-up) and, with train.snapshots > 0, each model's curve."""
+    yardstick of every equal-quality speed-up) and, with train.snapshots > 0, each model's curve (measured
+    against the ``reals`` input when there is one, as its evaluation is)."""
     out = []
     if "reference" in models:
         speed = cfg.train.model_dump(
@@ -310,7 +329,8 @@ def _curve_nodes(cfg: PipelineConfig, models: dict[str, Node], present: set[str]
                     "seed": cfg.seed,
                 },
                 {"data": "data", "classifier": "classifier", "model": model.key, "evaluate": f"evaluate:{key}"}
-                | {r: r for r in costs},
+                | {r: r for r in costs}
+                | reals,
                 stages.run_curve,
             )
         )

@@ -107,6 +107,7 @@ def write_evaluation(
     references: Sequence[str],
     title: str,
     seed: int,
+    clean_target: bool = False,
 ) -> None:
     """The evaluate stage's pictures and report: grid.png (8 samples per class, a row each), class_fd.png
     (per-class FD in ``space`` against each reference) and report.md (``dedt.evaluate.report_markdown``)."""
@@ -123,7 +124,13 @@ def write_evaluation(
     )
     atomic_write_text(
         folder / REPORT,
-        evaluate.report_markdown(rows, title=title, seed=seed, images={"samples": GRID, "per-class FD": CLASS_FD_PLOT}),
+        evaluate.report_markdown(
+            rows,
+            title=title,
+            seed=seed,
+            images={"samples": GRID, "per-class FD": CLASS_FD_PLOT},
+            clean_target=clean_target,
+        ),
     )
 
 

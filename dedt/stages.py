@@ -67,6 +67,13 @@ def run_data(cfg: PipelineConfig, inputs: dict[str, StageDir], out: StageDir) ->
     }
 
 
+def run_clean_data(cfg: PipelineConfig, inputs: dict[str, StageDir], out: StageDir) -> dict[str, Any]:
+    """A contaminated pipeline's uncontaminated source: the reals and the classifier its models are measured
+    with, the same stage (and fingerprint) as a clean pipeline's data."""
+    clean = cfg.dataset.model_copy(update={"contaminate": type(cfg.dataset.contaminate)()})
+    return run_data(cfg.model_copy(update={"dataset": clean}), inputs, out)
+
+
 def run_encode(cfg: PipelineConfig, inputs: dict[str, StageDir], out: StageDir) -> dict[str, Any]:
     from dedt.encoders import get_encoder
     from dedt.encoders.streaming import encode_to_parquet
@@ -426,7 +433,8 @@ def run_classifier(cfg: PipelineConfig, inputs: dict[str, StageDir], out: StageD
 
 def run_evaluate(cfg: PipelineConfig, inputs: dict[str, StageDir], out: StageDir) -> dict[str, Any]:
     """Sample per class from the EMA model, then every metric of ``dedt.evaluate`` in each feature space,
-    against the full real train split and, for a model trained on the kept subset (a select input), that subset.
+    against the full real train split (on contaminated data, a ``reals`` input: the uncontaminated one) and,
+    for a model trained on the kept subset (a select input), that subset.
 
     Writes metrics.parquet, samples.parquet, grid.png, class_fd.png and report.md; the reference
     statistics go to the shared ``refstats`` cache of the store.
@@ -451,7 +459,9 @@ def run_evaluate(cfg: PipelineConfig, inputs: dict[str, StageDir], out: StageDir
     model_config = inputs["model"].read_json(CONFIG)
     preset = model_config["train"]["preset"]
     model = load_model(inputs["model"].path, ema=True)
-    source = evaluate.stage_source(out.root, inputs["data"], kept_ids, contaminated=cfg.dataset.contaminate.active)
+    source = evaluate.stage_source(
+        out.root, inputs["data"], kept_ids, contaminated=cfg.dataset.contaminate.active, target=inputs.get("reals")
+    )
     posthoc, extra_rows = {}, []
     if ev.posthoc_sigma_rels:  # the EMA length chosen on the selection bank, then reported like any EMA
         nimg = int(read_summary(inputs["model"])["nimg"])
@@ -480,6 +490,7 @@ def run_evaluate(cfg: PipelineConfig, inputs: dict[str, StageDir], out: StageDir
         references=("full", "subset") if kept_ids is not None else ("full",),
         seed=cfg.seed,
         title=f"{cfg.name}, {MODEL_LABELS.get(model_key, model_key)} model",
+        clean_target=source.target is not None,
     )
     return {**evaluate.summary(rows, ev.feature_spaces), "n_fake": len(fake), **posthoc}
 
@@ -580,7 +591,7 @@ def _model_shape(inputs: dict[str, StageDir]) -> tuple[int, int, int]:
 
 def run_curve(cfg: PipelineConfig, inputs: dict[str, StageDir], out: StageDir) -> dict[str, Any]:
     """The model's time-to-quality curve: FD, precision, recall and per-class FD of each EMA snapshot
-    (first feature space, against the full train split), every one sampled from the same noise bank
+    (first feature space, against the full train split, or the ``reals`` input's), every one sampled from the same noise bank
     as the evaluate stage, whose metrics give the final point; the final model is also sampled from a
     second bank, to measure the FD's own sampling noise. Writes curve.parquet.
 
@@ -598,7 +609,7 @@ def run_curve(cfg: PipelineConfig, inputs: dict[str, StageDir], out: StageDir) -
     ev = cfg.evaluate
     classifier_file = inputs["classifier"].file(CLASSIFIER)
     space = feature_space(ev.feature_spaces[0], classifier=classifier_file)
-    source = evaluate.stage_source(out.root, inputs["data"], None)
+    source = evaluate.stage_source(out.root, inputs["data"], None, target=inputs.get("reals"))
     model_dir = inputs["model"].path
     preset = inputs["model"].read_json(CONFIG)["train"]["preset"]
     labels = np.repeat(np.arange(len(names), dtype=np.int64), cfg.sample.per_class)

@@ -135,6 +135,77 @@ def test_contamination_is_off_by_default_and_keeps_fingerprints() -> None:
     assert dirty_plan["select"].inputs == {"score": "score", "encode": "encode"}
 
 
+def test_a_contaminated_pipeline_is_measured_on_its_clean_source() -> None:
+    dirty = build_config({"dataset": {"contaminate": {"off_domain_frac": 0.1}}, "train": {"snapshots": 3}}, "x")
+    clean = build_config({"train": {"snapshots": 3}}, "x")
+    dirty_plan, clean_plan = plan(dirty, Path("/store")), plan(clean, Path("/store"))
+    # The clean source is the clean pipeline's own data stage, and the classifier (the feature space) its own.
+    assert dirty_plan["data:clean"].out == clean_plan["data"].out
+    assert dirty_plan["classifier"].out == clean_plan["classifier"].out
+    assert dirty_plan["data"].out != clean_plan["data"].out
+    for key in ("evaluate:reference", "curve:reference", "evaluate:train:uniform", "curve:train:uniform"):
+        assert dirty_plan[key].inputs["reals"] == "data:clean" and dirty_plan[key].inputs["data"] == "data"
+        assert "reals" not in clean_plan[key].inputs
+    assert "data:clean" not in clean_plan
+
+
+def test_the_clean_source_shares_the_held_out_images(tmp_path: Path) -> None:
+    from dedt.data.manifest import load_split
+    from dedt.store import read_parquet
+
+    _, planned = _dirty_pipeline(tmp_path)
+    cfg = build_config({"dataset": {"source": "digits"}}, "clean")
+    run_node(cfg, plan(cfg, tmp_path), "data")
+    dirty = planned["data"].out.file("manifest.parquet")
+    clean = planned["data:clean"].out.file("manifest.parquet")
+    assert planned["data:clean"].out.is_complete()  # the clean pipeline's data stage is the dirty one's source
+    assert "contaminant" not in read_parquet(clean).column_names
+
+    def rows(manifest: Path, split: str) -> list[bytes]:
+        _, images, labels = load_split(manifest, split)
+        return sorted(img.tobytes() + bytes([label]) for img, label in zip(images, labels, strict=True))
+
+    assert rows(dirty, "holdout") == rows(clean, "holdout")
+    assert len(rows(dirty, "train")) > len(rows(clean, "train"))
+
+
+def test_samples_are_measured_against_the_target_and_memorization_against_the_trained_on() -> None:
+    import tempfile
+
+    from dedt.evaluate import RealSource, evaluate_samples, lookup
+    from dedt.metrics import frechet_distance, gaussian_stats
+    from dedt.metrics.registry import FeatureSpace
+
+    rng = np.random.default_rng(2)
+    trained = rng.uniform(-1, 1, (120, 1, 8, 8)).astype(np.float32)  # the dirty train split
+    target = rng.uniform(-0.5, 0.5, (100, 1, 8, 8)).astype(np.float32)  # its clean source, another spread
+    heldout = rng.uniform(-1, 1, (60, 1, 8, 8)).astype(np.float32)
+    held = (np.arange(500, 560), heldout, np.repeat([0, 1], 30))
+    dirty = {"train": (np.arange(120), trained, np.repeat([0, 1], 60)), "holdout": held}
+    clean = {"train": (np.arange(100), target, np.repeat([0, 1], 50)), "holdout": held}
+    space = FeatureSpace("flat", {"test": 2}, lambda: lambda x: x.reshape(len(x), -1))
+    flat = [a.reshape(len(a), -1) for a in (trained, target, heldout)]
+    fake = trained[:40]  # copies of trained-on images
+    subset = np.arange(0, 120, 2)
+
+    def fd(a: np.ndarray, b: np.ndarray) -> float:
+        return frechet_distance(*gaussian_stats(a), *gaussian_stats(b))
+
+    with tempfile.TemporaryDirectory() as root:
+        goal = RealSource(Path(root), "clean-fp", clean.__getitem__, None, 60)
+        source = RealSource(Path(root), "dirty-fp", dirty.__getitem__, subset, 60, target=goal)
+        rows = evaluate_samples(
+            fake, np.repeat([0, 1], 20), [space], source, ["a", "b"], prdc_k=3, with_kid=False, seed=0
+        )
+    assert lookup(rows, "fd", "flat", "full") == pytest.approx(fd(flat[0][:40], flat[1]), rel=1e-4)
+    assert lookup(rows, "fd", "flat", "subset") == pytest.approx(fd(flat[0][:40], flat[0][subset]), rel=1e-4)
+    assert lookup(rows, "kept_data_fd", "flat") == pytest.approx(fd(flat[0][subset], flat[1]), rel=1e-4)
+    assert lookup(rows, "fd_real_floor", "flat") == pytest.approx(fd(flat[2], flat[1]), rel=1e-4)
+    # Half the samples copy a kept image (the even rows), all of them a trained-on one: memorization reads the
+    # kept subset (the other half count like unseen images, ~1% of the time each), never the target.
+    assert 0.5 <= lookup(rows, "memorized_frac", "flat", "subset") <= 0.6
+
+
 @pytest.mark.parametrize(
     ("overrides", "field"),
     [
