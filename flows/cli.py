@@ -346,6 +346,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.update(PREFECT_SERVER_ANALYTICS_ENABLED="false", DO_NOT_TRACK="1")
     # The embedded server's first start migrates a fresh SQLite database: slow on 2 busy cores.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+    # Task names such as curve:train:uniform print as written, not with ":train:" as an emoji.
+    os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_CLASS", "flows.console.PlainNamesConsoleHandler")
     args = build_parser().parse_args(argv)
     return exit_code(lambda: _dispatch(args), debug=args.debug)
 

@@ -1,5 +1,6 @@
 """The command line: help, dry run, and exit code 2 with one message on bad input."""
 
+import os
 import subprocess
 import sys
 
@@ -43,3 +44,27 @@ def test_bad_input_exits_2_with_one_line(args, needle, store, pipelines_file):
     assert needle in proc.stderr and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
     assert not store.exists()
+
+
+def test_console_prints_task_names_as_written(monkeypatch, capsys):
+    import io
+    import logging
+
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    from flows.console import PlainNamesConsoleHandler
+
+    record = logging.LogRecord("prefect", logging.INFO, __file__, 1, "Task run 'curve:train:uniform'", None, None)
+    printed = {}
+    for handler_class in (PrefectConsoleHandler, PlainNamesConsoleHandler):
+        stream = io.StringIO()
+        handler = handler_class(stream=stream)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler.emit(record)
+        printed[handler_class] = stream.getvalue()
+    assert "curve:train:uniform" not in printed[PrefectConsoleHandler]  # rich's :train: emoji
+    assert "curve:train:uniform" in printed[PlainNamesConsoleHandler]
+    monkeypatch.setenv("PREFECT_LOGGING_HANDLERS_CONSOLE_CLASS", "")  # restored (or removed) after the test
+    monkeypatch.delenv("PREFECT_LOGGING_HANDLERS_CONSOLE_CLASS")
+    main(["list"])  # dedt installs it for every command
+    assert os.environ["PREFECT_LOGGING_HANDLERS_CONSOLE_CLASS"] == "flows.console.PlainNamesConsoleHandler"
