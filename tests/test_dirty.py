@@ -492,3 +492,30 @@ def test_a_dirty_sweep_keeps_its_uncontaminated_full_data_apart(tmp_path: Path) 
     text = "\n".join(dirty_section(list(found.values())))
     assert "| full data, uncontaminated | 0.010 ± 0.000 |" in text  # memorization, but no confusion row
     assert text.count("| full data |") == 2
+
+
+def test_a_dirty_sweep_is_also_judged_against_the_clean_data_curve(tmp_path: Path) -> None:
+    from dedt.frontier import write_report
+    from tests.test_frontier import _row
+
+    rows = []
+    (tmp_path / "clean").mkdir()
+    for seed in (0, 1):
+        rows.append(_row(tmp_path, seed, "full data", 80.0) | {"contaminated": True})
+        rows.append(_row(tmp_path / "clean", seed, "full data", 60.0, scorer="random") | {"contaminated": False})
+        rows.append(
+            _row(tmp_path, seed, "pruned", 40.0, scorer="random") | {"contaminated": True, "cleaning": "trim 0.05"}
+        )
+    text = write_report(rows, tmp_path / "report.md", title="dirty", command="test").read_text()
+    verdict = text.split("## Verdict")[1].split("\n## ")[0]
+    clean = text.split("## Dirty data: against the clean data's full-data curve")[1].split("\n## ")[0]
+    # The verdict names the best arm a user of the dirty data can choose, never the clean data itself.
+    assert "F(B)** (FD 28.28): best arm random 1, uniform, trim 0.05" in verdict
+    assert "uncontaminated" not in verdict
+    # FD = scale / sqrt(kimg), B = 8 kimg at 1 s per kimg: the clean data reaches 60/sqrt(8) at 8 s; the
+    # cleaned arm at kimg 8 x (40/60)^2 plus its 1 s of selection (1.76x); the dirty full data never does.
+    assert "| full data, uncontaminated | 2 | 21.2 ± 0.0 | 0.40 ± 0.00 | 1x (yardstick) |" in clean
+    assert f"{8 / (8 * 4 / 9 + 1):.2f}x [" in clean.split("| random 1, uniform, trim 0.05 |")[1].split("\n")[0]
+    dirty_full = clean.split("| full data | 2 |")[1].split("\n")[0]
+    assert dirty_full.count("not reached") == 3  # F(B), 1.05 F(B), 1.10 F(B): 80/sqrt(8) is 1.33x them
+    assert "- **F(B)** (FD 21.21): best arm on the dirty data random 1, uniform, trim 0.05 at 1.76x" in clean
