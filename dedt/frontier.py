@@ -178,6 +178,8 @@ def plot_curves(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    # Ten colours while they suffice, twenty beyond: no two arms share one.
+    palette = (lambda i: f"C{i % 10}") if len(all_arms) <= 10 else (lambda i: plt.cm.tab20(i % 20))
     for path, use_seconds in ((seconds_path, True), (kimg_path, False)):
         fig, ax = plt.subplots(figsize=(7.5, 4.8))
         envelope: list[tuple[float, float]] = []
@@ -189,7 +191,7 @@ def plot_curves(
             style = (
                 dict(color="k", lw=2.2)
                 if arm.is_full
-                else dict(color=f"C{i % 10}", lw=1.2, ls="-" if arm.reweighting == "dro" else "--")
+                else dict(color=palette(i), lw=1.2, ls="-" if arm.reweighting == "dro" else "--")
             )
             ax.plot(x, mean.fd, marker=".", label=arm.label, **style)
             ax.fill_between(x, fds.min(axis=0), fds.max(axis=0), alpha=0.12, color=style["color"])
@@ -211,7 +213,7 @@ def plot_curves(
             ylabel="FD (mean over seeds)",
             title="time to quality" if use_seconds else "FD vs images seen",
         )
-        ax.legend(fontsize=6, ncol=2)
+        ax.legend(fontsize=6, ncol=2, loc="lower left")  # FD falls late and to the right: this corner is free
         save_figure(fig, path)
 
 

@@ -27,7 +27,7 @@ EPILOG = """examples:
   dedt sweep levers-training --report docs/RESULTS-levers-training.md
                                              the training levers (~40 min after both)
   dedt sweep frontier-dirty --report docs/RESULTS-dirty.md
-                                             the benchmark on contaminated data (~1 h after the main run)
+                                             the benchmark on contaminated data (~1.5 h after the main run)
   dedt run recipe-strata                     the best measured selection recipe (k-means strata, density band)
   dedt run recipe-fast                       the best measured combination (strata + min-snr + loss-aware)
   dedt export digits-demo --to models/digits  the trained model as a diffusers pipeline folder + model card
