@@ -260,9 +260,10 @@ def _is_ours(pid: int) -> bool:
         return False
 
 
-def _terminate(pid: int, grace_s: float = 10.0) -> None:
-    """SIGTERM ``pid`` and its descendants, SIGKILL what is left after ``grace_s``."""
-    targets = [pid, *_descendants(pid)]
+def _terminate(pids: list[int], grace_s: float = 10.0) -> None:
+    """SIGTERM ``pids`` and their descendants at once, SIGKILL what is left after ``grace_s``: processes that
+    take their grace period take it side by side, not one after another."""
+    targets = [t for pid in pids for t in (pid, *_descendants(pid))]
     for p in targets:
         with contextlib.suppress(ProcessLookupError):
             os.kill(p, signal.SIGTERM)
@@ -281,10 +282,14 @@ def stop() -> list[str]:
     if info is None:
         return []
     stopped = []
-    for name, pid in sorted(info["pids"].items(), key=lambda item: item[0] == "server"):
-        if _alive(pid) and _is_ours(pid):
-            _terminate(pid)
-            stopped.append(name)
+    for is_server in (False, True):
+        ours = {
+            name: pid
+            for name, pid in info["pids"].items()
+            if (name == "server") == is_server and _alive(pid) and _is_ours(pid)
+        }
+        _terminate(list(ours.values()))
+        stopped += sorted(ours)
     (state_dir() / STATE_FILE).unlink(missing_ok=True)
     return stopped
 
