@@ -241,14 +241,13 @@ def verdict(all_arms: Sequence[Arm], table: dict[str, dict[tuple[str, str], Inte
     uncontaminated data are no choice for a user with dirty data: the clean-data section compares them."""
     lines = []
     for name in ys.targets:
-        scored = [(table[a.label][name, "pre-trained"], a) for a in all_arms if not (a.is_full or a.clean_data)]
-        reached = [(iv, a) for iv, a in scored if iv.value is not None]
-        if not reached:
+        found = _best_reached(table, [a for a in all_arms if not (a.is_full or a.clean_data)], name)
+        if found is None:
             lines.append(
                 f"- **{name}** (FD {ys.targets[name]:.2f}): no other arm reaches it within its run; full data is best."
             )
             continue
-        iv, best = max(reached, key=lambda p: p[0].value)
+        iv, best = found
         beats = iv.value > 1 and iv.low > 1
         lines.append(
             f"- **{name}** (FD {ys.targets[name]:.2f}): best arm {best.label} at {iv}; "
@@ -452,6 +451,14 @@ def _pm(values: Sequence[float], digits: int = 1) -> str:
 def plots_dir(report: Path) -> Path:
     """Where a report's plots go: beside it, named after it (docs/RESULTS.md -> docs/results/)."""
     return report.parent / report.stem.lower()
+
+
+def _best_reached(
+    table: dict[str, dict[tuple[str, str], Interval]], candidates: Sequence[Arm], target: str
+) -> tuple[Interval, Arm] | None:
+    """The candidate with the highest speed-up to ``target`` (reference pre-trained), None when none reaches it."""
+    reached = [(table[a.label][target, "pre-trained"], a) for a in candidates]
+    return max(((iv, a) for iv, a in reached if iv.value is not None), key=lambda p: p[0].value, default=None)
 
 
 def ttq_table(
@@ -675,14 +682,13 @@ def clean_yardstick_section(all_arms: Sequence[Arm], costs: tuple[float, float])
         *_table(header, body),
         "",
     ]
+    dirty = [a for a in others if not a.clean_data]
     for name, target in ys.targets.items():
-        reached = [(table[a.label][name, "pre-trained"], a) for a in others if not a.clean_data]
-        reached = [(iv, a) for iv, a in reached if iv.value is not None]
-        if reached:
-            iv, best = max(reached, key=lambda p: p[0].value)
-            lines.append(f"- **{name}** (FD {target:.2f}): best arm on the dirty data {best.label} at {iv}.")
+        found = _best_reached(table, dirty, name)
+        if found is not None:
+            lines.append(f"- **{name}** (FD {target:.2f}): best arm on the dirty data {found[1].label} at {found[0]}.")
         else:
-            closest = min((a for a in others if not a.clean_data), key=lambda a: a.mean("fd"), default=None)
+            closest = min(dirty, key=lambda a: a.mean("fd"), default=None)
             lines.append(
                 f"- **{name}** (FD {target:.2f}): no arm on the dirty data reaches it"
                 + (f"; the closest final FD is {closest.label}'s, {closest.mean('fd'):.2f}." if closest else ".")

@@ -470,7 +470,7 @@ def run_evaluate(cfg: PipelineConfig, inputs: dict[str, StageDir], out: StageDir
         )
         model.load_state_dict(choice.state)
         posthoc = {"posthoc_ema": _choice_summary(choice, n_select)}
-        n_real = counts["n_train"]
+        n_real = read_summary(inputs.get("reals", inputs["data"]))["n_train"]  # the reals the FD is against
         extra_rows = evaluate.posthoc_rows(spaces[0].name, choice.sigma_rel, choice.fds, n_real, n_select)
     fake, fake_labels = generate(cfg, model, preset, fake_labels, classifier_file, s.bank_seed)
     rows = evaluate.evaluate_samples(

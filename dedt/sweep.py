@@ -262,10 +262,10 @@ def cleaning_label(cfg: PipelineConfig) -> str:
     parts = ([f"dedup {sel.dedup_threshold:g}"] if sel.dedup_threshold is not None else []) + (
         [f"trim {sel.trim_outliers_frac:g}"] if sel.trim_outliers_frac > 0 else []
     )
-    band = f" {sel.band_low:g}-{sel.band_high:g}" if sel.within == "band" else ""
+    band = f" {sel.band_low:g}-{sel.band_high:g}" if sel.bands else ""
     if sel.stratifies:
         parts.append(f"{sel.strata} {sel.strata_k} {sel.within}{band}")
-    elif sel.within == "band":
+    elif sel.bands:
         parts.append(f"band{band}")
     parts += ["DRO counts"] if sel.keep_by == "weights" else []
     return " + ".join(parts)

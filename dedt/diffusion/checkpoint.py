@@ -48,10 +48,7 @@ def run_identity(
     """What a checkpoint must match to be resumed: options (but the budget, intervals and device), data
     (and the full split a subset anneals to), seed. The device is left out, as in the stage fingerprint:
     a run cut on one device resumes on another."""
-    digest = hashlib.sha256()
-    for array in (images, np.asarray(labels, dtype=np.int64)):
-        digest.update(str(array.shape).encode())
-        digest.update(np.ascontiguousarray(array).data)
+    digest = _data_digest(images, labels)
     if class_weights is not None:
         digest.update(np.asarray(class_weights, dtype=np.float64).tobytes())
     fixed = options.identity(exclude=set(RESUMABLE_CHANGES | {"device"}))
@@ -64,12 +61,17 @@ def run_identity(
         "world_size": world_size,
     }
     if anneal_data is not None:
-        anneal = hashlib.sha256()
-        for array in (anneal_data[0], np.asarray(anneal_data[1], dtype=np.int64)):
-            anneal.update(str(array.shape).encode())
-            anneal.update(np.ascontiguousarray(array).data)
-        identity["anneal_data_sha256"] = anneal.hexdigest()
+        identity["anneal_data_sha256"] = _data_digest(*anneal_data).hexdigest()
     return identity
+
+
+def _data_digest(images: np.ndarray, labels: np.ndarray) -> Any:
+    """SHA-256 over the shapes and bytes of images and their int64 labels."""
+    digest = hashlib.sha256()
+    for array in (images, np.asarray(labels, dtype=np.int64)):
+        digest.update(str(array.shape).encode())
+        digest.update(np.ascontiguousarray(array).data)
+    return digest
 
 
 def state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
