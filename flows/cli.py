@@ -45,8 +45,8 @@ environment:
   PREFECT_API_URL   a Prefect server to report to (default: the `dedt server` when it runs,
                     else Prefect's embedded local server)
   PREFECT_LOGGING_HANDLERS_CONSOLE_CLASS
-                    the console log handler (default: Prefect's, printing task names such as
-                    curve:train:uniform as written, without emoji codes)
+                    the console log handler (default: dedt's: Prefect's own, but printing task
+                    names such as curve:train:uniform as written, without emoji codes)
 exit codes: 0 ok, 1 internal error, 2 bad input (config, data, artifact)"""
 
 
